@@ -1,0 +1,200 @@
+//! The transformer block shared by every llama-family architecture: RMSNorm, grouped-query attention
+//! with RoPE and a KV cache, and the SwiGLU MLP. Each projection is a [`LoraLinear`], so adapters ride
+//! on all seven without a second model tree.
+
+use candle_core::{Module, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::linear::LoraLinear;
+use crate::lora::AdapterStack;
+use crate::rope::Rope;
+
+/// Root-mean-square norm with a learned scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            eps: eps as f32,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q: LoraLinear,
+    pub k: LoraLinear,
+    pub v: LoraLinear,
+    pub o: LoraLinear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn new(
+        cfg: &ModelConfig,
+        q: LoraLinear,
+        k: LoraLinear,
+        v: LoraLinear,
+        o: LoraLinear,
+    ) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            o,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        }
+    }
+
+    /// x: [batch, seq, hidden]; `mask` [seq, seq + cached] of 0/-inf, or None when seq is 1 and there is
+    /// no window to apply.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+        adapters: &AdapterStack,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let offset = cache.len();
+
+        // 1. Project and split into heads: [b, heads, t, hd].
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
+        };
+        let q = heads(self.q.forward(x, adapters)?, nh)?;
+        let k = heads(self.k.forward(x, adapters)?, nkv)?;
+        let v = heads(self.v.forward(x, adapters)?, nkv)?;
+
+        // 2. Rotate q and k by their absolute positions.
+        let q = rope.apply(&q, offset)?;
+        let k = rope.apply(&k, offset)?;
+
+        // 3. Append to the cache; attend over every cached position.
+        let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
+        let total = k.dim(2)?;
+
+        // 4. Group the query heads that share a key/value head: [b, nkv, rep * t, hd].
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+
+        // 5. Causal (and sliding-window) mask, then softmax over keys.
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, nkv, rep, t, total))?
+                .broadcast_add(m)?
+                .reshape((b, nkv, rep * t, total))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+
+        // 6. Weighted sum of values, heads merged back: [b, t, nh * hd].
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o.forward(&out, adapters)
+    }
+}
+
+/// The SwiGLU feed-forward network: down(silu(gate(x)) · up(x)).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: LoraLinear,
+    pub up: LoraLinear,
+    pub down: LoraLinear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor, adapters: &AdapterStack) -> Result<Tensor> {
+        let gate = candle_nn::Activation::Silu.forward(&self.gate.forward(x, adapters)?)?;
+        let up = self.up.forward(x, adapters)?;
+        self.down.forward(&(gate * up)?, adapters)
+    }
+}
+
+/// One pre-norm transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub mlp_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &Rope,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+        adapters: &AdapterStack,
+    ) -> Result<Tensor> {
+        let h = self.attn.forward(
+            &self.attn_norm.forward(x)?,
+            layer,
+            rope,
+            cache,
+            mask,
+            adapters,
+        )?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, adapters)?;
+        Ok((x + h)?)
+    }
+}
+
+/// The additive attention mask for `seq` new positions after `offset` cached ones: 0 where a query may
+/// look, -inf where the key is in its future or (with a window) too far in its past. `None` when
+/// nothing needs masking (one new position, no window in reach).
+pub fn attention_mask(
+    seq: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    let total = offset + seq;
+    let window_bites = window.is_some_and(|w| total > w);
+    if seq == 1 && !window_bites {
+        return Ok(None);
+    }
+    let mut data = Vec::with_capacity(seq * total);
+    for i in 0..seq {
+        let pos = offset + i;
+        for j in 0..total {
+            let future = j > pos;
+            let too_old = window.is_some_and(|w| pos >= w && j <= pos - w);
+            data.push(if future || too_old {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            });
+        }
+    }
+    Ok(Some(Tensor::from_vec(data, (seq, total), device)?))
+}

@@ -1,0 +1,151 @@
+//! The llama-family transformer: token embedding, a stack of [`Block`]s, the final norm and the output
+//! projection. Loading reads a GGUF file or a Hugging Face directory through [`WeightSource`].
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::block::{attention_mask, Attention, Block, Mlp, RmsNorm};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::linear::{FrozenLinear, LoraLinear, LoraSite, Proj};
+use crate::lora::AdapterStack;
+use crate::rope::Rope;
+use crate::weights::{Named, WeightSource};
+
+/// A loaded transformer. Immutable after loading: adapters and caches are passed to each call.
+#[derive(Debug, Clone)]
+pub struct Model {
+    config: ModelConfig,
+    embedding: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    output: FrozenLinear,
+    rope: Rope,
+    device: Device,
+}
+
+impl Model {
+    pub(crate) fn load(
+        cfg: ModelConfig,
+        weights: &mut WeightSource,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embedding = weights.named(Named::Embedding, &[v, h], device)?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for layer in 0..cfg.num_layers {
+            let mut proj = |p: Proj| -> Result<LoraLinear> {
+                let base = weights.projection(&cfg, layer, p, device)?;
+                Ok(LoraLinear::new(base, LoraSite { layer, proj: p }))
+            };
+            let attn = Attention::new(
+                &cfg,
+                proj(Proj::Q)?,
+                proj(Proj::K)?,
+                proj(Proj::V)?,
+                proj(Proj::O)?,
+            );
+            let mlp = Mlp {
+                gate: proj(Proj::Gate)?,
+                up: proj(Proj::Up)?,
+                down: proj(Proj::Down)?,
+            };
+            let norm = |w: &mut WeightSource, n: Named| -> Result<RmsNorm> {
+                Ok(RmsNorm::new(w.named(n, &[h], device)?, cfg.rms_norm_eps))
+            };
+            blocks.push(Block {
+                attn_norm: norm(weights, Named::AttnNorm(layer))?,
+                attn,
+                mlp_norm: norm(weights, Named::MlpNorm(layer))?,
+                mlp,
+            });
+        }
+        let norm = RmsNorm::new(
+            weights.named(Named::OutputNorm, &[h], device)?,
+            cfg.rms_norm_eps,
+        );
+        let output = weights.output(&cfg, device)?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context_length, device)?;
+        Ok(Self {
+            config: cfg,
+            embedding,
+            blocks,
+            norm,
+            output,
+            rope,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// A fresh KV cache for sequences of up to `capacity` positions (it grows if needed).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(&self.config, capacity, DType::F32, &self.device)
+    }
+
+    /// Run `ids` ([batch, seq] u32) after the positions already in `cache` and return the final hidden
+    /// states [batch, seq, hidden]. The cache advances by `seq`.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        adapters: &AdapterStack,
+    ) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let offset = cache.len();
+        // 1. Embed.
+        let mut x = self.embedding.embedding(&ids.flatten_all()?)?.reshape((
+            batch,
+            seq,
+            self.config.hidden_size,
+        ))?;
+        // 2. One mask for every layer.
+        let mask = attention_mask(seq, offset, self.config.sliding_window, &self.device)?;
+        // 3. The blocks.
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, layer, &self.rope, cache, mask.as_ref(), adapters)?;
+        }
+        cache.advance(seq);
+        // 4. Final norm.
+        self.norm.forward(&x)
+    }
+
+    /// Logits [.., vocab] of hidden states [.., hidden].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.output.forward(hidden)
+    }
+
+    /// Logits of every position: [batch, seq, vocab].
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        adapters: &AdapterStack,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache, adapters)?;
+        self.logits(&hidden)
+    }
+
+    /// Logits of the last position only: [batch, vocab]. What a decode step needs.
+    pub fn forward_last(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        adapters: &AdapterStack,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache, adapters)?;
+        let seq = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, seq - 1, 1)?.squeeze(1)?)
+    }
+}

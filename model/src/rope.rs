@@ -1,0 +1,75 @@
+//! Rotary position embedding, in the Hugging Face ("rotate half") layout for every architecture.
+//! GGUF files of the llama architecture store q/k rows permuted for the interleaved variant; the loader
+//! undoes that permutation (see `weights.rs`), so one RoPE serves every model and PEFT adapters apply
+//! without reordering.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Precomputed cos/sin tables, [max_positions, head_dim / 2].
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions = Tensor::arange(0u32, max_positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_positions, 1))?;
+        let freqs = positions.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Rotate x: [batch, heads, seq, head_dim] whose first position is `offset`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_rotate_half_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(4, 10_000.0, 8, &dev)?;
+        let x = Tensor::from_vec(vec![1f32, 2., 3., 4., 5., 6., 7., 8.], (1, 1, 2, 4), &dev)?;
+        let y = rope.apply(&x, 3)?.flatten_all()?.to_vec1::<f32>()?;
+        // position p, pair (i, i + 2) rotated by angle p * theta^(-2i/4).
+        let mut want = vec![];
+        for (p, row) in [(3.0f64, [1., 2., 3., 4.]), (4.0, [5., 6., 7., 8.])] {
+            let a0 = p;
+            let a1 = p * 10_000f64.powf(-0.5);
+            let (c0, s0, c1, s1) = (a0.cos(), a0.sin(), a1.cos(), a1.sin());
+            want.extend([
+                row[0] * c0 - row[2] * s0,
+                row[1] * c1 - row[3] * s1,
+                row[2] * c0 + row[0] * s0,
+                row[3] * c1 + row[1] * s1,
+            ]);
+        }
+        for (g, w) in y.iter().zip(&want) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{y:?} vs {want:?}");
+        }
+        Ok(())
+    }
+}

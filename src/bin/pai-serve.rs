@@ -1,0 +1,173 @@
+//! `pai-serve`: serve the base model and its adapters. For now: `pai-serve chat`, a terminal chat.
+
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use pai_model::{generate, AdapterStack, GenerateOptions, Message, SamplingParams};
+
+#[derive(Parser)]
+#[command(
+    name = "pai-serve",
+    version,
+    about = "Serve pai's base model and adapters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat with the model in the terminal (a REPL, or one reply with --prompt), streaming tokens.
+    Chat(ChatArgs),
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// GGUF file or Hugging Face directory (default: the model scripts/fetch-model.sh installs).
+    #[arg(long, env = "PAI_MODEL")]
+    model: Option<PathBuf>,
+    /// PEFT LoRA adapter directory to apply (repeat to stack several).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Answer this one message and exit.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// System message (otherwise the chat template's default, if it has one).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.1)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print prompt and generation speed after each reply.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    pai::init_logging();
+    match Cli::parse().command {
+        Command::Chat(args) => chat(args),
+    }
+}
+
+fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    let (base, adapters) = pai::load_model(args.model.clone(), &args.adapter)?;
+    let adapter_refs: Vec<&pai_model::Adapter> = adapters.iter().collect();
+    let stack = AdapterStack::new(&adapter_refs);
+    let template = base.chat_template()?;
+    let mut opts = GenerateOptions {
+        max_tokens: Some(args.max_tokens),
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            min_p: args.min_p,
+            repetition_penalty: args.repeat_penalty,
+            seed: args.seed,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut history: Vec<Message> = args.system.iter().map(Message::system).collect();
+    let interactive = args.prompt.is_none();
+    if interactive {
+        eprintln!(
+            "pai chat with {}{}. /reset clears the conversation, /exit or Ctrl-D quits.",
+            base.name(),
+            if adapters.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " + {}",
+                    adapters
+                        .iter()
+                        .map(|a| a.name())
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                )
+            }
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let mut turn = 0u64;
+    loop {
+        let user = match &args.prompt {
+            Some(p) => p.clone(),
+            None => {
+                eprint!("> ");
+                std::io::stderr().flush().ok();
+                match lines.next() {
+                    Some(line) => line.context("reading standard input")?,
+                    None => break,
+                }
+            }
+        };
+        match user.trim() {
+            "" if interactive => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.retain(|m| m.role == "system");
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::user(user));
+        let max_context = base.config().context_length;
+        let prompt = template.encode(&base.tokenizer, &history, true)?;
+        opts.max_tokens = Some(
+            args.max_tokens
+                .min(max_context.saturating_sub(prompt.len() + 1)),
+        );
+        opts.sampling.seed = args.seed.wrapping_add(turn);
+        let mut out = std::io::stdout();
+        let reply = generate(
+            &base.model,
+            &base.tokenizer,
+            &stack,
+            &prompt,
+            &opts,
+            |piece| {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+                ControlFlow::Continue(())
+            },
+        )?;
+        println!();
+        if args.stats {
+            eprintln!(
+                "[{} prompt tokens in {:.2}s ({:.1} tok/s), {} generated in {:.2}s ({:.1} tok/s), {}]",
+                reply.prompt_tokens,
+                reply.prefill_seconds,
+                reply.prompt_tokens as f64 / reply.prefill_seconds.max(1e-9),
+                reply.tokens.len(),
+                reply.decode_seconds,
+                reply.tokens.len() as f64 / reply.decode_seconds.max(1e-9),
+                reply.finish_reason.as_str()
+            );
+        }
+        history.push(Message::assistant(reply.text));
+        turn += 1;
+        if !interactive {
+            break;
+        }
+    }
+    Ok(())
+}

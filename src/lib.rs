@@ -1,0 +1,78 @@
+//! Shared front-end pieces of the `pai-train` and `pai-serve` binaries: where pai keeps its files, how a
+//! model argument is resolved, logging setup. The binaries stay thin; the work lives in the crates.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+/// File name of the default base model that `scripts/fetch-model.sh` installs.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `$PAI_HOME`, or `~/.pai`.
+pub fn pai_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("PAI_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".pai")
+}
+
+/// Where the default model lives: `$PAI_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+pub fn default_model_path() -> PathBuf {
+    pai_home().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+/// The model a command should load: the one given, or the default, with an error that says how to
+/// get it when it is missing.
+pub fn resolve_model(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match arg {
+        Some(p) if p.exists() => Ok(p),
+        Some(p) => bail!(
+            "no model at {}: pass a GGUF file or a Hugging Face model directory",
+            p.display()
+        ),
+        None => {
+            let p = default_model_path();
+            if !p.is_file() {
+                bail!(
+                    "the default model is not installed (looked for {}).\n\
+                     Fetch it with:  scripts/fetch-model.sh\n\
+                     or pass --model PATH to use another GGUF file or Hugging Face directory",
+                    p.display()
+                );
+            }
+            Ok(p)
+        }
+    }
+}
+
+/// Load the base model and the adapters named on the command line.
+pub fn load_model(
+    model: Option<PathBuf>,
+    adapters: &[PathBuf],
+) -> anyhow::Result<(pai_model::BaseModel, Vec<pai_model::Adapter>)> {
+    let path = resolve_model(model)?;
+    let device = pai_model::default_device();
+    let base = pai_model::BaseModel::load(&path, &device)
+        .with_context(|| format!("loading model {}", path.display()))?;
+    let adapters = adapters
+        .iter()
+        .map(|dir| {
+            base.load_adapter(dir)
+                .with_context(|| format!("loading adapter {}", dir.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((base, adapters))
+}
+
+/// Log to stderr; `RUST_LOG` overrides the default level (warnings).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
