@@ -18,6 +18,8 @@ pub mod model;
 pub mod perplexity;
 pub mod rope;
 pub mod sampling;
+#[cfg(feature = "test-util")]
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
