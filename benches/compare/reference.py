@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Write the reference fixtures pai-model's tests compare against (tests/fixtures/reference.json).
+
+Two reference implementations read the same GGUF file pai loads:
+  * llama.cpp through llama-cpp-python (the quantized model, as pai runs it);
+  * transformers, which dequantizes the GGUF to f32 (a second opinion on the same weights).
+
+Recorded:
+  * token ids of a dozen varied texts, with and without control-token parsing (llama.cpp; transformers'
+    ids alongside for information);
+  * the mean NLL / perplexity of a fixed ~2,000-token Python text (tests/fixtures/perplexity.txt),
+    scored in one context by both tools;
+  * greedy continuations of 5 prompts (llama.cpp; transformers alongside).
+
+Run it with benches/compare/reference.sh, which sets up the venv. The fixtures are only ever written here.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+PPL_TEXT = FIXTURES / "perplexity.txt"
+N_CONTINUATION = 48
+PPL_TOKENS = 2000
+
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def chat(user):
+    return f"{SYSTEM}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+TEXTS = [
+    "Hello world",
+    "def greet(name: str) -> str:\n    return f\"Hello, {name}!\"\n\nprint(greet('pai'))\n",
+    "fn main() {\n    let v: Vec<u32> = (0..10).map(|x| x * x).collect();\n    println!(\"{:?}\", v);\n}\n",
+    "naïve café, Ünïcödé — “curly quotes” and ‘single’ … ellipsis",
+    "日本語のテキストと中文混合，한국어도 조금.",
+    "Emoji: 🙂👍🏽🚀 and a family 👨‍👩‍👧‍👦 in a row",
+    "a   b\t\tc\n\n\n   d    \n\t \n",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "In 2024 there were 365 days; pi is 3.14159 and 1234567.89 is a big number.",
+    "# Notes\n\n- item one\n- [a link](https://example.com/x?y=1)\n\n```bash\nls -la ~/notes\n```\n",
+    "I'm sure you'll see it's 'fine' -- isn't it?! We've done this; they'd agree.",
+    "Привет мир, γειά σου κόσμε, مرحبا بالعالم, שלום",
+    "    if x<=0:\n        raise ValueError('x must be > 0')  # guard\n",
+]
+
+PROMPTS = [
+    chat("What is the capital of France?"),
+    chat("Write a Python function that reverses a string."),
+    "def fibonacci(n):\n    ",
+    "The three primary colors are",
+    chat("Give me three tips for writing clean code."),
+]
+
+
+def perplexity_text(tokenize):
+    """The fixed text: the committed file, or (first run only) the head of CPython's textwrap.py."""
+    if PPL_TEXT.exists():
+        return PPL_TEXT.read_text()
+    import textwrap
+
+    lines = Path(textwrap.__file__).read_text().splitlines(keepends=True)
+    text = ""
+    for line in lines:
+        if len(tokenize(text + line)) > PPL_TOKENS:
+            break
+        text += line
+    PPL_TEXT.write_text(text)
+    return text
+
+
+def mean_nll(logits, ids):
+    """Mean NLL of ids[1:] given logits[:-1] (float64 log-softmax)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    m = logits.max(axis=1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+    nll = -np.array([logp[i - 1, ids[i]] for i in range(1, len(ids))])
+    return float(nll.mean())
+
+
+def llama_cpp_reference(model_path):
+    from llama_cpp import Llama, __version__
+
+    llm = Llama(model_path=str(model_path), n_ctx=4096, n_batch=512, n_threads=2, logits_all=True,
+                verbose=False, seed=0)
+
+    def tok(text, special):
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    tokens = [{"text": t, "ids_control": tok(t, True), "ids_plain": tok(t, False)} for t in TEXTS]
+
+    text = perplexity_text(lambda s: tok(s, False))
+    ids = tok(text, False)
+    llm.reset()
+    llm.eval(ids)
+    ppl_nll = mean_nll(llm.scores[: len(ids)], ids)
+
+    continuations = []
+    for p in PROMPTS:
+        prompt_ids = tok(p, True)
+        llm.reset()
+        llm.eval(prompt_ids)
+        out = []
+        for _ in range(N_CONTINUATION):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(nxt)
+            if nxt == llm.token_eos():
+                break
+            llm.eval([nxt])
+        continuations.append({"prompt": p, "prompt_ids": prompt_ids, "ids": out})
+    return __version__, tokens, text, ids, ppl_nll, continuations
+
+
+def transformers_reference(model_path, ids, tokens, continuations):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    d, f = str(model_path.parent), model_path.name
+    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
+    model.eval()
+    hf_ids = [tokenizer.encode(t["text"], add_special_tokens=False) for t in tokens]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+        nll = mean_nll(logits, ids)
+        conts = []
+        for c in continuations:
+            out = model.generate(torch.tensor([c["prompt_ids"]]), max_new_tokens=N_CONTINUATION,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.eos_token_id)
+            conts.append(out[0, len(c["prompt_ids"]):].tolist())
+    return transformers.__version__, hf_ids, nll, conts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path,
+                    default=Path(os.environ.get("PAI_HOME", Path.home() / ".pai")) / "models"
+                    / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    if not args.model.is_file():
+        sys.exit(f"no model at {args.model}; run scripts/fetch-model.sh first")
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+
+    llama_version, tokens, text, ids, llama_nll, continuations = llama_cpp_reference(args.model)
+    print(f"llama.cpp {llama_version}: {len(ids)} tokens, NLL {llama_nll:.5f}, PPL {math.exp(llama_nll):.4f}")
+    out = {
+        "model": args.model.name,
+        "generated_by": "benches/compare/reference.py",
+        "platform": platform.platform(),
+        "llama_cpp_python": llama_version,
+        "tokenizer": tokens,
+        "perplexity": {
+            "file": PPL_TEXT.name,
+            "tokens": len(ids),
+            "ids": ids,
+            "llama_cpp": {"mean_nll": llama_nll, "perplexity": math.exp(llama_nll)},
+        },
+        "continuations": continuations,
+    }
+    if not args.no_transformers:
+        tf_version, hf_ids, tf_nll, tf_conts = transformers_reference(args.model, ids, tokens, continuations)
+        print(f"transformers {tf_version}: NLL {tf_nll:.5f}, PPL {math.exp(tf_nll):.4f}")
+        out["transformers"] = tf_version
+        out["perplexity"]["transformers"] = {"mean_nll": tf_nll, "perplexity": math.exp(tf_nll)}
+        for t, h in zip(out["tokenizer"], hf_ids):
+            t["ids_transformers"] = h
+        for c, h in zip(out["continuations"], tf_conts):
+            c["ids_transformers"] = h
+        agree = sum(c["ids"][:32] == c["ids_transformers"][:32] for c in out["continuations"])
+        print(f"greedy continuations: llama.cpp and transformers agree on the first 32 tokens for {agree}/5")
+    path = FIXTURES / "reference.json"
+    path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's test command (README "Quick start"; .ci/run calls exactly this).
+# Fetches the default model if it is missing, then checks formatting and lints and runs every test.
+# Build outputs go to $CARGO_TARGET_DIR (default ~/.cache/pai-target) so repeated runs reuse them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pai-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+scripts/fetch-model.sh >/dev/null
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
