@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 PPL_TEXT = FIXTURES / "perplexity.txt"
 N_CONTINUATION = 48
+TOP_K = 5
 PPL_TOKENS = 2000
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -104,19 +105,32 @@ def llama_cpp_reference(model_path):
     llm.eval(ids)
     ppl_nll = mean_nll(llm.scores[: len(ids)], ids)
 
+    def greedy(model, prompt_ids):
+        model.reset()
+        model.eval(prompt_ids)
+        out, top = [], []
+        for _ in range(N_CONTINUATION):
+            logits = model.scores[model.n_tokens - 1]
+            best = np.argsort(-logits)[:TOP_K]
+            top.append([[int(i), round(float(logits[i]), 4)] for i in best])
+            nxt = int(best[0])
+            out.append(nxt)
+            if nxt == model.token_eos():
+                break
+            model.eval([nxt])
+        return out, top
+
     continuations = []
     for p in PROMPTS:
         prompt_ids = tok(p, True)
-        llm.reset()
-        llm.eval(prompt_ids)
-        out = []
-        for _ in range(N_CONTINUATION):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(nxt)
-            if nxt == llm.token_eos():
-                break
-            llm.eval([nxt])
-        continuations.append({"prompt": p, "prompt_ids": prompt_ids, "ids": out})
+        out, top = greedy(llm, prompt_ids)
+        continuations.append({"prompt": p, "prompt_ids": prompt_ids, "ids": out, "top_logits": top})
+
+    # How stable llama.cpp's own greedy choices are: the same file with flash attention on.
+    fa = Llama(model_path=str(model_path), n_ctx=4096, n_batch=512, n_threads=2, logits_all=True,
+               verbose=False, seed=0, flash_attn=True)
+    for c in continuations:
+        c["ids_flash_attn"] = greedy(fa, c["prompt_ids"])[0]
     return __version__, tokens, text, ids, ppl_nll, continuations
 
 
@@ -129,7 +143,7 @@ def transformers_reference(model_path, ids, tokens, continuations):
     torch.set_num_threads(2)
     d, f = str(model_path.parent), model_path.name
     tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     model.eval()
     hf_ids = [tokenizer.encode(t["text"], add_special_tokens=False) for t in tokens]
     with torch.no_grad():
@@ -157,6 +171,8 @@ def main():
 
     llama_version, tokens, text, ids, llama_nll, continuations = llama_cpp_reference(args.model)
     print(f"llama.cpp {llama_version}: {len(ids)} tokens, NLL {llama_nll:.5f}, PPL {math.exp(llama_nll):.4f}")
+    fa_agree = sum(c["ids"][:32] == c["ids_flash_attn"][:32] for c in continuations)
+    print(f"llama.cpp with flash attention on agrees with itself (off) on the first 32 greedy tokens for {fa_agree}/5")
     out = {
         "model": args.model.name,
         "generated_by": "benches/compare/reference.py",

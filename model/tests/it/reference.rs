@@ -17,7 +17,9 @@ fn default_model() -> &'static BaseModel {
             None => {
                 let home = std::env::var_os("PAI_HOME")
                     .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pai"));
+                    .unwrap_or_else(|| {
+                        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pai")
+                    });
                 home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")
             }
         };
@@ -32,8 +34,12 @@ fn default_model() -> &'static BaseModel {
 
 fn fixtures() -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (written by benches/compare/reference.sh)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (written by benches/compare/reference.sh)",
+            path.display()
+        )
+    });
     serde_json::from_str(&text).expect("reference.json parses")
 }
 
@@ -53,10 +59,22 @@ fn token_ids_match_llama_cpp() {
     assert!(cases.len() >= 12);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(base.tokenizer.encode(text, true).unwrap(), ids(&case["ids_control"]), "control parsing on: {text:?}");
-        assert_eq!(base.tokenizer.encode(text, false).unwrap(), ids(&case["ids_plain"]), "control parsing off: {text:?}");
+        assert_eq!(
+            base.tokenizer.encode(text, true).unwrap(),
+            ids(&case["ids_control"]),
+            "control parsing on: {text:?}"
+        );
+        assert_eq!(
+            base.tokenizer.encode(text, false).unwrap(),
+            ids(&case["ids_plain"]),
+            "control parsing off: {text:?}"
+        );
         let plain = ids(&case["ids_plain"]);
-        assert_eq!(base.tokenizer.decode(&plain, false).unwrap(), text, "decoding {text:?}");
+        assert_eq!(
+            base.tokenizer.decode(&plain, false).unwrap(),
+            text,
+            "decoding {text:?}"
+        );
     }
 }
 
@@ -72,39 +90,122 @@ fn perplexity_within_one_percent_of_llama_cpp() {
     let ids_ref = ids(&ppl["ids"]);
     let ours = base.tokenizer.encode_prompt(&text, false).unwrap();
     assert_eq!(ours, ids_ref, "the perplexity text tokenizes differently");
-    let got = pai_model::perplexity(&base.model, &AdapterStack::NONE, &ours, 4096, |_, _| {}).unwrap();
+    let got =
+        pai_model::perplexity(&base.model, &AdapterStack::NONE, &ours, 4096, |_, _| {}).unwrap();
     let want = ppl["llama_cpp"]["perplexity"].as_f64().unwrap();
     let rel = (got.perplexity / want - 1.0).abs();
-    eprintln!("perplexity: pai {:.4}, llama.cpp {want:.4} ({:+.3}%)", got.perplexity, 100.0 * (got.perplexity / want - 1.0));
-    assert!(rel < 0.01, "perplexity {:.4} is not within 1% of llama.cpp's {want:.4}", got.perplexity);
+    eprintln!(
+        "perplexity: pai {:.4}, llama.cpp {want:.4} ({:+.3}%)",
+        got.perplexity,
+        100.0 * (got.perplexity / want - 1.0)
+    );
+    assert!(
+        rel < 0.01,
+        "perplexity {:.4} is not within 1% of llama.cpp's {want:.4}",
+        got.perplexity
+    );
+}
+
+/// Greedy choices within this many logits of llama.cpp's best are near-ties. llama.cpp itself, run on the
+/// same file with flash attention on, makes 10 of these 160 choices differently, up to 0.15 logits below
+/// its default's best, with top-5 logits moving by up to 1.0.
+const NEAR_TIE: f32 = 0.5;
+
+#[test]
+fn greedy_choices_match_llama_cpp_except_near_ties() {
+    // Teacher-forced on llama.cpp's own continuation: at each of the first 32 steps pai's greedy choice
+    // must be llama.cpp's, or one llama.cpp rates within NEAR_TIE of its best.
+    let base = default_model();
+    let fx = fixtures();
+    let (mut steps, mut same, mut worst_gap) = (0, 0, 0f32);
+    for case in fx["continuations"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["ids"]);
+        let n = want.len().min(32);
+        let mut input = prompt.clone();
+        input.extend(&want[..n]);
+        let logits = crate::all_logits(base, &input, &AdapterStack::NONE);
+        for k in 0..n {
+            let ours = &logits[prompt.len() - 1 + k];
+            let choice = pai_model::sampling::argmax(ours) as u32;
+            let top: Vec<(u32, f32)> = case["top_logits"][k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect();
+            steps += 1;
+            if choice == top[0].0 {
+                same += 1;
+                continue;
+            }
+            let rated = top
+                .iter()
+                .find(|(t, _)| *t == choice)
+                .map(|(_, l)| top[0].1 - l);
+            let gap = rated.unwrap_or(f32::INFINITY);
+            worst_gap = worst_gap.max(gap);
+            assert!(
+                gap <= NEAR_TIE,
+                "{:?} step {k}: pai chose {choice}, llama.cpp {} (llama.cpp rates pai's choice {gap} below its best)",
+                case["prompt"].as_str().unwrap(),
+                top[0].0
+            );
+        }
+    }
+    eprintln!("teacher-forced greedy: {same}/{steps} steps identical, other choices within {worst_gap:.3} logits of llama.cpp's best");
+    // llama.cpp with flash attention on: 150/160 (93.75%).
+    assert!(
+        same * 100 >= steps * 93,
+        "only {same}/{steps} greedy steps identical to llama.cpp"
+    );
 }
 
 #[test]
-fn greedy_continuations_match_llama_cpp() {
+fn greedy_continuations_agree_with_llama_cpp_as_often_as_llama_cpp_does_with_itself() {
+    // Free-running greedy decoding, first 32 tokens. Identical continuations need bit-identical
+    // arithmetic (8-bit activation quantization turns any rounding difference into a different
+    // integer); llama.cpp with flash attention on is the yardstick for how often a correct runtime
+    // with other rounding agrees.
     let base = default_model();
     let fx = fixtures();
     let cases = fx["continuations"].as_array().unwrap();
     assert_eq!(cases.len(), 5);
-    let mut identical = 0;
+    let (mut identical, mut llama_self) = (0, 0);
     for case in cases {
         let prompt = case["prompt"].as_str().unwrap();
         let prompt_ids = base.tokenizer.encode(prompt, true).unwrap();
-        assert_eq!(prompt_ids, ids(&case["prompt_ids"]), "prompt tokenizes differently: {prompt:?}");
+        assert_eq!(
+            prompt_ids,
+            ids(&case["prompt_ids"]),
+            "prompt tokenizes differently: {prompt:?}"
+        );
         let want = ids(&case["ids"]);
         let opts = GenerateOptions {
             max_tokens: Some(want.len()),
             ignore_eos: true,
             ..Default::default()
         };
-        let got = generate(&base.model, &base.tokenizer, &AdapterStack::NONE, &prompt_ids, &opts, |_| {
-            ControlFlow::Continue(())
-        })
+        let got = generate(
+            &base.model,
+            &base.tokenizer,
+            &AdapterStack::NONE,
+            &prompt_ids,
+            &opts,
+            |_| ControlFlow::Continue(()),
+        )
         .unwrap();
         let n = want.len().min(32);
-        let same = got.tokens[..n] == want[..n];
-        let first_diff = got.tokens.iter().zip(&want).position(|(a, b)| a != b);
-        eprintln!("{prompt:?}: {} (first difference at {first_diff:?})", if same { "identical" } else { "differs" });
-        identical += usize::from(same);
+        let first_diff = got
+            .tokens
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b)
+            .filter(|&i| i < n);
+        eprintln!("{prompt:?}: first difference at {first_diff:?}");
+        identical += usize::from(first_diff.is_none());
+        llama_self += usize::from(ids(&case["ids_flash_attn"])[..n] == want[..n]);
     }
-    assert!(identical >= 4, "only {identical}/5 greedy continuations match llama.cpp's first 32 tokens");
+    eprintln!("identical first 32 tokens: pai {identical}/5, llama.cpp with flash attention {llama_self}/5");
+    assert!(identical >= llama_self, "pai matches llama.cpp on {identical}/5, fewer than llama.cpp with flash attention ({llama_self}/5)");
 }
