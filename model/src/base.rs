@@ -49,7 +49,7 @@ impl BaseModel {
         let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|source| ModelError::Gguf {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         let config = ModelConfig::from_gguf(&content, path)?;
         let tokenizer = Tokenizer::from_gguf(&content, path)?;

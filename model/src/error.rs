@@ -16,7 +16,7 @@ pub enum ModelError {
     Gguf {
         path: PathBuf,
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     #[error("{path}: cannot parse {what}: {source}")]
     Json {
@@ -58,7 +58,7 @@ pub enum ModelError {
         path: PathBuf,
         name: String,
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     #[error("{path}: no file of the model was found ({what})")]
     MissingFile { path: PathBuf, what: &'static str },
@@ -109,7 +109,13 @@ pub enum ModelError {
         actual: String,
     },
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(Box::new(e))
+    }
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -173,7 +173,7 @@ impl Adapter {
             ModelError::Tensor {
                 path: weights_path.clone(),
                 name: "*".into(),
-                source,
+                source: Box::new(source),
             }
         })?;
 

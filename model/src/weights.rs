@@ -69,7 +69,7 @@ impl WeightSource {
             unsafe { MmapedSafetensors::multi(&files) }.map_err(|source| ModelError::Tensor {
                 path: dir.to_path_buf(),
                 name: "*".into(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(Self::Safetensors {
             dir: dir.to_path_buf(),
@@ -124,7 +124,7 @@ impl WeightSource {
         ModelError::Tensor {
             path: self.path().to_path_buf(),
             name: name.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -161,7 +161,7 @@ impl WeightSource {
             .map_err(|source| ModelError::Tensor {
                 path: path.clone(),
                 name: name.into(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -186,7 +186,7 @@ impl WeightSource {
                     .map_err(|source| ModelError::Tensor {
                         path: dir.clone(),
                         name: name.into(),
-                        source,
+                        source: Box::new(source),
                     })?
             }
         };

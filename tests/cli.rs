@@ -1,0 +1,227 @@
+//! End to end: the `pai-serve` and `pai-train` binaries as a user runs them, on the real default model
+//! (installed by scripts/fetch-model.sh) and on a tiny random model written here.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use candle_core::quantized::GgmlDType;
+use pai_model::testing::{TinyModel, TinySpec};
+
+fn pai_home() -> PathBuf {
+    std::env::var_os("PAI_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pai"))
+}
+
+fn run(bin: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env_remove("PAI_MODEL")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("the binary starts");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    TinyModel::new(TinySpec::default())
+        .unwrap()
+        .write_gguf(&dir.join("tiny.gguf"), GgmlDType::Q8_0)
+        .unwrap()
+}
+
+const SERVE: &str = env!("CARGO_BIN_EXE_pai-serve");
+const TRAIN: &str = env!("CARGO_BIN_EXE_pai-train");
+
+#[test]
+fn chat_answers_one_prompt_with_the_default_model() {
+    let model = pai_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.is_file(),
+        "run scripts/fetch-model.sh first ({} missing)",
+        model.display()
+    );
+    let args = [
+        "chat",
+        "--prompt",
+        "Name three colours.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "--stats",
+    ];
+    let out = run(SERVE, &args, None, &[]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.split_whitespace().count() >= 3, "reply: {stdout:?}");
+    assert!(
+        stderr.contains("16 generated") && stderr.contains("tok/s"),
+        "stats: {stderr:?}"
+    );
+    // Greedy decoding is deterministic across runs.
+    let again = run(SERVE, &args, None, &[]);
+    assert_eq!(text(&again.stdout), stdout);
+}
+
+#[test]
+fn chat_repl_takes_turns_and_resets() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let out = run(
+        SERVE,
+        &[
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ],
+        Some("hello there\n\n/reset\nsecond turn\n/exit\nnever read\n"),
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("(conversation cleared)"), "{stderr}");
+    assert_eq!(
+        stderr.matches("> ").count(),
+        5,
+        "one prompt per line read up to /exit: {stderr}"
+    );
+    assert!(text(&out.stdout).matches('\n').count() >= 2, "each of the two replies ends its line");
+}
+
+#[test]
+fn perplexity_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let file = dir.path().join("note.md");
+    std::fs::write(&file, "# A note\n\nthe cat sat on the mat, 12 times.\n").unwrap();
+    let out = run(
+        TRAIN,
+        &[
+            "perplexity",
+            "--file",
+            file.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let tokens = v["tokens"].as_u64().unwrap();
+    assert_eq!(v["tokens_scored"].as_u64().unwrap(), tokens - 1);
+    let (nll, ppl) = (
+        v["mean_nll"].as_f64().unwrap(),
+        v["perplexity"].as_f64().unwrap(),
+    );
+    assert!(nll > 0.0 && (ppl - nll.exp()).abs() < 1e-6 * ppl, "{v}");
+}
+
+#[test]
+fn missing_default_model_says_how_to_fetch_it() {
+    let home = tempfile::tempdir().unwrap();
+    for (bin, args) in [
+        (SERVE, vec!["chat", "--prompt", "hi"]),
+        (TRAIN, vec!["perplexity", "--file", "Cargo.toml"]),
+    ] {
+        let out = run(bin, &args, None, &[("PAI_HOME", home.path())]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("scripts/fetch-model.sh") && stderr.contains("--model"),
+            "{bin}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_are_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let m = model.to_str().unwrap();
+    let missing = dir.path().join("no-such-adapter");
+    let out = run(
+        SERVE,
+        &[
+            "chat",
+            "--model",
+            m,
+            "--prompt",
+            "hi",
+            "--adapter",
+            missing.to_str().unwrap(),
+        ],
+        None,
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no-such-adapter"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(
+        TRAIN,
+        &[
+            "perplexity",
+            "--model",
+            m,
+            "--file",
+            "/nonexistent/notes.md",
+        ],
+        None,
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/nonexistent/notes.md"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(
+        SERVE,
+        &[
+            "chat",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--prompt",
+            "hi",
+        ],
+        None,
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/nonexistent/model.gguf"),
+        "{}",
+        text(&out.stderr)
+    );
+}
