@@ -110,7 +110,10 @@ fn chat_repl_takes_turns_and_resets() {
         5,
         "one prompt per line read up to /exit: {stderr}"
     );
-    assert!(text(&out.stdout).matches('\n').count() >= 2, "each of the two replies ends its line");
+    assert!(
+        text(&out.stdout).matches('\n').count() >= 2,
+        "each of the two replies ends its line"
+    );
 }
 
 #[test]
