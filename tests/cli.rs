@@ -228,3 +228,74 @@ fn bad_inputs_are_named_in_the_error() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn perplexity_with_an_adapter() {
+    use candle_core::{Device, Tensor};
+    use pai_model::lora::{peft_key, proj_dims};
+    use pai_model::{LoraSite, Proj};
+
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyModel::new(TinySpec::default()).unwrap();
+    let model = tiny
+        .write_gguf(&dir.path().join("tiny.gguf"), GgmlDType::Q8_0)
+        .unwrap();
+    let cfg = tiny.config();
+    let file = dir.path().join("code.py");
+    std::fs::write(&file, "def f(x):\n    return x * 2\n").unwrap();
+    let write_adapter = |name: &str, b_value: f32| -> PathBuf {
+        let adir = dir.path().join(name);
+        std::fs::create_dir_all(&adir).unwrap();
+        let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+            "target_modules": ["v_proj"], "bias": "none", "base_model_name_or_path": "tiny"});
+        std::fs::write(adir.join("adapter_config.json"), config.to_string()).unwrap();
+        let mut tensors = std::collections::HashMap::new();
+        for layer in 0..cfg.num_layers {
+            let site = LoraSite {
+                layer,
+                proj: Proj::V,
+            };
+            let (i, o) = proj_dims(&cfg, Proj::V);
+            tensors.insert(
+                peft_key(site, true),
+                Tensor::ones((2, i), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            );
+            tensors.insert(
+                peft_key(site, false),
+                (Tensor::ones((o, 2), candle_core::DType::F32, &Device::Cpu).unwrap()
+                    * f64::from(b_value))
+                .unwrap(),
+            );
+        }
+        candle_core::safetensors::save(&tensors, adir.join("adapter_model.safetensors")).unwrap();
+        adir
+    };
+    let ppl = |adapter: Option<&Path>| -> f64 {
+        let mut args = vec![
+            "perplexity",
+            "--file",
+            file.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let out = run(TRAIN, &args, None, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+        v["perplexity"].as_f64().unwrap()
+    };
+    let bare = ppl(None);
+    assert_eq!(
+        ppl(Some(&write_adapter("zero", 0.0))),
+        bare,
+        "a zero adapter changes nothing"
+    );
+    assert_ne!(
+        ppl(Some(&write_adapter("strong", 0.05))),
+        bare,
+        "a real adapter changes the score"
+    );
+}

@@ -134,6 +134,63 @@ def llama_cpp_reference(model_path):
     return __version__, tokens, text, ids, ppl_nll, continuations
 
 
+def spm_reference(texts):
+    """A SentencePiece (llama-style) vocabulary: trained here with the sentencepiece library on the
+    fixture texts, written as a vocab-only GGUF (tests/fixtures/spm-vocab.gguf), and tokenized by
+    llama.cpp and by sentencepiece itself."""
+    import tempfile
+
+    import gguf
+    import sentencepiece as spm
+    from llama_cpp import Llama
+
+    corpus = "\n".join(texts + [PPL_TEXT.read_text()])
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "corpus.txt"
+        src.write_text(corpus)
+        spm.SentencePieceTrainer.train(
+            input=str(src), model_prefix=str(Path(d) / "spm"), model_type="bpe", vocab_size=600,
+            byte_fallback=True, character_coverage=1.0, num_threads=1, split_digits=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        sp = spm.SentencePieceProcessor(model_file=str(Path(d) / "spm.model"))
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1)
+    path = FIXTURES / "spm-vocab.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    cases = []
+    for t in texts:
+        if "<|" in t:
+            continue
+        cases.append({"text": t,
+                      "ids_llama_cpp": llm.tokenize(t.encode("utf-8"), add_bos=False, special=False),
+                      "ids_sentencepiece": sp.encode(t)})
+    return {"file": path.name, "vocab_size": len(tokens), "cases": cases}
+
+
 def transformers_reference(model_path, ids, tokens, continuations):
     import torch
     import transformers
@@ -187,6 +244,9 @@ def main():
         },
         "continuations": continuations,
     }
+    out["spm"] = spm_reference(TEXTS)
+    agree = sum(c["ids_llama_cpp"] == c["ids_sentencepiece"] for c in out["spm"]["cases"])
+    print(f"SentencePiece vocab: llama.cpp and sentencepiece agree on {agree}/{len(out['spm']['cases'])} texts")
     if not args.no_transformers:
         tf_version, hf_ids, tf_nll, tf_conts = transformers_reference(args.model, ids, tokens, continuations)
         print(f"transformers {tf_version}: NLL {tf_nll:.5f}, PPL {math.exp(tf_nll):.4f}")

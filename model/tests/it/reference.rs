@@ -209,3 +209,31 @@ fn greedy_continuations_agree_with_llama_cpp_as_often_as_llama_cpp_does_with_its
     eprintln!("identical first 32 tokens: pai {identical}/5, llama.cpp with flash attention {llama_self}/5");
     assert!(identical >= llama_self, "pai matches llama.cpp on {identical}/5, fewer than llama.cpp with flash attention ({llama_self}/5)");
 }
+
+#[test]
+fn sentencepiece_vocab_tokenizes_like_llama_cpp() {
+    // A llama-style (SPM) vocabulary trained by the sentencepiece library, as a vocab-only GGUF.
+    let fx = fixtures();
+    let spm = &fx["spm"];
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(spm["file"].as_str().unwrap());
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let tok = pai_model::Tokenizer::from_gguf(&content, &path).unwrap();
+    assert_eq!(tok.vocab_size() as u64, spm["vocab_size"].as_u64().unwrap());
+    assert!(tok.adds_bos());
+    let mut failures = Vec::new();
+    for case in spm["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let got = tok.encode(text, false).unwrap();
+        if got != ids(&case["ids_llama_cpp"]) {
+            failures.push(format!(
+                "{text:?}\n  pai       {got:?}\n  llama.cpp {:?}",
+                ids(&case["ids_llama_cpp"])
+            ));
+        }
+        assert_eq!(tok.decode(&got, true).unwrap(), text, "decoding {text:?}");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -451,3 +451,77 @@ fn perplexity_windows_agree_with_a_single_pass() {
     let w = pai_model::perplexity(&base.model, &AdapterStack::NONE, &ids, 16, |_, _| {}).unwrap();
     assert_eq!(w.tokens_scored, ids.len() - 1);
 }
+
+#[test]
+fn every_gguf_weight_format_loads_and_stays_close_to_f32() {
+    // K-quants need rows that are multiples of 256 values.
+    let spec = TinySpec {
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 512,
+        layers: 1,
+        seed: 11,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyModel::new(spec).unwrap();
+    let f32m = load(
+        &tiny
+            .write_gguf(&dir.path().join("f32.gguf"), GgmlDType::F32)
+            .unwrap(),
+    );
+    let ids = sample_ids(f32m.config().vocab_size, 12);
+    let reference = all_logits(&f32m, &ids, &AdapterStack::NONE);
+    let scale = reference
+        .iter()
+        .flatten()
+        .map(|x| x.abs())
+        .fold(0.0, f32::max);
+    for (dtype, tol) in [
+        (GgmlDType::F16, 0.002),
+        (GgmlDType::Q8_0, 0.03),
+        (GgmlDType::Q5_0, 0.12),
+        (GgmlDType::Q5_1, 0.12),
+        (GgmlDType::Q4_0, 0.25),
+        (GgmlDType::Q4_1, 0.25),
+        (GgmlDType::Q6K, 0.06),
+        (GgmlDType::Q5K, 0.12),
+        (GgmlDType::Q4K, 0.25),
+        (GgmlDType::Q3K, 0.5),
+        (GgmlDType::Q2K, 0.9),
+    ] {
+        let path = dir.path().join(format!("{dtype:?}.gguf"));
+        let q = load(&tiny.write_gguf(&path, dtype).unwrap());
+        let d = max_abs_diff(&all_logits(&q, &ids, &AdapterStack::NONE), &reference);
+        assert!(
+            d < tol * scale,
+            "{dtype:?}: max logit difference {d} against logit scale {scale}"
+        );
+    }
+}
+
+#[test]
+fn sliding_window_masks_keys_too_far_back() {
+    let m = pai_model::block::attention_mask(3, 2, Some(2), &Device::Cpu)
+        .unwrap()
+        .unwrap();
+    let rows = m.to_vec2::<f32>().unwrap();
+    // Query positions 2, 3, 4 over keys 0..5 with a window of 2: each sees itself and one before.
+    let seen: Vec<Vec<bool>> = rows
+        .iter()
+        .map(|r| r.iter().map(|v| v.is_finite()).collect())
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            vec![false, true, true, false, false],
+            vec![false, false, true, true, false],
+            vec![false, false, false, true, true],
+        ]
+    );
+    // Decoding one token without a window needs no mask at all.
+    assert!(pai_model::block::attention_mask(1, 9, None, &Device::Cpu)
+        .unwrap()
+        .is_none());
+}

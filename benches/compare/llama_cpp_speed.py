@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""llama.cpp (llama-cpp-python) prefill and decode tokens/s on a GGUF, measured the way
+benches/generation.rs measures pai: the same prompt tokens, medians of --reps repetitions after one
+warm-up, repetitions where other processes used more than a tenth of a core left out. Prints JSON."""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def busy_jiffies():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v) - v[3] - v[4]
+
+
+def own_jiffies():
+    t = os.times()
+    return (t.user + t.system) * 100
+
+
+def measure(fn):
+    b0, o0, w0 = busy_jiffies(), own_jiffies(), time.perf_counter()
+    tokens, seconds = fn()
+    elapsed = time.perf_counter() - w0
+    others = max(0.0, (busy_jiffies() - b0) - (own_jiffies() - o0)) / 100 / elapsed
+    return {"tokens_per_second": tokens / seconds, "others_cores": others}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(Path(os.environ.get("PAI_HOME", Path.home() / ".pai"))
+                                           / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from llama_cpp import Llama, __version__
+
+    llm = Llama(model_path=args.model, n_ctx=2048, n_batch=512, n_threads=args.threads,
+                n_threads_batch=args.threads, verbose=False)
+    text = (ROOT / "tests" / "fixtures" / "perplexity.txt").read_text()
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    while len(ids) < args.prefill:
+        ids = ids + ids
+    ids = ids[: args.prefill]
+
+    def prefill():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        return len(ids), time.perf_counter() - t
+
+    def decode():
+        llm.reset()
+        llm.eval(ids[:16])
+        t = time.perf_counter()
+        # One token per step through the KV cache; which token is fed does not change the work.
+        for i in range(args.decode - 1):
+            llm.eval([ids[17 + i % 64]])
+        return args.decode - 1, time.perf_counter() - t
+
+    results = {}
+    for name, fn in [("prefill", prefill), ("decode", decode)]:
+        reps = [measure(fn) for _ in range(args.reps + 1)]
+        clean = sorted(r["tokens_per_second"] for r in reps[1:] if r["others_cores"] < 0.1)
+        results[name] = {"median_tokens_per_second": clean[len(clean) // 2] if clean else float("nan"),
+                         "clean_reps": len(clean), "reps": reps}
+    print(json.dumps({"runtime": f"llama.cpp (llama-cpp-python {__version__}, n_threads={args.threads})",
+                      "model": args.model, "prefill_tokens": args.prefill, "decode_tokens": args.decode,
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()
