@@ -52,10 +52,11 @@ pub fn resolve_model(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 pub fn load_model(
     model: Option<PathBuf>,
     adapters: &[PathBuf],
+    options: pai_model::LoadOptions,
 ) -> anyhow::Result<(pai_model::BaseModel, Vec<pai_model::Adapter>)> {
     let path = resolve_model(model)?;
     let device = pai_model::default_device();
-    let base = pai_model::BaseModel::load(&path, &device)
+    let base = pai_model::BaseModel::load_with(&path, &device, options)
         .with_context(|| format!("loading model {}", path.display()))?;
     let adapters = adapters
         .iter()

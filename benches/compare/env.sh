@@ -21,4 +21,4 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   fi
   pip install -q "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl diskcache jinja2 typing-extensions >&2
 fi
-python -c "import transformers, gguf, torch, numpy, accelerate, sentencepiece" 2>/dev/null || pip install -q gguf numpy 'transformers>=4.45' torch accelerate sentencepiece >&2
+python -c "import transformers, gguf, torch, numpy, accelerate, sentencepiece, peft" 2>/dev/null || pip install -q gguf numpy 'transformers>=4.45' torch accelerate sentencepiece peft >&2

@@ -212,7 +212,36 @@ def transformers_reference(model_path, ids, tokens, continuations):
                                  do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.eos_token_id)
             conts.append(out[0, len(c["prompt_ids"]):].tolist())
-    return transformers.__version__, hf_ids, nll, conts
+        peft_case = peft_reference(model, continuations[2]["prompt_ids"])
+    return transformers.__version__, hf_ids, nll, conts, peft_case
+
+
+def peft_reference(model, ids):
+    """An adapter made by PEFT itself (random A and B, all seven projections, rsLoRA off), saved to
+    tests/fixtures/peft-adapter/, and the change it makes to the logits of `ids` under transformers:
+    for the last 4 positions, the difference on a fixed spread of token ids."""
+    import peft
+    import torch
+
+    torch.manual_seed(1234)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"])
+    with torch.no_grad():
+        base = model(torch.tensor([ids])).logits[0, -4:].numpy()
+        pm = peft.get_peft_model(model, cfg)
+        # PEFT's kaiming init of B is far stronger than training ever makes it; scale it to a realistic size.
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+        adapted = pm(torch.tensor([ids])).logits[0, -4:].numpy()
+        out_dir = FIXTURES / "peft-adapter"
+        pm.save_pretrained(str(out_dir))
+        pm.unload()
+    probe = list(range(0, base.shape[1], 97))
+    return {"dir": "peft-adapter", "peft": peft.__version__, "ids": ids, "probe_ids": probe,
+            "base_logits": [[round(float(r[i]), 4) for i in probe] for r in base],
+            "delta": [[round(float(a[i] - b[i]), 4) for i in probe] for a, b in zip(adapted, base)]}
 
 
 def main():
@@ -248,7 +277,9 @@ def main():
     agree = sum(c["ids_llama_cpp"] == c["ids_sentencepiece"] for c in out["spm"]["cases"])
     print(f"SentencePiece vocab: llama.cpp and sentencepiece agree on {agree}/{len(out['spm']['cases'])} texts")
     if not args.no_transformers:
-        tf_version, hf_ids, tf_nll, tf_conts = transformers_reference(args.model, ids, tokens, continuations)
+        tf_version, hf_ids, tf_nll, tf_conts, peft_case = transformers_reference(args.model, ids, tokens,
+                                                                                  continuations)
+        out["peft"] = peft_case
         print(f"transformers {tf_version}: NLL {tf_nll:.5f}, PPL {math.exp(tf_nll):.4f}")
         out["transformers"] = tf_version
         out["perplexity"]["transformers"] = {"mean_nll": tf_nll, "perplexity": math.exp(tf_nll)}

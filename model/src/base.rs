@@ -23,6 +23,14 @@ pub enum ModelFormat {
     HuggingFace,
 }
 
+/// How to load a base model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Expand quantized weights to dense f32 at load (4–8× the memory; exact f32 arithmetic, as
+    /// transformers runs a GGUF).
+    pub dequantize: bool,
+}
+
 /// Weights, tokenizer and chat template of one base model.
 #[derive(Debug)]
 pub struct BaseModel {
@@ -38,14 +46,18 @@ pub struct BaseModel {
 impl BaseModel {
     /// Load a GGUF file or a Hugging Face model directory onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(path, device, LoadOptions::default())
+    }
+
+    pub fn load_with(path: &Path, device: &Device, options: LoadOptions) -> Result<Self> {
         if path.is_dir() {
             Self::load_hf_dir(path, device)
         } else {
-            Self::load_gguf(path, device)
+            Self::load_gguf(path, device, options)
         }
     }
 
-    fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
+    fn load_gguf(path: &Path, device: &Device, options: LoadOptions) -> Result<Self> {
         let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|source| ModelError::Gguf {
             path: path.to_path_buf(),
@@ -69,7 +81,7 @@ impl BaseModel {
             Some(Ok(n)) => n.clone(),
             _ => file_stem(path),
         };
-        let mut weights = WeightSource::gguf(path, content, file);
+        let mut weights = WeightSource::gguf(path, content, file, options.dequantize);
         let model = Model::load(config, &mut weights, device)?;
         Self::assemble(model, tokenizer, template, path, name, ModelFormat::Gguf)
     }

@@ -23,7 +23,7 @@ pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 
-pub use base::{BaseModel, ModelFormat};
+pub use base::{BaseModel, LoadOptions, ModelFormat};
 pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};

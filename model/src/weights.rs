@@ -34,6 +34,8 @@ pub(crate) enum WeightSource {
         path: PathBuf,
         content: gguf_file::Content,
         file: File,
+        /// Expand quantized projections to dense f32.
+        dequantize: bool,
     },
     Safetensors {
         dir: PathBuf,
@@ -42,11 +44,12 @@ pub(crate) enum WeightSource {
 }
 
 impl WeightSource {
-    pub fn gguf(path: &Path, content: gguf_file::Content, file: File) -> Self {
+    pub fn gguf(path: &Path, content: gguf_file::Content, file: File, dequantize: bool) -> Self {
         Self::Gguf {
             path: path.to_path_buf(),
             content,
             file,
+            dequantize,
         }
     }
 
@@ -146,6 +149,7 @@ impl WeightSource {
             path,
             content,
             file,
+            ..
         } = self
         else {
             unreachable!("gguf_qtensor on a safetensors source")
@@ -241,12 +245,33 @@ impl WeightSource {
                         move_qtensor(q, device).map_err(|source| self.tensor_err(&name, source))?
                     }
                 };
-                FrozenLinear::from_qtensor(Arc::new(q), bias)
+                self.frozen(q, bias, &name, device)
             }
             Self::Safetensors { .. } => {
                 let w = self.dense(&name, &[out_dim, in_dim], device)?;
                 FrozenLinear::from_dense(w, bias)
             }
+        }
+    }
+
+    /// A GGUF weight as a frozen linear: kept quantized, or expanded when asked to dequantize.
+    fn frozen(
+        &self,
+        q: QTensor,
+        bias: Option<Tensor>,
+        name: &str,
+        device: &Device,
+    ) -> Result<FrozenLinear> {
+        match self {
+            Self::Gguf {
+                dequantize: true, ..
+            } => {
+                let w = q
+                    .dequantize(device)
+                    .map_err(|source| self.tensor_err(name, source))?;
+                FrozenLinear::from_dense(w, bias)
+            }
+            _ => FrozenLinear::from_qtensor(Arc::new(q), bias),
         }
     }
 
@@ -264,7 +289,7 @@ impl WeightSource {
                 let q = self.gguf_qtensor(&name)?;
                 self.check_shape(&name, q.shape().dims(), &shape)?;
                 let q = move_qtensor(q, device).map_err(|source| self.tensor_err(&name, source))?;
-                FrozenLinear::from_qtensor(Arc::new(q), None)
+                self.frozen(q, None, &name, device)
             }
             Self::Safetensors { .. } => {
                 let w = self.dense(&name, &shape, device)?;

@@ -57,6 +57,9 @@ struct ChatArgs {
     /// Print prompt and generation speed after each reply.
     #[arg(long)]
     stats: bool,
+    /// Expand quantized weights to f32 at load (exact f32 arithmetic, as transformers runs a GGUF).
+    #[arg(long)]
+    dequantize: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,7 +70,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let (base, adapters) = pai::load_model(args.model.clone(), &args.adapter)?;
+    let (base, adapters) = pai::load_model(
+        args.model.clone(),
+        &args.adapter,
+        pai_model::LoadOptions {
+            dequantize: args.dequantize,
+        },
+    )?;
     let adapter_refs: Vec<&pai_model::Adapter> = adapters.iter().collect();
     let stack = AdapterStack::new(&adapter_refs);
     let template = base.chat_template()?;

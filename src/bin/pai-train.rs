@@ -42,6 +42,9 @@ struct PerplexityArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Expand quantized weights to f32 at load (exact f32 arithmetic, as transformers runs a GGUF).
+    #[arg(long)]
+    dequantize: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,7 +57,13 @@ fn main() -> anyhow::Result<()> {
 fn run_perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
-    let (base, adapters) = pai::load_model(args.model.clone(), &args.adapter)?;
+    let (base, adapters) = pai::load_model(
+        args.model.clone(),
+        &args.adapter,
+        pai_model::LoadOptions {
+            dequantize: args.dequantize,
+        },
+    )?;
     let adapter_refs: Vec<&pai_model::Adapter> = adapters.iter().collect();
     let ids = base
         .tokenizer

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use pai_model::{generate, AdapterStack, BaseModel, GenerateOptions};
+use pai_model::{generate, AdapterStack, BaseModel, GenerateOptions, LoadOptions};
 use serde_json::Value;
 
 fn default_model() -> &'static BaseModel {
@@ -236,4 +236,109 @@ fn sentencepiece_vocab_tokenizes_like_llama_cpp() {
         assert_eq!(tok.decode(&got, true).unwrap(), text, "decoding {text:?}");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The default model with its weights expanded to f32, the way transformers runs the GGUF.
+fn dequantized_model() -> &'static BaseModel {
+    static MODEL: OnceLock<BaseModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = default_model().path().to_path_buf();
+        BaseModel::load_with(
+            &path,
+            &candle_core::Device::Cpu,
+            LoadOptions { dequantize: true },
+        )
+        .unwrap()
+    })
+}
+
+#[test]
+fn dequantized_runtime_matches_transformers() {
+    // Same f32 weights, same arithmetic up to summation order: logits and perplexity agree closely.
+    let base = dequantized_model();
+    let fx = fixtures();
+    let case = &fx["peft"];
+    let prompt = ids(&case["ids"]);
+    let probe: Vec<usize> = ids(&case["probe_ids"])
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let ours = crate::all_logits(base, &prompt, &AdapterStack::NONE);
+    let n = prompt.len();
+    let mut worst = 0f64;
+    for (k, row) in case["base_logits"].as_array().unwrap().iter().enumerate() {
+        for (j, &tok) in probe.iter().enumerate() {
+            worst = worst.max((f64::from(ours[n - 4 + k][tok]) - row[j].as_f64().unwrap()).abs());
+        }
+    }
+    eprintln!("dequantized logits vs transformers: max difference {worst:.5}");
+    assert!(worst < 2e-3, "logits differ from transformers by {worst}");
+
+    let ppl = &fx["perplexity"];
+    let got = pai_model::perplexity(
+        &base.model,
+        &AdapterStack::NONE,
+        &ids(&ppl["ids"]),
+        4096,
+        |_, _| {},
+    )
+    .unwrap();
+    let want = ppl["transformers"]["perplexity"].as_f64().unwrap();
+    eprintln!(
+        "dequantized perplexity: pai {:.5}, transformers {want:.5}",
+        got.perplexity
+    );
+    assert!(
+        (got.perplexity / want - 1.0).abs() < 1e-4,
+        "perplexity {} vs transformers {want}",
+        got.perplexity
+    );
+}
+
+#[test]
+fn adapter_made_by_peft_changes_logits_exactly_as_peft_does() {
+    // PEFT made this adapter (all seven projections, every layer) on transformers' f32 reading of the
+    // GGUF and measured the change it makes to the logits; pai, on the same f32 weights, must make the
+    // same change. A wrong key, a transposed pair or q/k rows in the wrong order would not survive this.
+    // (On the quantized model the same comparison carries 8-bit activation noise of the adapter's size.)
+    let base = dequantized_model();
+    let fx = fixtures();
+    let case = &fx["peft"];
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(case["dir"].as_str().unwrap());
+    let adapter = base.load_adapter(&dir).unwrap();
+    assert_eq!(adapter.config().r, 4);
+    assert_eq!(adapter.iter().count(), 30 * 7);
+    let prompt = ids(&case["ids"]);
+    let probe: Vec<usize> = ids(&case["probe_ids"])
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let refs = [&adapter];
+    let with = crate::all_logits(base, &prompt, &AdapterStack::new(&refs));
+    let without = crate::all_logits(base, &prompt, &AdapterStack::NONE);
+    let n = prompt.len();
+    let (mut dot, mut ours_sq, mut theirs_sq, mut err_sq) = (0f64, 0f64, 0f64, 0f64);
+    for (k, row) in case["delta"].as_array().unwrap().iter().enumerate() {
+        let pos = n - 4 + k;
+        for (j, &tok) in probe.iter().enumerate() {
+            let theirs = row[j].as_f64().unwrap();
+            let ours = f64::from(with[pos][tok] - without[pos][tok]);
+            dot += ours * theirs;
+            ours_sq += ours * ours;
+            theirs_sq += theirs * theirs;
+            err_sq += (ours - theirs).powi(2);
+        }
+    }
+    let cosine = dot / (ours_sq.sqrt() * theirs_sq.sqrt());
+    let rel_err = (err_sq / theirs_sq).sqrt();
+    eprintln!(
+        "PEFT adapter: logit change cosine {cosine:.6}, relative error {rel_err:.5}, PEFT's change RMS {:.3}",
+        (theirs_sq / (4 * probe.len()) as f64).sqrt()
+    );
+    assert!(
+        cosine > 0.9999 && rel_err < 0.01,
+        "pai's logit change differs from PEFT's: cosine {cosine}, relative error {rel_err}"
+    );
 }
