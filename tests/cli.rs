@@ -163,34 +163,30 @@ fn missing_default_model_says_how_to_fetch_it() {
     }
 }
 
+/// Run a command that must fail, and check its error names `culprit`.
+fn assert_fails_naming(bin: &str, args: &[&str], culprit: &str) {
+    let out = run(bin, args, None, &[]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(
+        stderr.contains(culprit),
+        "{args:?}: the error does not name {culprit}: {stderr}"
+    );
+}
+
 #[test]
 fn bad_inputs_are_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let m = model.to_str().unwrap();
     let missing = dir.path().join("no-such-adapter");
-    let out = run(
+    let adapter = missing.to_str().unwrap();
+    assert_fails_naming(
         SERVE,
-        &[
-            "chat",
-            "--model",
-            m,
-            "--prompt",
-            "hi",
-            "--adapter",
-            missing.to_str().unwrap(),
-        ],
-        None,
-        &[],
+        &["chat", "--model", m, "--prompt", "hi", "--adapter", adapter],
+        "no-such-adapter",
     );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("no-such-adapter"),
-        "{}",
-        text(&out.stderr)
-    );
-
-    let out = run(
+    assert_fails_naming(
         TRAIN,
         &[
             "perplexity",
@@ -199,17 +195,9 @@ fn bad_inputs_are_named_in_the_error() {
             "--file",
             "/nonexistent/notes.md",
         ],
-        None,
-        &[],
+        "/nonexistent/notes.md",
     );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("/nonexistent/notes.md"),
-        "{}",
-        text(&out.stderr)
-    );
-
-    let out = run(
+    assert_fails_naming(
         SERVE,
         &[
             "chat",
@@ -218,14 +206,7 @@ fn bad_inputs_are_named_in_the_error() {
             "--prompt",
             "hi",
         ],
-        None,
-        &[],
-    );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("/nonexistent/model.gguf"),
-        "{}",
-        text(&out.stderr)
+        "/nonexistent/model.gguf",
     );
 }
 

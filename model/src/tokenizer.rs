@@ -153,16 +153,36 @@ impl Tokenizer {
                 end_of_generation.push(i as u32);
             }
         }
-        Self::assemble(
-            base,
-            &control,
-            &user_defined,
+        // Control tokens are matched in text only by the `with_control` encoder; user-defined ones by
+        // both, as llama.cpp does.
+        let lib_err = |source| ModelError::TokenizerLib {
+            origin: origin.clone(),
+            source,
+        };
+        let added = |text: &String, special: bool| {
+            AddedToken::from(text.clone(), special)
+                .normalized(false)
+                .single_word(false)
+                .lstrip(false)
+                .rstrip(false)
+        };
+        let mut plain = base;
+        plain
+            .add_tokens(user_defined.iter().map(|t| added(t, false)))
+            .map_err(lib_err)?;
+        let mut with_control = plain.clone();
+        with_control
+            .add_special_tokens(control.iter().map(|t| added(t, true)))
+            .map_err(lib_err)?;
+        Ok(Self::from_parts(
+            with_control,
+            plain,
             bos,
             eos,
             add_bos,
             end_of_generation,
             origin,
-        )
+        ))
     }
 
     /// Read a Hugging Face `tokenizer.json` (and `tokenizer_config.json` beside it, if present, for
@@ -211,9 +231,7 @@ impl Tokenizer {
                 end_of_generation.push(id);
             }
         }
-        end_of_generation.sort_unstable();
-        end_of_generation.dedup();
-        Ok(Self {
+        Ok(Self::from_parts(
             with_control,
             plain,
             bos,
@@ -221,42 +239,21 @@ impl Tokenizer {
             add_bos,
             end_of_generation,
             origin,
-        })
+        ))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        base: tokenizers::Tokenizer,
-        control: &[String],
-        user_defined: &[String],
+    fn from_parts(
+        with_control: tokenizers::Tokenizer,
+        plain: tokenizers::Tokenizer,
         bos: Option<u32>,
         eos: Option<u32>,
         add_bos: bool,
         mut end_of_generation: Vec<u32>,
         origin: String,
-    ) -> Result<Self> {
-        let lib_err = |source| ModelError::TokenizerLib {
-            origin: origin.clone(),
-            source,
-        };
-        let added = |text: &String, special: bool| {
-            AddedToken::from(text.clone(), special)
-                .normalized(false)
-                .single_word(false)
-                .lstrip(false)
-                .rstrip(false)
-        };
-        let mut plain = base;
-        plain
-            .add_tokens(user_defined.iter().map(|t| added(t, false)))
-            .map_err(lib_err)?;
-        let mut with_control = plain.clone();
-        with_control
-            .add_special_tokens(control.iter().map(|t| added(t, true)))
-            .map_err(lib_err)?;
+    ) -> Self {
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
-        Ok(Self {
+        Self {
             with_control,
             plain,
             bos,
@@ -264,7 +261,7 @@ impl Tokenizer {
             add_bos,
             end_of_generation,
             origin,
-        })
+        }
     }
 
     /// Token ids of `text`, no BOS. With `parse_control`, control-token text becomes control tokens
