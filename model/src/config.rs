@@ -155,13 +155,33 @@ impl ModelConfig {
                 architecture: raw.model_type.clone(),
             }
         })?;
-        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+        // RoPE: transformers ≥ 5 writes `rope_parameters` {rope_theta, rope_type, …}; older versions
+        // `rope_theta` and `rope_scaling`.
+        let rope_type = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let scaled = raw.rope_scaling.as_ref().filter(|v| !v.is_null());
+        if rope_type != "default" || scaled.is_some() {
+            let what = match scaled {
+                Some(s) => format!("rope_scaling {s}"),
+                None => format!("rope_type `{rope_type}`"),
+            };
             return Err(ModelError::Unsupported {
                 path: path.to_path_buf(),
-                what: format!("rope_scaling {scaling}"),
+                what,
                 reason: "pai implements plain RoPE only".into(),
             });
         }
+        let rope_theta = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .or(raw.rope_theta)
+            .unwrap_or(10_000.0);
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let head_dim = raw
             .head_dim
@@ -180,7 +200,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps,
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             context_length: raw.max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
@@ -247,6 +267,7 @@ struct HfConfig {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
 }
 
 /// Typed access to GGUF metadata with errors that name the file and key.
@@ -366,5 +387,55 @@ impl GgufMeta<'_> {
             .get(dim)
             .copied()
             .ok_or_else(|| self.bad(name, format!("tensor has no dimension {dim}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#""model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 256"#;
+
+    fn parse(extra: &str) -> Result<ModelConfig> {
+        ModelConfig::from_hf_json(&format!("{{{BASE}{extra}}}"), Path::new("config.json"))
+    }
+
+    #[test]
+    fn rope_theta_in_either_transformers_layout() {
+        assert_eq!(parse("").unwrap().rope_theta, 10_000.0);
+        assert_eq!(
+            parse(r#", "rope_theta": 500000.0"#).unwrap().rope_theta,
+            500_000.0
+        );
+        let v5 = r#", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}"#;
+        assert_eq!(parse(v5).unwrap().rope_theta, 100_000.0);
+    }
+
+    #[test]
+    fn scaled_rope_is_refused_by_name() {
+        let v5 = r#", "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}"#;
+        let msg = parse(v5).unwrap_err().to_string();
+        assert!(
+            msg.contains("llama3") && msg.contains("config.json"),
+            "{msg}"
+        );
+        let old = r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#;
+        assert!(parse(old).unwrap_err().to_string().contains("linear"));
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_no_window_unless_enabled() {
+        let q = ModelConfig::from_hf_json(
+            &format!(
+                "{{{}, \"sliding_window\": 4096}}",
+                BASE.replace("llama", "qwen2")
+            ),
+            Path::new("config.json"),
+        )
+        .unwrap();
+        assert!(q.qkv_bias);
+        assert_eq!(q.sliding_window, None);
     }
 }

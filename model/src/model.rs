@@ -30,8 +30,8 @@ impl Model {
         weights: &mut WeightSource,
         device: &Device,
     ) -> Result<Self> {
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embedding = weights.named(Named::Embedding, &[v, h], device)?;
+        let h = cfg.hidden_size;
+        let embedding = weights.embedding(&cfg, device)?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for layer in 0..cfg.num_layers {
             let mut proj = |p: Proj| -> Result<LoraLinear> {

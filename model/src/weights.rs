@@ -203,6 +203,18 @@ impl WeightSource {
         self.dense(&name, shape, device)
     }
 
+    /// The token embedding [vocab, hidden]. A tied model may store the shared matrix under the output
+    /// projection's name only (safetensors' `save_model` keeps one name per shared tensor).
+    pub fn embedding(&mut self, cfg: &ModelConfig, device: &Device) -> Result<Tensor> {
+        let shape = [cfg.vocab_size, cfg.hidden_size];
+        let own = self.name_of(Named::Embedding);
+        let output = self.name_of(Named::Output);
+        if !self.has(&own) && cfg.tie_word_embeddings && self.has(&output) {
+            return self.dense(&output, &shape, device);
+        }
+        self.dense(&own, &shape, device)
+    }
+
     /// A projection's base weight and bias, in Hugging Face row order.
     pub fn projection(
         &mut self,
@@ -278,8 +290,10 @@ impl WeightSource {
     /// The output projection: its own tensor, or the (quantized) token embedding when tied.
     pub fn output(&mut self, cfg: &ModelConfig, device: &Device) -> Result<FrozenLinear> {
         let own = self.name_of(Named::Output);
-        let name = if cfg.tie_word_embeddings || !self.has(&own) {
-            self.name_of(Named::Embedding)
+        let embedding = self.name_of(Named::Embedding);
+        // Tied (or no output tensor at all): the shared matrix, under whichever name it is stored.
+        let name = if (cfg.tie_word_embeddings && self.has(&embedding)) || !self.has(&own) {
+            embedding
         } else {
             own
         };
