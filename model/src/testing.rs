@@ -160,7 +160,7 @@ impl TinyModel {
             num_kv_heads: spec.kv_heads,
             head_dim: spec.hidden / spec.heads,
             rms_norm_eps: f64::from(1e-5f32),
-            rope_theta: 10_000.0,
+            rope_theta: 100_000.0,
             context_length: spec.context,
             tie_word_embeddings: spec.tied,
             qkv_bias: spec.architecture == Architecture::Qwen2,
@@ -202,7 +202,7 @@ impl TinyModel {
                 format!("{arch}.attention.head_count_kv"),
                 V::U32(s.kv_heads as u32),
             ),
-            (format!("{arch}.rope.freq_base"), V::F32(10_000.0)),
+            (format!("{arch}.rope.freq_base"), V::F32(100_000.0)),
             (
                 format!("{arch}.attention.layer_norm_rms_epsilon"),
                 V::F32(1e-5),
@@ -287,7 +287,8 @@ impl TinyModel {
             "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads,
             "rms_norm_eps": cfg.rms_norm_eps,
-            "rope_theta": cfg.rope_theta,
+            // transformers ≥ 5 layout.
+            "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
             "max_position_embeddings": cfg.context_length,
             "tie_word_embeddings": cfg.tie_word_embeddings,
             "torch_dtype": "float32",
