@@ -280,3 +280,38 @@ fn perplexity_with_an_adapter() {
         "a real adapter changes the score"
     );
 }
+
+#[test]
+fn chat_repl_survives_a_conversation_longer_than_the_context() {
+    // The tiny model's context is 256 tokens: a long message overflows it, the REPL says so and goes on.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let long = "the cat sat on the mat ".repeat(60);
+    let input = format!("{long}\n/reset\nhi\n/exit\n");
+    let out = run(
+        SERVE,
+        &[
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ],
+        Some(&input),
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("maximum context length is 256 tokens"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("/reset starts over"), "{stderr}");
+    assert_eq!(
+        stderr.matches("> ").count(),
+        4,
+        "the REPL kept reading: {stderr}"
+    );
+}

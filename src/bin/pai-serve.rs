@@ -140,25 +140,43 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
         }
         history.push(Message::user(user));
         let max_context = base.config().context_length;
-        let prompt = template.encode(&base.tokenizer, &history, true)?;
-        opts.max_tokens = Some(
-            args.max_tokens
-                .min(max_context.saturating_sub(prompt.len() + 1)),
-        );
         opts.sampling.seed = args.seed.wrapping_add(turn);
         let mut out = std::io::stdout();
-        let reply = generate(
-            &base.model,
-            &base.tokenizer,
-            &stack,
-            &prompt,
-            &opts,
-            |piece| {
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
-                ControlFlow::Continue(())
-            },
-        )?;
+        let result = template
+            .encode(&base.tokenizer, &history, true)
+            .and_then(|prompt| {
+                opts.max_tokens = Some(
+                    args.max_tokens
+                        .min(max_context.saturating_sub(prompt.len() + 1)),
+                );
+                generate(
+                    &base.model,
+                    &base.tokenizer,
+                    &stack,
+                    &prompt,
+                    &opts,
+                    |piece| {
+                        let _ = out.write_all(piece.as_bytes());
+                        let _ = out.flush();
+                        ControlFlow::Continue(())
+                    },
+                )
+            });
+        let reply = match result {
+            Ok(reply) => reply,
+            // In the REPL a failed turn is reported and dropped; the conversation goes on.
+            Err(e) if interactive => {
+                history.pop();
+                eprintln!("error: {e}");
+                if matches!(e, pai_model::ModelError::ContextOverflow { .. }) {
+                    eprintln!(
+                        "(the conversation no longer fits the model's context: /reset starts over)"
+                    );
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         println!();
         if args.stats {
             eprintln!(
