@@ -1,0 +1,289 @@
+//! The tokenizer: built from GGUF metadata (`tokenizer.ggml.*`, byte-level BPE or SentencePiece) or
+//! read from a Hugging Face `tokenizer.json`, with a `tokenizers::Tokenizer` underneath.
+//!
+//! Two encoders are kept: one that turns control-token text (`<|im_start|>`) into the control token, for
+//! prompts pai renders itself, and one that leaves such text as text, for anything a user wrote, so a
+//! note containing chat markup can never forge a turn.
+//!
+//! `gguf.rs` builds the tokenizer from GGUF metadata; this file holds the tokenizer itself, reading a
+//! `tokenizer.json`, and streaming decode.
+
+mod gguf;
+
+use std::path::Path;
+
+use crate::error::{ModelError, Result};
+
+/// Texts of control tokens that end a turn or a document in the common chat formats.
+const END_OF_GENERATION: &[&str] = &[
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "</s>",
+    "<|return|>",
+    "<EOT>",
+];
+
+/// A model's tokenizer and its special ids.
+#[derive(Clone)]
+pub struct Tokenizer {
+    with_control: tokenizers::Tokenizer,
+    plain: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    end_of_generation: Vec<u32>,
+    origin: String,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("origin", &self.origin)
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Read a Hugging Face `tokenizer.json` (and `tokenizer_config.json` beside it, if present, for
+    /// the BOS/EOS tokens and whether to add BOS).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let mut json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: path.clone(),
+                what: "tokenizer.json",
+                source,
+            })?;
+        let lib_err = |source| ModelError::TokenizerLib {
+            origin: origin.clone(),
+            source,
+        };
+        let with_control: tokenizers::Tokenizer = text.parse().map_err(lib_err)?;
+        // The plain encoder is the same tokenizer with the special added tokens taken out.
+        if let Some(added) = json.get_mut("added_tokens").and_then(|v| v.as_array_mut()) {
+            added.retain(|t| !t.get("special").and_then(|s| s.as_bool()).unwrap_or(false));
+        }
+        let plain: tokenizers::Tokenizer = json.to_string().parse().map_err(lib_err)?;
+
+        let config = read_tokenizer_config(dir)?;
+        let token_id = |field: &str| -> Option<u32> {
+            let v = config.get(field)?;
+            let text = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            with_control.token_to_id(text)
+        };
+        let bos = token_id("bos_token");
+        let eos = token_id("eos_token");
+        let add_bos = config
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let mut end_of_generation: Vec<u32> = eos.into_iter().collect();
+        for text in END_OF_GENERATION {
+            if let Some(id) = with_control
+                .get_added_vocabulary()
+                .token_to_id(text, with_control.get_model())
+            {
+                end_of_generation.push(id);
+            }
+        }
+        Ok(Self::from_parts(
+            with_control,
+            plain,
+            bos,
+            eos,
+            add_bos,
+            end_of_generation,
+            origin,
+        ))
+    }
+
+    fn from_parts(
+        with_control: tokenizers::Tokenizer,
+        plain: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        add_bos: bool,
+        mut end_of_generation: Vec<u32>,
+        origin: String,
+    ) -> Self {
+        end_of_generation.sort_unstable();
+        end_of_generation.dedup();
+        Self {
+            with_control,
+            plain,
+            bos,
+            eos,
+            add_bos,
+            end_of_generation,
+            origin,
+        }
+    }
+
+    /// Token ids of `text`, no BOS. With `parse_control`, control-token text becomes control tokens
+    /// (for templates pai renders); without, it is tokenized as ordinary text (for user content).
+    pub fn encode(&self, text: &str, parse_control: bool) -> Result<Vec<u32>> {
+        let tok = if parse_control {
+            &self.with_control
+        } else {
+            &self.plain
+        };
+        let enc = tok
+            .encode_fast(text, false)
+            .map_err(|source| ModelError::TokenizerLib {
+                origin: self.origin.clone(),
+                source,
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids for a prompt the model reads from the start: BOS first when the model wants it.
+    pub fn encode_prompt(&self, text: &str, parse_control: bool) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        ids.extend(self.encode(text, parse_control)?);
+        Ok(ids)
+    }
+
+    /// Text of `ids`; control tokens are dropped when `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.with_control
+            .decode(ids, skip_special)
+            .map_err(|source| ModelError::TokenizerLib {
+                origin: self.origin.clone(),
+                source,
+            })
+    }
+
+    /// The vocabulary entry of one token, as stored (byte-level form for GPT-2 vocabularies).
+    pub fn token_piece(&self, id: u32) -> Option<String> {
+        self.with_control.id_to_token(id)
+    }
+
+    pub fn token_id(&self, piece: &str) -> Option<u32> {
+        self.with_control.token_to_id(piece)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.with_control.get_vocab_size(true)
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// Tokens after which generation stops (EOS, end of turn).
+    pub fn end_of_generation(&self) -> &[u32] {
+        &self.end_of_generation
+    }
+
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_of_generation.contains(&id)
+    }
+
+    /// Text of the BOS/EOS tokens, for chat templates that print them.
+    pub fn bos_text(&self) -> Option<String> {
+        self.bos.and_then(|id| self.token_piece(id))
+    }
+
+    pub fn eos_text(&self) -> Option<String> {
+        self.eos.and_then(|id| self.token_piece(id))
+    }
+
+    /// The underlying `tokenizers` object (control tokens recognised), e.g. to save as tokenizer.json.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.with_control
+    }
+
+    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tokenizer: self,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+}
+
+/// Turns a stream of token ids into text pieces, holding back a piece while it ends inside a UTF-8
+/// character that the next token completes.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl StreamDecoder<'_> {
+    /// Add a token; returns the new text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)?;
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
+            let piece = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(Some(piece))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whatever text is still held back (an incomplete character at the very end of the stream).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
+            Ok(Some(full[prefix.len()..].to_string()))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn read_tokenizer_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(serde_json::Value::Null);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path,
+        what: "tokenizer_config.json",
+        source,
+    })
+}
