@@ -175,11 +175,20 @@ pub fn generate(
         let ids = Tensor::new(&[token], device)?.unsqueeze(0)?;
         logits = model.forward_last(&ids, &mut cache, adapters)?;
     }
-    if finish != FinishReason::Cancelled && !(finish == FinishReason::Stop && stop_text.matched) {
+    // 3. Release the text held back for a stop string that never came (cut at one that did).
+    if finish != FinishReason::Cancelled && !stop_text.matched {
         if let Some(piece) = decoder.finish()? {
             text.push_str(&piece);
         }
-        if text.len() > emitted {
+        let (end, stopped) = stop_text.check(&text, emitted);
+        let end = if stopped {
+            finish = FinishReason::Stop;
+            end
+        } else {
+            text.len()
+        };
+        text.truncate(end);
+        if end > emitted {
             let _ = on_text(&text[emitted..]);
         }
     } else {
