@@ -11,6 +11,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;

@@ -5,9 +5,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
 use crate::error::Result;
+use crate::kernels::QuantMatrix;
 use crate::lora::AdapterStack;
 
 /// The seven projections of a llama block; the places a LoRA adapter can attach.
@@ -85,11 +86,20 @@ pub struct LoraSite {
     pub proj: Proj,
 }
 
+/// How a base weight is stored and multiplied.
+#[derive(Debug, Clone)]
+enum BaseWeight {
+    /// candle's matmul: dense weights, GPU devices, and formats pai has no kernel for.
+    Candle(QMatMul),
+    /// pai's own CPU kernels (`kernels/`).
+    Own(Arc<QuantMatrix>),
+}
+
 /// A base projection `y = x·Wᵀ (+ b)`. The weight stays as loaded (quantized blocks from GGUF, or a dense
 /// tensor) and is never updated.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
-    weight: QMatMul,
+    weight: BaseWeight,
     bias: Option<Tensor>,
     in_dim: usize,
     out_dim: usize,
@@ -99,8 +109,16 @@ impl FrozenLinear {
     /// A quantized weight of shape [out, in]; F32/F16 GGUF tensors are dequantized by candle.
     pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = weight.shape().dims2()?;
+        let own = match weight.device() {
+            Device::Cpu => QuantMatrix::from_qtensor(&weight)?,
+            _ => None,
+        };
+        let weight = match own {
+            Some(m) => BaseWeight::Own(Arc::new(m)),
+            None => BaseWeight::Candle(QMatMul::from_arc(weight)?),
+        };
         Ok(Self {
-            weight: QMatMul::from_arc(weight)?,
+            weight,
             bias,
             in_dim,
             out_dim,
@@ -111,7 +129,7 @@ impl FrozenLinear {
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
         Ok(Self {
-            weight: QMatMul::Tensor(weight),
+            weight: BaseWeight::Candle(QMatMul::Tensor(weight)),
             bias,
             in_dim,
             out_dim,
@@ -129,15 +147,19 @@ impl FrozenLinear {
     /// The weight as a dense f32 tensor [out, in] (dequantized when stored quantized).
     pub fn dense_weight(&self) -> Result<Tensor> {
         Ok(match &self.weight {
-            QMatMul::QTensor(q) => q.dequantize(&q.device())?,
-            QMatMul::Tensor(t) => t.clone(),
-            QMatMul::TensorF16(t) => t.to_dtype(candle_core::DType::F32)?,
+            BaseWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            BaseWeight::Candle(QMatMul::Tensor(t)) => t.clone(),
+            BaseWeight::Candle(QMatMul::TensorF16(t)) => t.to_dtype(candle_core::DType::F32)?,
+            BaseWeight::Own(m) => m.dequantize()?,
         })
     }
 
     /// x: [..., in] → [..., out].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            BaseWeight::Candle(w) => w.forward(x)?,
+            BaseWeight::Own(m) => m.matmul(x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
