@@ -315,3 +315,45 @@ fn chat_repl_survives_a_conversation_longer_than_the_context() {
         "the REPL kept reading: {stderr}"
     );
 }
+
+#[test]
+fn bench_reports_speed_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let args = [
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "32",
+        "--gen-tokens",
+        "8",
+        "--reps",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ];
+    let out = run(SERVE, &args, None, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["prefill_tokens"], 32);
+    for phase in ["prefill", "decode"] {
+        let reps = v["results"][phase]["reps"].as_array().unwrap();
+        assert_eq!(reps.len(), 2, "{phase}");
+        assert!(
+            reps.iter()
+                .all(|r| r["tokens_per_second"].as_f64().unwrap() > 0.0),
+            "{phase}: {v}"
+        );
+    }
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    // The human-readable form.
+    let out = run(SERVE, &args[..args.len() - 1], None, &[]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("prefill") && stdout.contains("decode") && stdout.contains("peak RSS"),
+        "{stdout}"
+    );
+}

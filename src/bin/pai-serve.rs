@@ -23,6 +23,30 @@ struct Cli {
 enum Command {
     /// Chat with the model in the terminal (a REPL, or one reply with --prompt), streaming tokens.
     Chat(ChatArgs),
+    /// Measure prefill and decode speed and peak memory, as llama-bench does.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// GGUF file or Hugging Face directory (default: the model scripts/fetch-model.sh installs).
+    #[arg(long, env = "PAI_MODEL")]
+    model: Option<PathBuf>,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens generated for the decode measurement (after a 16-token prompt).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Threads for the CPU kernels (default: the cores available; also PAI_NUM_THREADS).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Repetitions after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -66,7 +90,48 @@ fn main() -> anyhow::Result<()> {
     pai::init_logging();
     match Cli::parse().command {
         Command::Chat(args) => chat(args),
+        Command::Bench(args) => bench(args),
     }
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        // Read once when the kernels' pool starts, which is after this point.
+        std::env::set_var("PAI_NUM_THREADS", n.to_string());
+    }
+    anyhow::ensure!(
+        args.prompt_tokens > 0 && args.gen_tokens > 1,
+        "--prompt-tokens must be ≥ 1 and --gen-tokens ≥ 2"
+    );
+    let (base, _) = pai::load_model(args.model, &[], pai_model::LoadOptions::default())?;
+    let report = pai::bench::run(&base, args.prompt_tokens, args.gen_tokens, args.reps.max(1))?;
+    if args.json {
+        println!("{}", report.to_json(&base));
+        return Ok(());
+    }
+    println!(
+        "{} ({} kernels, {} threads)",
+        base.path().display(),
+        pai_model::kernels::kernel_name(),
+        pai_model::kernels::threads()
+    );
+    for (name, phase, n) in [
+        ("prefill", &report.prefill, report.prompt_tokens),
+        ("decode", &report.decode, report.gen_tokens),
+    ] {
+        let (min, max) = phase.min_max();
+        println!(
+            "{name:8} {n:5} tokens  {:8.1} tok/s median  ({min:.1} .. {max:.1}, {} of {} repetitions uncontended)",
+            phase.median(),
+            phase.tokens_per_second.iter().zip(&phase.others_cores).filter(|(_, &o)| o < 0.1).count(),
+            phase.tokens_per_second.len()
+        );
+    }
+    if let Some(rss) = report.peak_rss_bytes {
+        println!("peak RSS {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
+    }
+    Ok(())
 }
 
 fn chat(args: ChatArgs) -> anyhow::Result<()> {

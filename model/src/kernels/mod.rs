@@ -39,6 +39,11 @@ pub fn kernel_name() -> &'static str {
     dot::best().name
 }
 
+/// Threads the kernels run on.
+pub fn threads() -> usize {
+    pool().current_num_threads()
+}
+
 fn pool() -> &'static rayon::ThreadPool {
     static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
     POOL.get_or_init(|| {
