@@ -19,6 +19,9 @@ use rayon::prelude::*;
 use crate::error::Result;
 use blocks::{Q4_0, Q4_1, Q8_0, Q8_1, QK};
 
+/// Block products below which a matmul runs on the calling thread.
+const PARALLEL_MIN_BLOCKS: usize = 64 * 1024;
+
 #[derive(Debug)]
 enum Blocks {
     Q4_1(Vec<Q4_1>),
@@ -177,21 +180,31 @@ impl QuantMatrix {
         let rows_per_task = self.rows.div_ceil(threads * 4).max(16);
         // Row-major by weight row first ([rows, tokens]), so each task writes one contiguous slice.
         let mut by_row = vec![0f32; self.rows * tokens];
-        pool().install(|| {
+        let task = |(task, out): (usize, &mut [f32])| {
+            let first = task * rows_per_task;
+            for (k, out_row) in out.chunks_exact_mut(tokens).enumerate() {
+                let r = first + k;
+                let wr = &w[r * nb..(r + 1) * nb];
+                for (t, o) in out_row.iter_mut().enumerate() {
+                    *o = dot(wr, &xq[t * nb..(t + 1) * nb]);
+                }
+            }
+        };
+        // Handing a small product to the pool costs more than computing it (measured: one decode thread
+        // was as fast as two), so only calls with enough block products go parallel.
+        if threads > 1 && self.rows * nb * tokens >= PARALLEL_MIN_BLOCKS {
+            pool().install(|| {
+                by_row
+                    .par_chunks_mut(rows_per_task * tokens)
+                    .enumerate()
+                    .for_each(task)
+            });
+        } else {
             by_row
-                .par_chunks_mut(rows_per_task * tokens)
+                .chunks_mut(rows_per_task * tokens)
                 .enumerate()
-                .for_each(|(task, out)| {
-                    let first = task * rows_per_task;
-                    for (k, out_row) in out.chunks_exact_mut(tokens).enumerate() {
-                        let r = first + k;
-                        let wr = &w[r * nb..(r + 1) * nb];
-                        for (t, o) in out_row.iter_mut().enumerate() {
-                            *o = dot(wr, &xq[t * nb..(t + 1) * nb]);
-                        }
-                    }
-                });
-        });
+                .for_each(task);
+        }
         if tokens == 1 {
             return by_row;
         }
