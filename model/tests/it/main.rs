@@ -34,6 +34,18 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// A tiny random model written as GGUF with weights of `dtype`, loaded; the directory lives as long as
+/// the returned guard.
+pub fn tiny_gguf(
+    spec: pai_model::testing::TinySpec,
+    dtype: candle_core::quantized::GgmlDType,
+) -> (tempfile::TempDir, BaseModel) {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = pai_model::testing::TinyModel::new(spec).unwrap();
+    let base = load(&tiny.write_gguf(&dir.path().join("m.gguf"), dtype).unwrap());
+    (dir, base)
+}
+
 pub fn load(path: &Path) -> BaseModel {
     BaseModel::load(path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))

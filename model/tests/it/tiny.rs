@@ -11,7 +11,7 @@ use pai_model::{
     SamplingParams,
 };
 
-use crate::{all_logits, load, max_abs_diff};
+use crate::{all_logits, load, max_abs_diff, tiny_gguf};
 
 fn sample_ids(vocab: usize, n: usize) -> Vec<u32> {
     (0..n)
@@ -63,13 +63,7 @@ fn gguf_and_hf_directory_load_to_the_same_model() {
 
 #[test]
 fn kv_cache_decoding_matches_a_full_forward_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinySpec::default()).unwrap();
-    let base = load(
-        &tiny
-            .write_gguf(&dir.path().join("m.gguf"), GgmlDType::Q8_0)
-            .unwrap(),
-    );
+    let (_dir, base) = tiny_gguf(TinySpec::default(), GgmlDType::Q8_0);
     let ids = sample_ids(base.config().vocab_size, 20);
     let full = all_logits(&base, &ids, &AdapterStack::NONE);
     // Prefill 7, then chunks of 1 and 5, in a cache created too small so that it has to grow.
@@ -93,13 +87,7 @@ fn kv_cache_decoding_matches_a_full_forward_pass() {
 
 #[test]
 fn generation_is_deterministic_and_honours_limits() {
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinySpec::default()).unwrap();
-    let base = load(
-        &tiny
-            .write_gguf(&dir.path().join("m.gguf"), GgmlDType::F32)
-            .unwrap(),
-    );
+    let (_dir, base) = tiny_gguf(TinySpec::default(), GgmlDType::F32);
     let prompt = base.tokenizer.encode("the cat", false).unwrap();
     let opts = GenerateOptions {
         max_tokens: Some(12),
@@ -219,17 +207,11 @@ fn generation_is_deterministic_and_honours_limits() {
 
 #[test]
 fn context_length_is_enforced_with_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinySpec {
+    let spec = TinySpec {
         context: 32,
         ..Default::default()
-    })
-    .unwrap();
-    let base = load(
-        &tiny
-            .write_gguf(&dir.path().join("m.gguf"), GgmlDType::F32)
-            .unwrap(),
-    );
+    };
+    let (_dir, base) = tiny_gguf(spec, GgmlDType::F32);
     let prompt = sample_ids(base.config().vocab_size, 20);
     let opts = GenerateOptions {
         max_tokens: Some(20),
@@ -282,13 +264,7 @@ fn context_length_is_enforced_with_a_clear_error() {
 
 #[test]
 fn chat_markup_typed_by_a_user_stays_text() {
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinySpec::default()).unwrap();
-    let base = load(
-        &tiny
-            .write_gguf(&dir.path().join("m.gguf"), GgmlDType::F32)
-            .unwrap(),
-    );
+    let (_dir, base) = tiny_gguf(TinySpec::default(), GgmlDType::F32);
     let tpl = base.chat_template().unwrap();
     let im_start = base.tokenizer.token_id("<|im_start|>").unwrap();
     let plain = [Message::user("hello")];
@@ -306,13 +282,7 @@ fn chat_markup_typed_by_a_user_stays_text() {
 
 #[test]
 fn tokenizer_round_trips_and_streams_split_characters() {
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinySpec::default()).unwrap();
-    let base = load(
-        &tiny
-            .write_gguf(&dir.path().join("m.gguf"), GgmlDType::F32)
-            .unwrap(),
-    );
+    let (_dir, base) = tiny_gguf(TinySpec::default(), GgmlDType::F32);
     let text = "naïve café — 日本語 🙂 \t\n  x = 42";
     let ids = base.tokenizer.encode(text, false).unwrap();
     assert_eq!(base.tokenizer.decode(&ids, false).unwrap(), text);
@@ -384,13 +354,7 @@ fn unsupported_architectures_are_refused_by_name() {
 
 #[test]
 fn perplexity_windows_agree_with_a_single_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = TinyModel::new(TinySpec::default()).unwrap();
-    let base = load(
-        &tiny
-            .write_gguf(&dir.path().join("m.gguf"), GgmlDType::F32)
-            .unwrap(),
-    );
+    let (_dir, base) = tiny_gguf(TinySpec::default(), GgmlDType::F32);
     let ids = sample_ids(base.config().vocab_size, 40);
     // Independent computation from full logits.
     let logits = all_logits(&base, &ids, &AdapterStack::NONE);
