@@ -50,7 +50,31 @@ pub fn resolve_model(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Load the base model and the adapters named on the command line.
+/// The model arguments every command that runs the model takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// GGUF file or Hugging Face directory (default: the model scripts/fetch-model.sh installs).
+    #[arg(long, env = "PAI_MODEL")]
+    pub model: Option<PathBuf>,
+    /// PEFT LoRA adapter directory to apply (repeat to stack several).
+    #[arg(long)]
+    pub adapter: Vec<PathBuf>,
+    /// Expand quantized weights to f32 at load (exact f32 arithmetic, as transformers runs a GGUF).
+    #[arg(long)]
+    pub dequantize: bool,
+}
+
+impl ModelArgs {
+    /// Load the base model and the adapters named on the command line.
+    pub fn load(&self) -> anyhow::Result<(pai_model::BaseModel, Vec<pai_model::Adapter>)> {
+        let options = pai_model::LoadOptions {
+            dequantize: self.dequantize,
+        };
+        load_model(self.model.clone(), &self.adapter, options)
+    }
+}
+
+/// Load a base model and adapters.
 pub fn load_model(
     model: Option<PathBuf>,
     adapters: &[PathBuf],

@@ -47,16 +47,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Forget everything (the buffers are kept for reuse).
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Drop the positions from `len` on, e.g. to reuse a shared prompt prefix.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
     /// Write this layer's new keys/values ([batch, kv_heads, seq, head_dim]) after the cached positions
     /// and return views of all positions so far. Call for every layer, then [`KvCache::advance`].
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -31,10 +31,6 @@ impl Rope {
         })
     }
 
-    pub fn max_positions(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
-    }
-
     /// Rotate x: [batch, heads, seq, head_dim] whose first position is `offset`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;

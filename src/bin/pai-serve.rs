@@ -51,12 +51,8 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct ChatArgs {
-    /// GGUF file or Hugging Face directory (default: the model scripts/fetch-model.sh installs).
-    #[arg(long, env = "PAI_MODEL")]
-    model: Option<PathBuf>,
-    /// PEFT LoRA adapter directory to apply (repeat to stack several).
-    #[arg(long)]
-    adapter: Vec<PathBuf>,
+    #[command(flatten)]
+    model: pai::ModelArgs,
     /// Answer this one message and exit.
     #[arg(long)]
     prompt: Option<String>,
@@ -81,9 +77,6 @@ struct ChatArgs {
     /// Print prompt and generation speed after each reply.
     #[arg(long)]
     stats: bool,
-    /// Expand quantized weights to f32 at load (exact f32 arithmetic, as transformers runs a GGUF).
-    #[arg(long)]
-    dequantize: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -135,13 +128,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let (base, adapters) = pai::load_model(
-        args.model.clone(),
-        &args.adapter,
-        pai_model::LoadOptions {
-            dequantize: args.dequantize,
-        },
-    )?;
+    let (base, adapters) = args.model.load()?;
     let adapter_refs: Vec<&pai_model::Adapter> = adapters.iter().collect();
     let stack = AdapterStack::new(&adapter_refs);
     let template = base.chat_template()?;

@@ -30,21 +30,14 @@ struct PerplexityArgs {
     /// The text file to score.
     #[arg(long)]
     file: PathBuf,
-    /// GGUF file or Hugging Face directory (default: the model scripts/fetch-model.sh installs).
-    #[arg(long, env = "PAI_MODEL")]
-    model: Option<PathBuf>,
-    /// PEFT LoRA adapter directory to apply (repeat to stack several).
-    #[arg(long)]
-    adapter: Vec<PathBuf>,
+    #[command(flatten)]
+    model: pai::ModelArgs,
     /// Longest window of tokens scored in one pass; longer texts use half-overlapping windows.
     #[arg(long, default_value_t = 2048)]
     window: usize,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Expand quantized weights to f32 at load (exact f32 arithmetic, as transformers runs a GGUF).
-    #[arg(long)]
-    dequantize: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,13 +50,7 @@ fn main() -> anyhow::Result<()> {
 fn run_perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
-    let (base, adapters) = pai::load_model(
-        args.model.clone(),
-        &args.adapter,
-        pai_model::LoadOptions {
-            dequantize: args.dequantize,
-        },
-    )?;
+    let (base, adapters) = args.model.load()?;
     let adapter_refs: Vec<&pai_model::Adapter> = adapters.iter().collect();
     let ids = base
         .tokenizer
@@ -97,7 +84,7 @@ fn run_perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "file": args.file,
                 "model": base.path(),
-                "adapters": args.adapter,
+                "adapters": args.model.adapter,
                 "tokens": ids.len(),
                 "tokens_scored": result.tokens_scored,
                 "mean_nll": result.mean_nll,
