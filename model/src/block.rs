@@ -6,6 +6,7 @@ use candle_core::{Module, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::kernels::{self, AttentionSpec};
 use crate::kv_cache::KvCache;
 use crate::linear::LoraLinear;
 use crate::lora::AdapterStack;
@@ -45,6 +46,7 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    sliding_window: Option<usize>,
 }
 
 impl Attention {
@@ -63,6 +65,7 @@ impl Attention {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            sliding_window: cfg.sliding_window,
         }
     }
 
@@ -95,9 +98,32 @@ impl Attention {
 
         // 3. Append to the cache; attend over every cached position.
         let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
-        let total = k.dim(2)?;
+        let spec = AttentionSpec {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            offset,
+            window: self.sliding_window,
+        };
+        let out = match kernels::attention(&q, &k, &v, spec)? {
+            Some(out) => out,
+            None => Self::attend_with_candle(&q, &k, &v, mask, spec)?,
+        };
+        self.o.forward(&out, adapters)
+    }
 
+    /// Steps 4–6 with candle's ops, for devices and dtypes the CPU kernel does not take.
+    fn attend_with_candle(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        spec: AttentionSpec,
+    ) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let total = k.dim(2)?;
         // 4. Group the query heads that share a key/value head: [b, nkv, rep * t, hd].
+        let nkv = spec.kv_heads;
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -114,9 +140,8 @@ impl Attention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
 
         // 6. Weighted sum of values, heads merged back: [b, t, nh * hd].
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o.forward(&out, adapters)
+        let out = probs.matmul(v)?.reshape((b, nh, t, hd))?;
+        Ok(out.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 }
 
@@ -197,4 +222,71 @@ pub fn attention_mask(
         }
     }
     Ok(Some(Tensor::from_vec(data, (seq, total), device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+
+    /// The CPU kernel (f16 cache) against candle's ops (f32), with grouped heads, a batch of two, a cache offset and a
+    /// sliding window that bites.
+    #[test]
+    fn cpu_attention_kernel_matches_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, nh, nkv, hd) = (2, 6, 2, 16);
+        let cases = [
+            (0, 7, None),
+            (5, 1, None),
+            (9, 4, Some(6)),
+            (0, 33, Some(8)),
+        ];
+        for ((offset, seq, window), dtype) in cases
+            .into_iter()
+            .flat_map(|c| [(c, DType::F32), (c, DType::F16)])
+        {
+            let total = offset + seq;
+            let q = Tensor::randn(0f32, 1.0, (b, nh, seq, hd), &dev)?;
+            // A cache buffer larger than what is used, viewed through `narrow` as the cache returns it.
+            let cache = |_| -> Result<Tensor> {
+                Ok(Tensor::randn(0f32, 1.0, (b, nkv, total + 3, hd), &dev)?
+                    .to_dtype(dtype)?
+                    .narrow(2, 0, total)?)
+            };
+            let (k, v) = (cache(0)?, cache(1)?);
+            let spec = AttentionSpec {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                offset,
+                window,
+            };
+            let mask = attention_mask(seq, offset, window, &dev)?;
+            // With an f16 cache the kernel rounds q to f16 as llama.cpp does; candle gets the same
+            // values in f32.
+            let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+            let q16 = f32_of(&q.to_dtype(dtype)?)?;
+            let want = Attention::attend_with_candle(
+                &q16,
+                &f32_of(&k)?,
+                &f32_of(&v)?,
+                mask.as_ref(),
+                spec,
+            )?;
+            let got = kernels::attention(&q, &k, &v, spec)?.expect("f32 on the CPU");
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            // With f16 the kernel also rounds the probabilities (relative error 2⁻¹¹ each).
+            let tolerance = if dtype == DType::F16 { 2e-3 } else { 1e-5 };
+            assert!(
+                diff < tolerance,
+                "{dtype:?} offset {offset} seq {seq} window {window:?}: {diff}"
+            );
+        }
+        Ok(())
+    }
 }

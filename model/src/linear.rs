@@ -144,6 +144,18 @@ impl FrozenLinear {
         self.out_dim
     }
 
+    /// Whether the weight is stored quantized (blocks of a GGUF format), not dense.
+    pub fn is_quantized(&self) -> bool {
+        match &self.weight {
+            BaseWeight::Own(_) => true,
+            BaseWeight::Candle(QMatMul::QTensor(q)) => !matches!(
+                q.dtype(),
+                candle_core::quantized::GgmlDType::F32 | candle_core::quantized::GgmlDType::F16
+            ),
+            BaseWeight::Candle(_) => false,
+        }
+    }
+
     /// The weight as a dense f32 tensor [out, in] (dequantized when stored quantized).
     pub fn dense_weight(&self) -> Result<Tensor> {
         Ok(match &self.weight {

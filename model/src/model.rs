@@ -89,9 +89,20 @@ impl Model {
         &self.blocks
     }
 
-    /// A fresh KV cache for sequences of up to `capacity` positions (it grows if needed).
+    /// A fresh KV cache for sequences of up to `capacity` positions (it grows if needed). Quantized
+    /// models on the CPU keep f16 keys and values, as llama.cpp does by default (half the memory; the
+    /// weights' own rounding dwarfs the cache's); dense models keep f32, so they compute exactly what
+    /// transformers does.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(&self.config, capacity, DType::F32, &self.device)
+        let quantized = self
+            .blocks
+            .first()
+            .is_some_and(|b| b.attn.q.base().is_quantized());
+        let dtype = match self.device {
+            Device::Cpu if quantized => DType::F16,
+            _ => DType::F32,
+        };
+        KvCache::new(&self.config, capacity, dtype, &self.device)
     }
 
     /// Run `ids` ([batch, seq] u32) after the positions already in `cache` and return the final hidden

@@ -3,24 +3,25 @@
 //!
 //! y = x·Wᵀ: each activation row is quantized to 8-bit blocks once (as llama.cpp does), then every
 //! output row is a sum of block dot products (`dot.rs`, AVX2 or portable). Work is split by output rows
-//! over a fixed pool of threads (`PAI_NUM_THREADS`, default: the cores available); a task computes its
+//! over pai's own pool (`pool.rs`; `PAI_NUM_THREADS`, default: the cores available); a task computes its
 //! rows for every token, so each weight block is read from memory once per call and reused across the
 //! tokens of a prefill while it is in cache.
 
+mod attention;
 mod blocks;
 mod dot;
+mod pool;
 
 use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use crate::error::Result;
 use blocks::{Q4_0, Q4_1, Q8_0, Q8_1, QK};
+use pool::Pool;
 
-/// Block products below which a matmul runs on the calling thread.
-const PARALLEL_MIN_BLOCKS: usize = 64 * 1024;
+pub use attention::{attention, AttentionSpec};
 
 #[derive(Debug)]
 enum Blocks {
@@ -44,11 +45,11 @@ pub fn kernel_name() -> &'static str {
 
 /// Threads the kernels run on.
 pub fn threads() -> usize {
-    pool().current_num_threads()
+    pool().threads()
 }
 
-fn pool() -> &'static rayon::ThreadPool {
-    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
         let n = std::env::var("PAI_NUM_THREADS")
             .ok()
@@ -59,16 +60,7 @@ fn pool() -> &'static rayon::ThreadPool {
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("pai-matmul-{i}"))
-            .build()
-            .unwrap_or_else(|_| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .build()
-                    .expect("a one-thread pool can always be built")
-            })
+        Pool::new(n)
     })
 }
 
@@ -176,11 +168,10 @@ impl QuantMatrix {
         dot: fn(&[W], &[X]) -> f32,
     ) -> Vec<f32> {
         let nb = self.cols / QK;
-        let threads = pool().current_num_threads();
-        let rows_per_task = self.rows.div_ceil(threads * 4).max(16);
+        let rows_per_task = rows_per_task(self.rows, nb * tokens, pool().threads());
         // Row-major by weight row first ([rows, tokens]), so each task writes one contiguous slice.
         let mut by_row = vec![0f32; self.rows * tokens];
-        let task = |(task, out): (usize, &mut [f32])| {
+        pool().for_each_piece(&mut by_row, rows_per_task * tokens, |task, out| {
             let first = task * rows_per_task;
             for (k, out_row) in out.chunks_exact_mut(tokens).enumerate() {
                 let r = first + k;
@@ -189,22 +180,7 @@ impl QuantMatrix {
                     *o = dot(wr, &xq[t * nb..(t + 1) * nb]);
                 }
             }
-        };
-        // Handing a small product to the pool costs more than computing it (measured: one decode thread
-        // was as fast as two), so only calls with enough block products go parallel.
-        if threads > 1 && self.rows * nb * tokens >= PARALLEL_MIN_BLOCKS {
-            pool().install(|| {
-                by_row
-                    .par_chunks_mut(rows_per_task * tokens)
-                    .enumerate()
-                    .for_each(task)
-            });
-        } else {
-            by_row
-                .chunks_mut(rows_per_task * tokens)
-                .enumerate()
-                .for_each(task);
-        }
+        });
         if tokens == 1 {
             return by_row;
         }
@@ -216,6 +192,15 @@ impl QuantMatrix {
         }
         out
     }
+}
+
+/// Rows per pool task: enough block products that a task outweighs handing it over (~a microsecond),
+/// and enough tasks that a descheduled thread's share can be picked up by the others.
+fn rows_per_task(rows: usize, blocks_per_row: usize, threads: usize) -> usize {
+    const MIN_BLOCKS_PER_TASK: usize = 1024;
+    let by_size = MIN_BLOCKS_PER_TASK.div_ceil(blocks_per_row.max(1));
+    let by_count = rows.div_ceil(threads * 4);
+    by_size.max(by_count).clamp(1, rows.max(1))
 }
 
 #[cfg(test)]

@@ -1,0 +1,324 @@
+//! Causal self-attention on the CPU, straight out of the KV cache's buffers.
+//!
+//! Through candle, each layer of a decode step cost a batched matmul for the scores, a mask, a softmax and
+//! a second matmul, each allocating its result (and candle's matmul re-reads `/proc/cpuinfo` on every
+//! call). Here each query row is one pass: scores against the cached keys it may see (causal, and the
+//! sliding window when the model has one), a softmax in place, and the weighted sum of values, with the
+//! work split over the kernel pool by (sequence, head, query rows). Nothing is allocated per key or per
+//! layer beyond one scratch row per task and the output.
+//!
+//! The cache holds keys and values as f32 (exact, for dense f32 models and the comparisons with
+//! transformers) or f16 (half the memory; what quantized models use, as llama.cpp does by default). With
+//! f16 the arithmetic rounds as llama.cpp's does: the query is rounded to f16 for q·k and the
+//! probabilities to f16 for the weighted sum of values; everything accumulates in f32.
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use half::f16;
+
+use super::pool;
+use crate::error::Result;
+
+/// Which keys each query sees, and the shapes involved.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Positions cached before this call's first query.
+    pub offset: usize,
+    /// Keys further back than this from the query are masked out.
+    pub window: Option<usize>,
+}
+
+/// softmax(q·kᵀ/√d, causal) · v for q [batch, heads, seq, head_dim] (queries at positions `offset..`)
+/// (f32) and k, v [batch, kv_heads, offset + seq, head_dim] (both f32 or both f16, possibly views of a
+/// larger cache buffer). Returns [batch, seq, heads · head_dim], or `None` when the tensors are not on the
+/// CPU with those dtypes (the caller then uses candle's ops).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: AttentionSpec,
+) -> Result<Option<Tensor>> {
+    let on_cpu = |t: &Tensor| matches!(t.device(), Device::Cpu);
+    if !(on_cpu(q) && on_cpu(k) && on_cpu(v) && q.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let (batch, heads, seq, hd) = q.dims4()?;
+    let total = k.dim(2)?;
+    let q = q.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(qd)) = &*qs else {
+        return Ok(None);
+    };
+    let rows = |l: &candle_core::Layout| -> Option<(usize, [usize; 3])> {
+        let s = l.stride();
+        (s.len() == 4 && s[3] == 1).then(|| (l.start_offset(), [s[0], s[1], s[2]]))
+    };
+    let Some(qv) = rows(ql) else {
+        return Ok(None);
+    };
+    let (Some(kl), Some(vl)) = (rows(kl), rows(vl)) else {
+        return Ok(None);
+    };
+    let qv = View::new(qd, qv);
+    let mut out = vec![0f32; batch * heads * seq * hd];
+    match (&*ks, &*vs) {
+        (Storage::Cpu(CpuStorage::F16(kd)), Storage::Cpu(CpuStorage::F16(vd))) => {
+            let (kv, vv) = (View::new(kd, kl), View::new(vd, vl));
+            run(&qv, &kv, &vv, &mut out, batch, seq, total, spec);
+        }
+        (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) => {
+            let (kv, vv) = (View::new(kd, kl), View::new(vd, vl));
+            run(&qv, &kv, &vv, &mut out, batch, seq, total, spec);
+        }
+        _ => return Ok(None),
+    }
+    drop((qs, ks, vs));
+    Ok(Some(Tensor::from_vec(
+        out,
+        (batch, seq, heads * hd),
+        &Device::Cpu,
+    )?))
+}
+
+/// A strided [batch, heads, positions, head_dim] view with contiguous rows.
+struct View<'a, T> {
+    data: &'a [T],
+    strides: [usize; 3],
+}
+
+impl<'a, T> View<'a, T> {
+    fn new(data: &'a [T], (start, strides): (usize, [usize; 3])) -> Self {
+        Self {
+            data: &data[start..],
+            strides,
+        }
+    }
+
+    fn row(&self, b: usize, h: usize, p: usize, hd: usize) -> &[T] {
+        let at = b * self.strides[0] + h * self.strides[1] + p * self.strides[2];
+        &self.data[at..at + hd]
+    }
+}
+
+/// Fill `out` ([batch, seq, heads, head_dim]), split over the pool by (batch, head, block of queries).
+#[allow(clippy::too_many_arguments)]
+fn run<T: CacheElem>(
+    q: &View<f32>,
+    k: &View<T>,
+    v: &View<T>,
+    out: &mut [f32],
+    batch: usize,
+    seq: usize,
+    total: usize,
+    spec: AttentionSpec,
+) {
+    let (heads, hd) = (spec.heads, spec.head_dim);
+    let rep = heads / spec.kv_heads;
+    // Enough tasks to balance (later queries see more keys), few enough to be worth handing out.
+    let per_head = (4 * pool().threads()).div_ceil(batch * heads);
+    let queries_per_task = seq.div_ceil(per_head).max(1);
+    let blocks = seq.div_ceil(queries_per_task);
+    let piece = queries_per_task * hd;
+    let simd = simd_available();
+    // Results go to [batch, heads, blocks, queries_per_task, hd] (the last block of a head padded), so
+    // each task owns one piece; they are moved into `out`'s order below.
+    let mut by_head = vec![0f32; batch * heads * blocks * piece];
+    let task = |i: usize, dst: &mut [f32]| {
+        let (bh, block) = (i / blocks, i % blocks);
+        let (b, h) = (bh / heads, bh % heads);
+        let first = block * queries_per_task;
+        let mut scores = vec![0f32; total];
+        let mut q_rounded = vec![0f32; hd];
+        for (n, o) in dst.chunks_exact_mut(hd).enumerate().take(seq - first) {
+            let pos = spec.offset + first + n;
+            let lo = spec.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            for (r, &x) in q_rounded.iter_mut().zip(q.row(b, h, first + n, hd)) {
+                *r = T::round(x);
+            }
+            let row = QueryRow {
+                q: &q_rounded,
+                k,
+                v,
+                b,
+                kv_head: h / rep,
+                keys: lo..pos + 1,
+            };
+            row.attend(&mut scores[..pos + 1 - lo], o, simd);
+        }
+    };
+    let work = batch * heads * seq * total * hd;
+    if work < 1 << 15 {
+        // Too little to hand out (a short decode step).
+        for (i, dst) in by_head.chunks_mut(piece).enumerate() {
+            task(i, dst);
+        }
+    } else {
+        pool().for_each_piece(&mut by_head, piece, task);
+    }
+    for b in 0..batch {
+        for h in 0..heads {
+            for t in 0..seq {
+                let src = (((b * heads + h) * blocks) * queries_per_task + t) * hd;
+                let dst = ((b * seq + t) * heads + h) * hd;
+                out[dst..dst + hd].copy_from_slice(&by_head[src..src + hd]);
+            }
+        }
+    }
+}
+
+/// Whether the AVX2 path may run: the kernels are not forced portable and the CPU has AVX2, FMA, F16C.
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::dot::best().name != "portable"
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// An element of the KV cache.
+trait CacheElem: Copy + Sync {
+    /// A value as the arithmetic sees it next to this cache (f16 rounding for an f16 cache).
+    fn round(x: f32) -> f32;
+    fn to_f32(self) -> f32;
+    /// Eight elements from `p` as f32.
+    ///
+    /// # Safety
+    /// `p..p + 8` must be readable, and the CPU must have AVX and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl CacheElem for f32 {
+    fn round(x: f32) -> f32 {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl CacheElem for f16 {
+    fn round(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+/// One query (already rounded as the cache's type wants) against the keys it may see.
+struct QueryRow<'a, T> {
+    q: &'a [f32],
+    k: &'a View<'a, T>,
+    v: &'a View<'a, T>,
+    b: usize,
+    kv_head: usize,
+    keys: std::ops::Range<usize>,
+}
+
+impl<T: CacheElem> QueryRow<'_, T> {
+    fn attend(&self, scores: &mut [f32], out: &mut [f32], simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd && self.q.len().is_multiple_of(8) {
+            // SAFETY: `simd` is set only when this CPU has AVX2, FMA and F16C; rows are a multiple of 8.
+            unsafe { self.attend_avx2(scores, out) };
+            return;
+        }
+        let _ = simd;
+        self.attend_portable(scores, out);
+    }
+
+    fn attend_portable(&self, scores: &mut [f32], out: &mut [f32]) {
+        let hd = self.q.len();
+        let scale = 1.0 / (hd as f32).sqrt();
+        // 1. Scores, and their maximum.
+        let mut max = f32::NEG_INFINITY;
+        for (s, j) in scores.iter_mut().zip(self.keys.clone()) {
+            let k = self.k.row(self.b, self.kv_head, j, hd);
+            let mut acc = [0f32; 8];
+            for (i, (&q, k)) in self.q.iter().zip(k).enumerate() {
+                acc[i % 8] += q * k.to_f32();
+            }
+            *s = acc.iter().sum::<f32>() * scale;
+            max = max.max(*s);
+        }
+        // 2. Probabilities (rounded as the cache's type wants).
+        let sum = softmax_numerators(scores, max);
+        // 3. Weighted sum of values.
+        out.fill(0.0);
+        for (&p, j) in scores.iter().zip(self.keys.clone()) {
+            let p = T::round(p / sum);
+            for (o, v) in out.iter_mut().zip(self.v.row(self.b, self.kv_head, j, hd)) {
+                *o += p * v.to_f32();
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn attend_avx2(&self, scores: &mut [f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let hd = self.q.len();
+        let scale = 1.0 / (hd as f32).sqrt();
+        // SAFETY: i + 8 <= row.len() (rows are a multiple of 8 long); the CPU has F16C.
+        let load = |row: &[T], i: usize| unsafe { T::load8(row.as_ptr().add(i)) };
+        // 1. Scores, and their maximum.
+        let mut max = f32::NEG_INFINITY;
+        for (s, j) in scores.iter_mut().zip(self.keys.clone()) {
+            let k = self.k.row(self.b, self.kv_head, j, hd);
+            let mut acc = _mm256_setzero_ps();
+            for i in (0..hd).step_by(8) {
+                let q = _mm256_loadu_ps(self.q.as_ptr().add(i));
+                acc = _mm256_fmadd_ps(q, load(k, i), acc);
+            }
+            let h = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            *s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) * scale;
+            max = max.max(*s);
+        }
+        // 2. Probabilities (rounded as the cache's type wants).
+        let sum = softmax_numerators(scores, max);
+        // 3. Weighted sum of values.
+        out.fill(0.0);
+        for (&p, j) in scores.iter().zip(self.keys.clone()) {
+            let p = _mm256_set1_ps(T::round(p / sum));
+            let v = self.v.row(self.b, self.kv_head, j, hd);
+            for i in (0..hd).step_by(8) {
+                let o = out.as_mut_ptr().add(i);
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(p, load(v, i), _mm256_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+/// Replace each score by exp(score − max); returns their sum.
+#[inline(always)]
+fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    sum
+}
