@@ -174,7 +174,7 @@ fn run<T: CacheElem>(
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::dot::best().name != "portable"
+        super::simd_selected()
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")

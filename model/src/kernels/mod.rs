@@ -11,6 +11,8 @@ mod attention;
 mod blocks;
 mod dot;
 mod pool;
+#[cfg(target_arch = "x86_64")]
+mod tile;
 
 use std::sync::OnceLock;
 
@@ -38,9 +40,82 @@ pub struct QuantMatrix {
     blocks: Blocks,
 }
 
-/// The name of the dot-product kernels in use ("avx2" or "portable").
+/// Which kernels multiply: the portable reference, or SIMD tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Simd(tile::Simd),
+}
+
+impl Kernels {
+    /// Every choice this CPU can run, portable first and the best last.
+    fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut all = vec![Kernels::Portable];
+        #[cfg(target_arch = "x86_64")]
+        all.extend(tile::Simd::available().into_iter().map(Kernels::Simd));
+        all
+    }
+
+    /// The best this CPU has, unless `PAI_KERNELS` names another (`portable`, `avx2`, `avx512-vnni`).
+    fn selected() -> Self {
+        static SELECTED: OnceLock<Kernels> = OnceLock::new();
+        *SELECTED.get_or_init(|| {
+            let all = Self::available();
+            let wanted = std::env::var("PAI_KERNELS").ok();
+            match wanted.and_then(|w| all.iter().copied().find(|k| k.name() == w)) {
+                Some(k) => k,
+                None => all.last().copied().unwrap_or(Kernels::Portable),
+            }
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernels::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Simd(s) => s.name(),
+        }
+    }
+}
+
+/// A task's rows times every token with SIMD tiles: (instruction set, weight rows, activations, blocks
+/// per row, rows, tokens, out [rows, tokens]).
+#[cfg(target_arch = "x86_64")]
+type SimdRows<W, X> = fn(tile::Simd, &[W], &[X], usize, usize, usize, &mut [f32]);
+
+/// The two ways to multiply one weight format: the portable dot product per (row, token), or SIMD tiles.
+struct FormatKernels<W: 'static, X: 'static> {
+    portable: fn(&[W], &[X]) -> f32,
+    #[cfg(target_arch = "x86_64")]
+    simd: SimdRows<W, X>,
+}
+
+const Q4_1_KERNELS: FormatKernels<Q4_1, Q8_1> = FormatKernels {
+    portable: dot::q4_1,
+    #[cfg(target_arch = "x86_64")]
+    simd: tile::rows_times_tokens::<Q4_1>,
+};
+const Q4_0_KERNELS: FormatKernels<Q4_0, Q8_0> = FormatKernels {
+    portable: dot::q4_0,
+    #[cfg(target_arch = "x86_64")]
+    simd: tile::rows_times_tokens::<Q4_0>,
+};
+const Q8_0_KERNELS: FormatKernels<Q8_0, Q8_0> = FormatKernels {
+    portable: dot::q8_0,
+    #[cfg(target_arch = "x86_64")]
+    simd: tile::rows_times_tokens::<Q8_0>,
+};
+
+/// The name of the kernels in use ("avx512-vnni", "avx2" or "portable").
 pub fn kernel_name() -> &'static str {
-    dot::best().name
+    Kernels::selected().name()
+}
+
+/// Whether SIMD kernels are in use (the attention kernel follows the matmul's choice).
+fn simd_selected() -> bool {
+    Kernels::selected() != Kernels::Portable
 }
 
 /// Threads the kernels run on.
@@ -118,10 +193,10 @@ impl QuantMatrix {
 
     /// y = x·Wᵀ for x [.., cols] → [.., rows], on the CPU.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        self.matmul_with(x, dot::best())
+        self.matmul_with(x, Kernels::selected())
     }
 
-    fn matmul_with(&self, x: &Tensor, dots: dot::Dots) -> Result<Tensor> {
+    fn matmul_with(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let mut out_dims = x.dims().to_vec();
         let xs = x
             .flatten_all()?
@@ -134,15 +209,15 @@ impl QuantMatrix {
                 for row in xs.chunks_exact(self.cols) {
                     blocks::quantize_q8_1(row, &mut xq);
                 }
-                self.rows_times_tokens::<Q4_1, Q8_1>(w, &xq, tokens, dots.q4_1)
+                self.rows_times_tokens(w, &xq, tokens, kernels, &Q4_1_KERNELS)
             }
             Blocks::Q4_0(w) => {
                 let xq = self.quantize_q8_0(&xs);
-                self.rows_times_tokens::<Q4_0, Q8_0>(w, &xq, tokens, dots.q4_0)
+                self.rows_times_tokens(w, &xq, tokens, kernels, &Q4_0_KERNELS)
             }
             Blocks::Q8_0(w) => {
                 let xq = self.quantize_q8_0(&xs);
-                self.rows_times_tokens::<Q8_0, Q8_0>(w, &xq, tokens, dots.q8_0)
+                self.rows_times_tokens(w, &xq, tokens, kernels, &Q8_0_KERNELS)
             }
         };
         if let Some(last) = out_dims.last_mut() {
@@ -165,7 +240,8 @@ impl QuantMatrix {
         w: &[W],
         xq: &[X],
         tokens: usize,
-        dot: fn(&[W], &[X]) -> f32,
+        kernels: Kernels,
+        format: &FormatKernels<W, X>,
     ) -> Vec<f32> {
         let nb = self.cols / QK;
         let rows_per_task = rows_per_task(self.rows, nb * tokens, pool().threads());
@@ -173,12 +249,18 @@ impl QuantMatrix {
         let mut by_row = vec![0f32; self.rows * tokens];
         pool().for_each_piece(&mut by_row, rows_per_task * tokens, |task, out| {
             let first = task * rows_per_task;
-            for (k, out_row) in out.chunks_exact_mut(tokens).enumerate() {
-                let r = first + k;
-                let wr = &w[r * nb..(r + 1) * nb];
-                for (t, o) in out_row.iter_mut().enumerate() {
-                    *o = dot(wr, &xq[t * nb..(t + 1) * nb]);
+            let rows = out.len() / tokens;
+            let w = &w[first * nb..(first + rows) * nb];
+            match kernels {
+                Kernels::Portable => {
+                    for (wr, out_row) in w.chunks_exact(nb).zip(out.chunks_exact_mut(tokens)) {
+                        for (xt, o) in xq.chunks_exact(nb).zip(out_row) {
+                            *o = (format.portable)(wr, xt);
+                        }
+                    }
                 }
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Simd(simd) => (format.simd)(simd, w, xq, nb, rows, tokens, out),
             }
         });
         if tokens == 1 {
@@ -194,13 +276,15 @@ impl QuantMatrix {
     }
 }
 
-/// Rows per pool task: enough block products that a task outweighs handing it over (~a microsecond),
+/// Rows per pool task (a multiple of 4, the tiles' height, where there are enough rows): enough block products that a task outweighs handing it over (~a microsecond),
 /// and enough tasks that a descheduled thread's share can be picked up by the others.
 fn rows_per_task(rows: usize, blocks_per_row: usize, threads: usize) -> usize {
     const MIN_BLOCKS_PER_TASK: usize = 1024;
     let by_size = MIN_BLOCKS_PER_TASK.div_ceil(blocks_per_row.max(1));
     let by_count = rows.div_ceil(threads * 4);
-    by_size.max(by_count).clamp(1, rows.max(1))
+    let n = by_size.max(by_count);
+    let n = if n >= 4 { n.next_multiple_of(4) } else { n };
+    n.clamp(1, rows.max(1))
 }
 
 #[cfg(test)]
@@ -231,8 +315,16 @@ mod tests {
     fn kernels_agree_with_the_portable_fallback_and_with_dequantized_matmul() {
         let mut rng = StdRng::seed_from_u64(5);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0] {
-            // The default model's shapes: 576 wide, 192 / 576 / 1536 rows, and an odd row count.
-            for (rows, cols) in [(192, 576), (576, 576), (1536, 576), (576, 1536), (37, 64)] {
+            // The default model's shapes (576 wide; 192, 576, 1536 and 49152 rows), odd row counts.
+            for (rows, cols) in [
+                (192, 576),
+                (576, 576),
+                (1536, 576),
+                (576, 1536),
+                (49152, 576),
+                (37, 64),
+                (3, 576),
+            ] {
                 let w = random(&mut rng, rows, cols, 0.5);
                 let q = QTensor::quantize(&w, dtype).unwrap();
                 let m = QuantMatrix::from_qtensor(&q).unwrap().expect("supported");
@@ -244,17 +336,20 @@ mod tests {
                     0.0,
                     "{dtype:?} dequantize"
                 );
-                for tokens in [1, 5] {
+                for tokens in [1, 4, 9] {
                     let x = random(&mut rng, tokens, cols, 2.0).unsqueeze(0).unwrap();
                     let fast = m.matmul(&x).unwrap();
-                    let portable = m.matmul_with(&x, dot::PORTABLE).unwrap();
-                    let d = max_abs(&(&fast - &portable).unwrap());
+                    let portable = m.matmul_with(&x, Kernels::Portable).unwrap();
                     let scale = max_abs(&portable);
-                    assert!(
-                        d <= 1e-6 * scale,
-                        "{dtype:?} {rows}x{cols}: {} vs portable differ by {d}",
-                        dot::best().name
-                    );
+                    for kernels in Kernels::available() {
+                        let simd = m.matmul_with(&x, kernels).unwrap();
+                        let d = max_abs(&(&simd - &portable).unwrap());
+                        assert!(
+                            d <= 1e-6 * scale,
+                            "{dtype:?} {rows}x{cols}, {tokens} tokens: {} vs portable differ by {d}",
+                            kernels.name()
+                        );
+                    }
                     let exact = x.broadcast_matmul(&candle.t().unwrap()).unwrap();
                     let e = max_abs(&(&fast - &exact).unwrap());
                     assert!(
