@@ -85,22 +85,69 @@ pub fn parse_q8_0(data: &[u8]) -> Vec<Q8_0> {
 }
 
 /// Scale and quantized values of one activation block, as ggml's AVX path computes them:
-/// d = amax / 127 (stored as f16), q = round-half-even(x · 127 / amax). Returns (f32 d, stored d, q).
-fn quantize_block(x: &[f32]) -> (f32, f32, [i8; QK]) {
+/// d = amax / 127 (stored as f16), q = round-half-even(x · 127 / amax). Returns (stored d, q).
+fn quantize_block(x: &[f32]) -> (f32, [i8; QK]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected just above; `x` is one block (checked inside).
+        return unsafe { quantize_block_avx2(x) };
+    }
+    quantize_block_portable(x)
+}
+
+fn quantize_block_portable(x: &[f32]) -> (f32, [i8; QK]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut qs = [0i8; QK];
     for (q, &v) in qs.iter_mut().zip(x) {
         *q = (v * id).round_ties_even() as i8;
     }
-    (d, f16::from_f32(d).to_f32(), qs)
+    (f16::from_f32(amax / 127.0).to_f32(), qs)
+}
+
+/// The same, eight values at a time (without it, rounding is a library call per value: a fifth of a
+/// prompt's time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(x: &[f32]) -> (f32, [i8; QK]) {
+    use std::arch::x86_64::*;
+    assert_eq!(x.len(), QK);
+    // SAFETY: `x` holds 32 floats (asserted), read as four unaligned loads; `qs` takes one 32-byte store.
+    unsafe {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+        let sign = _mm256_set1_ps(-0.0);
+        let abs = |v| _mm256_andnot_ps(sign, v);
+        let m = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        let m = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            let r = _mm256_round_ps(
+                _mm256_mul_ps(v[i], id),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            _mm256_cvtps_epi32(r)
+        });
+        // Narrow to bytes; the packs interleave 128-bit lanes, the permute restores the order.
+        let p = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut qs = [0i8; QK];
+        _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, p);
+        (f16::from_f32(amax / 127.0).to_f32(), qs)
+    }
 }
 
 /// ggml's `quantize_row_q8_0`.
 pub fn quantize_q8_0(x: &[f32], out: &mut Vec<Q8_0>) {
     for block in x.chunks_exact(QK) {
-        let (_, d, qs) = quantize_block(block);
+        let (d, qs) = quantize_block(block);
         out.push(Q8_0 { d, qs });
     }
 }
@@ -110,7 +157,7 @@ pub fn quantize_q8_0(x: &[f32], out: &mut Vec<Q8_0>) {
 /// −0.47%, candle's f16(Σq)·f16(d) −0.1%.)
 pub fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
     for block in x.chunks_exact(QK) {
-        let (_, d, qs) = quantize_block(block);
+        let (d, qs) = quantize_block(block);
         let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
         out.push(Q8_1 {
             d,
@@ -123,6 +170,22 @@ pub fn quantize_q8_1(x: &[f32], out: &mut Vec<Q8_1>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simd_quantization_is_identical_to_the_portable_one() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for scale in [0.0f32, 1e-3, 1.0, 300.0] {
+            for _ in 0..200 {
+                let mut x: Vec<f32> = (0..QK)
+                    .map(|_| scale * (rng.random::<f32>() * 2.0 - 1.0))
+                    .collect();
+                // Values exactly halfway after scaling, where the rounding mode shows.
+                x[3] = x.iter().fold(0f32, |m, v| m.max(v.abs())) * (2.5 / 127.0);
+                assert_eq!(quantize_block(&x), quantize_block_portable(&x), "{x:?}");
+            }
+        }
+    }
 
     #[test]
     fn q8_1_block_sum_is_rounded_once_from_the_stored_scale() {

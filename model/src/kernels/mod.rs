@@ -11,6 +11,7 @@ mod attention;
 mod blocks;
 mod dot;
 mod pool;
+mod q4_1x8;
 #[cfg(target_arch = "x86_64")]
 mod tile;
 
@@ -20,14 +21,16 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::Result;
-use blocks::{Q4_0, Q4_1, Q8_0, Q8_1, QK};
+use blocks::{Q4_0, Q8_0, QK};
 use pool::Pool;
+use q4_1x8::Q4_1x8;
 
 pub use attention::{attention, AttentionSpec};
 
 #[derive(Debug)]
 enum Blocks {
-    Q4_1(Vec<Q4_1>),
+    /// Repacked eight rows at a time (`q4_1x8.rs`); rows padded to a multiple of eight.
+    Q4_1(Vec<Q4_1x8>),
     Q4_0(Vec<Q4_0>),
     Q8_0(Vec<Q8_0>),
 }
@@ -80,29 +83,29 @@ impl Kernels {
     }
 }
 
-/// A task's rows times every token with SIMD tiles: (instruction set, weight rows, activations, blocks
-/// per row, rows, tokens, out [rows, tokens]).
+/// A task's rows times its tokens with SIMD tiles: (instruction set, weight rows, activations, blocks
+/// per row, rows, tokens, out [tokens, stride], stride).
 #[cfg(target_arch = "x86_64")]
-type SimdRows<W, X> = fn(tile::Simd, &[W], &[X], usize, usize, usize, &mut [f32]);
+type SimdRows<W, X> = fn(tile::Simd, &[W], &[X], usize, usize, usize, &mut [f32], usize);
 
-/// The two ways to multiply one weight format: the portable dot product per (row, token), or SIMD tiles.
+/// The two ways to multiply a row-major weight format: the portable dot product per (row, token), or
+/// SIMD tiles.
 struct FormatKernels<W: 'static, X: 'static> {
+    /// Activations into this format's blocks (a whole number of rows).
+    quantize: fn(&[f32], &mut Vec<X>),
     portable: fn(&[W], &[X]) -> f32,
     #[cfg(target_arch = "x86_64")]
     simd: SimdRows<W, X>,
 }
 
-const Q4_1_KERNELS: FormatKernels<Q4_1, Q8_1> = FormatKernels {
-    portable: dot::q4_1,
-    #[cfg(target_arch = "x86_64")]
-    simd: tile::rows_times_tokens::<Q4_1>,
-};
 const Q4_0_KERNELS: FormatKernels<Q4_0, Q8_0> = FormatKernels {
+    quantize: blocks::quantize_q8_0,
     portable: dot::q4_0,
     #[cfg(target_arch = "x86_64")]
     simd: tile::rows_times_tokens::<Q4_0>,
 };
 const Q8_0_KERNELS: FormatKernels<Q8_0, Q8_0> = FormatKernels {
+    quantize: blocks::quantize_q8_0,
     portable: dot::q8_0,
     #[cfg(target_arch = "x86_64")]
     simd: tile::rows_times_tokens::<Q8_0>,
@@ -150,7 +153,9 @@ impl QuantMatrix {
         }
         let data = q.data()?;
         let blocks = match q.dtype() {
-            GgmlDType::Q4_1 => Blocks::Q4_1(blocks::parse_q4_1(&data)),
+            GgmlDType::Q4_1 => {
+                Blocks::Q4_1(q4_1x8::pack(&blocks::parse_q4_1(&data), rows, cols / QK))
+            }
             GgmlDType::Q4_0 => Blocks::Q4_0(blocks::parse_q4_0(&data)),
             GgmlDType::Q8_0 => Blocks::Q8_0(blocks::parse_q8_0(&data)),
             _ => return Ok(None),
@@ -170,10 +175,14 @@ impl QuantMatrix {
     pub fn dequantize(&self) -> Result<Tensor> {
         let mut w = Vec::with_capacity(self.rows * self.cols);
         match &self.blocks {
-            Blocks::Q4_1(b) => {
-                for b in b {
-                    w.extend(b.qs.iter().map(|&q| b.d * f32::from(q & 0x0F) + b.m));
-                    w.extend(b.qs.iter().map(|&q| b.d * f32::from(q >> 4) + b.m));
+            Blocks::Q4_1(packed) => {
+                let mut row = Vec::new();
+                for r in 0..self.rows {
+                    q4_1x8::row_blocks(packed, self.cols / QK, r, &mut row);
+                    for b in &row {
+                        w.extend(b.qs.iter().map(|&q| b.d * f32::from(q & 0x0F) + b.m));
+                        w.extend(b.qs.iter().map(|&q| b.d * f32::from(q >> 4) + b.m));
+                    }
                 }
             }
             Blocks::Q4_0(b) => {
@@ -202,23 +211,32 @@ impl QuantMatrix {
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1::<f32>()?;
-        let tokens = xs.len() / self.cols;
+        let nb = self.cols / QK;
         let out = match &self.blocks {
-            Blocks::Q4_1(w) => {
-                let mut xq = Vec::with_capacity(xs.len() / QK);
-                for row in xs.chunks_exact(self.cols) {
-                    blocks::quantize_q8_1(row, &mut xq);
-                }
-                self.rows_times_tokens(w, &xq, tokens, kernels, &Q4_1_KERNELS)
-            }
-            Blocks::Q4_0(w) => {
-                let xq = self.quantize_q8_0(&xs);
-                self.rows_times_tokens(w, &xq, tokens, kernels, &Q4_0_KERNELS)
-            }
-            Blocks::Q8_0(w) => {
-                let xq = self.quantize_q8_0(&xs);
-                self.rows_times_tokens(w, &xq, tokens, kernels, &Q8_0_KERNELS)
-            }
+            Blocks::Q4_1(w) => self.product(
+                &xs,
+                q4_1x8::ROWS,
+                blocks::quantize_q8_1,
+                |first, rows, xq, tokens, out, stride| match kernels {
+                    Kernels::Portable => {
+                        let mut wr = Vec::with_capacity(nb);
+                        for r in first..first + rows {
+                            q4_1x8::row_blocks(w, nb, r, &mut wr);
+                            for (t, xt) in xq.chunks_exact(nb).take(tokens).enumerate() {
+                                out[t * stride + r - first] = dot::q4_1(&wr, xt);
+                            }
+                        }
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Kernels::Simd(simd) => {
+                        let groups = rows / q4_1x8::ROWS;
+                        let w = &w[first / q4_1x8::ROWS * nb..];
+                        q4_1x8::groups_times_tokens(simd, w, xq, nb, groups, tokens, out, stride)
+                    }
+                },
+            ),
+            Blocks::Q4_0(w) => self.row_major_product(&xs, w, kernels, &Q4_0_KERNELS),
+            Blocks::Q8_0(w) => self.row_major_product(&xs, w, kernels, &Q8_0_KERNELS),
         };
         if let Some(last) = out_dims.last_mut() {
             *last = self.rows;
@@ -226,65 +244,94 @@ impl QuantMatrix {
         Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
     }
 
-    fn quantize_q8_0(&self, xs: &[f32]) -> Vec<Q8_0> {
-        let mut xq = Vec::with_capacity(xs.len() / QK);
-        for row in xs.chunks_exact(self.cols) {
-            blocks::quantize_q8_0(row, &mut xq);
-        }
-        xq
-    }
-
-    /// Every output row against every token, split by rows over the pool; returns [tokens, rows].
-    fn rows_times_tokens<W: Sync, X: Sync>(
+    /// `product` for a row-major format (one row's blocks consecutive).
+    fn row_major_product<W: Sync, X: Send + Sync>(
         &self,
+        xs: &[f32],
         w: &[W],
-        xq: &[X],
-        tokens: usize,
         kernels: Kernels,
         format: &FormatKernels<W, X>,
     ) -> Vec<f32> {
         let nb = self.cols / QK;
-        let rows_per_task = rows_per_task(self.rows, nb * tokens, pool().threads());
-        // Row-major by weight row first ([rows, tokens]), so each task writes one contiguous slice.
-        let mut by_row = vec![0f32; self.rows * tokens];
-        pool().for_each_piece(&mut by_row, rows_per_task * tokens, |task, out| {
-            let first = task * rows_per_task;
-            let rows = out.len() / tokens;
-            let w = &w[first * nb..(first + rows) * nb];
-            match kernels {
-                Kernels::Portable => {
-                    for (wr, out_row) in w.chunks_exact(nb).zip(out.chunks_exact_mut(tokens)) {
-                        for (xt, o) in xq.chunks_exact(nb).zip(out_row) {
-                            *o = (format.portable)(wr, xt);
+        self.product(
+            xs,
+            1,
+            format.quantize,
+            |first, rows, xq, tokens, out, stride| {
+                let w = &w[first * nb..(first + rows) * nb];
+                match kernels {
+                    Kernels::Portable => {
+                        for (r, wr) in w.chunks_exact(nb).enumerate() {
+                            for (t, xt) in xq.chunks_exact(nb).take(tokens).enumerate() {
+                                out[t * stride + r] = (format.portable)(wr, xt);
+                            }
                         }
                     }
+                    #[cfg(target_arch = "x86_64")]
+                    Kernels::Simd(simd) => {
+                        (format.simd)(simd, w, xq, nb, rows, tokens, out, stride)
+                    }
                 }
-                #[cfg(target_arch = "x86_64")]
-                Kernels::Simd(simd) => (format.simd)(simd, w, xq, nb, rows, tokens, out),
-            }
-        });
+            },
+        )
+    }
+
+    /// y = x·Wᵀ as [tokens, rows], split over the pool: a decode step (one token) by rows, a prompt by
+    /// tokens (each task quantizes its own tokens and runs them against every row, so the output comes
+    /// out in place and the weights are read from cache). `kernel(first_row, rows, xq, tokens, out,
+    /// stride)` writes rows `first_row..first_row + rows` (a multiple of `group`) of `tokens` tokens
+    /// into `out` [tokens, stride], relative to its first row.
+    fn product<X: Send + Sync>(
+        &self,
+        xs: &[f32],
+        group: usize,
+        quantize: fn(&[f32], &mut Vec<X>),
+        kernel: impl Fn(usize, usize, &[X], usize, &mut [f32], usize) + Sync,
+    ) -> Vec<f32> {
+        let nb = self.cols / QK;
+        let tokens = xs.len() / self.cols;
+        let padded = self.rows.next_multiple_of(group);
+        let threads = pool().threads();
+        let mut out = vec![0f32; tokens * padded];
         if tokens == 1 {
-            return by_row;
+            let mut xq = Vec::with_capacity(nb);
+            quantize(xs, &mut xq);
+            let rows_per_task = rows_per_task(padded, nb, threads, group);
+            pool().for_each_piece(&mut out, rows_per_task, |i, piece| {
+                kernel(i * rows_per_task, piece.len(), &xq, 1, piece, padded)
+            });
+        } else {
+            let tokens_per_task = tokens.div_ceil(threads * 4).next_multiple_of(4);
+            pool().for_each_piece(&mut out, tokens_per_task * padded, |i, piece| {
+                let first = i * tokens_per_task * self.cols;
+                let n = piece.len() / padded;
+                let mut xq = Vec::with_capacity(n * nb);
+                quantize(&xs[first..first + n * self.cols], &mut xq);
+                kernel(0, padded, &xq, n, piece, padded)
+            });
         }
-        let mut out = vec![0f32; self.rows * tokens];
-        for r in 0..self.rows {
+        if padded != self.rows {
+            // Drop the padding rows' columns.
             for t in 0..tokens {
-                out[t * self.rows + r] = by_row[r * tokens + t];
+                out.copy_within(t * padded..t * padded + self.rows, t * self.rows);
             }
+            out.truncate(tokens * self.rows);
         }
         out
     }
 }
 
-/// Rows per pool task (a multiple of 4, the tiles' height, where there are enough rows): enough block products that a task outweighs handing it over (~a microsecond),
-/// and enough tasks that a descheduled thread's share can be picked up by the others.
-fn rows_per_task(rows: usize, blocks_per_row: usize, threads: usize) -> usize {
+/// Rows per pool task, a multiple of `group` (and of 4, the tiles' height, where there are enough
+/// rows): enough block products that a task outweighs handing it over (~a microsecond), and enough
+/// tasks that a descheduled thread's share can be picked up by the others. `rows` is a multiple of
+/// `group`.
+fn rows_per_task(rows: usize, blocks_per_row: usize, threads: usize, group: usize) -> usize {
     const MIN_BLOCKS_PER_TASK: usize = 1024;
     let by_size = MIN_BLOCKS_PER_TASK.div_ceil(blocks_per_row.max(1));
     let by_count = rows.div_ceil(threads * 4);
     let n = by_size.max(by_count);
     let n = if n >= 4 { n.next_multiple_of(4) } else { n };
-    n.clamp(1, rows.max(1))
+    n.next_multiple_of(group).clamp(group, rows.max(group))
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
-//! The x86-64 SIMD kernels: a tile of up to 4 weight rows × 4 tokens at a time.
+//! The x86-64 SIMD kernels for row-major formats (Q4_0, Q8_0; Q4_1 is repacked, see `q4_1x8.rs`): a
+//! tile of up to 4 weight rows × 4 tokens at a time.
 //!
 //! A tile unpacks each weight block once and loads each activation block once, then forms all 16
 //! block products from registers, so a prefill pays the nibble unpacking once per four tokens and the
 //! loads once per four products. The block product itself is ggml's: eight i32 lanes of four byte
 //! products each, scaled by d_w·d_x and fused-added into eight f32 lanes, summed at the end in ggml's
-//! order (plus Σ m·s for Q4_1) — so every tile size gives bit-identical results to the portable
+//! order — so every tile size gives bit-identical results to the portable
 //! reference in `dot.rs`, and to llama.cpp.
 //!
 //! Two instruction sets for the byte products: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI
@@ -13,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::blocks::{Q4_0, Q4_1, Q8_0, Q8_1, QK};
+use super::blocks::{Q4_0, Q8_0, QK};
 
 /// The byte dot product: per i32 lane, Σ of four unsigned × signed byte products.
 pub trait Isa {
@@ -41,16 +42,8 @@ impl Isa for Vnni {
 /// A weight block format and the activation blocks it pairs with.
 pub trait WeightBlock: Copy + Sync {
     type Act: Copy + Sync;
-    /// Whether the format has a minimum (`w = d·q + m`), which adds Σ m·s.
-    const HAS_MIN: bool;
     fn d(&self) -> f32;
-    fn m(&self) -> f32 {
-        0.0
-    }
     fn act_d(x: &Self::Act) -> f32;
-    fn act_s(_x: &Self::Act) -> f32 {
-        0.0
-    }
     fn act_qs(x: &Self::Act) -> &[i8; QK];
     /// The 32 weight values as bytes, ready for `pair`.
     unsafe fn unpack(&self) -> __m256i;
@@ -75,39 +68,8 @@ unsafe fn pair_signed<I: Isa>(w: __m256i, x: __m256i) -> __m256i {
     unsafe { I::dot_us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) }
 }
 
-impl WeightBlock for Q4_1 {
-    type Act = Q8_1;
-    const HAS_MIN: bool = true;
-    fn d(&self) -> f32 {
-        self.d
-    }
-    fn m(&self) -> f32 {
-        self.m
-    }
-    fn act_d(x: &Q8_1) -> f32 {
-        x.d
-    }
-    fn act_s(x: &Q8_1) -> f32 {
-        x.s
-    }
-    fn act_qs(x: &Q8_1) -> &[i8; QK] {
-        &x.qs
-    }
-    #[inline(always)]
-    unsafe fn unpack(&self) -> __m256i {
-        // SAFETY: as `nibbles`.
-        unsafe { nibbles(&self.qs) }
-    }
-    #[inline(always)]
-    unsafe fn pair<I: Isa>(w: __m256i, x: __m256i) -> __m256i {
-        // SAFETY: as `Isa::dot_us8`; 4-bit weights are unsigned already.
-        unsafe { I::dot_us8(w, x) }
-    }
-}
-
 impl WeightBlock for Q4_0 {
     type Act = Q8_0;
-    const HAS_MIN: bool = false;
     fn d(&self) -> f32 {
         self.d
     }
@@ -131,7 +93,6 @@ impl WeightBlock for Q4_0 {
 
 impl WeightBlock for Q8_0 {
     type Act = Q8_0;
-    const HAS_MIN: bool = false;
     fn d(&self) -> f32 {
         self.d
     }
@@ -164,9 +125,10 @@ unsafe fn hsum(acc: __m256) -> f32 {
     }
 }
 
-/// out[r·stride + c] = row r of `w` · token c of `x`, for R rows and C tokens (each `nb` blocks long,
+/// out[c·stride + r] = row r of `w` · token c of `x`, for R rows and C tokens (each `nb` blocks long,
 /// rows and tokens consecutive in `w` and `x`).
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // (r, c) index a register tile; iterators obscure it.
 unsafe fn tile<W: WeightBlock, I: Isa, const R: usize, const C: usize>(
     w: &[W],
     x: &[W::Act],
@@ -175,12 +137,11 @@ unsafe fn tile<W: WeightBlock, I: Isa, const R: usize, const C: usize>(
     stride: usize,
 ) {
     debug_assert!(w.len() >= R * nb && x.len() >= C * nb);
-    debug_assert!(out.len() >= (R - 1) * stride + C);
-    // SAFETY: indices stay below R·nb in `w`, C·nb in `x` and (R−1)·stride + C in `out` (asserted by
+    debug_assert!(out.len() >= (C - 1) * stride + R);
+    // SAFETY: indices stay below R·nb in `w`, C·nb in `x` and (C−1)·stride + R in `out` (asserted by
     // the callers' slicing); the SIMD features are enabled by the entry points.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let mut summs = [[0f32; C]; R];
         for b in 0..nb {
             let wb: [&W; R] = std::array::from_fn(|r| w.get_unchecked(r * nb + b));
             let wq: [__m256i; R] = std::array::from_fn(|r| wb[r].unpack());
@@ -192,15 +153,12 @@ unsafe fn tile<W: WeightBlock, I: Isa, const R: usize, const C: usize>(
                     let d = _mm256_set1_ps(wb[r].d() * xd);
                     let p = _mm256_cvtepi32_ps(W::pair::<I>(wq[r], xq));
                     acc[r][c] = _mm256_fmadd_ps(d, p, acc[r][c]);
-                    if W::HAS_MIN {
-                        summs[r][c] = wb[r].m().mul_add(W::act_s(xb), summs[r][c]);
-                    }
                 }
             }
         }
         for r in 0..R {
             for c in 0..C {
-                *out.get_unchecked_mut(r * stride + c) = hsum(acc[r][c]) + summs[r][c];
+                *out.get_unchecked_mut(c * stride + r) = hsum(acc[r][c]);
             }
         }
     }
@@ -221,13 +179,17 @@ impl Simd {
     pub fn available() -> Vec<Self> {
         use std::arch::is_x86_feature_detected as has;
         let mut found = Vec::new();
-        if has!("avx2") && has!("fma") {
+        if has!("avx2") && has!("fma") && has!("f16c") {
             found.push(Simd(Isas::Avx2));
-            if has!("avx512f") && has!("avx512vnni") && has!("avx512vl") {
+            if has!("avx512f") && has!("avx512vnni") && has!("avx512vl") && has!("f16c") {
                 found.push(Simd(Isas::Avx512Vnni));
             }
         }
         found
+    }
+
+    pub fn has_vnni(self) -> bool {
+        self.0 == Isas::Avx512Vnni
     }
 
     pub fn name(self) -> &'static str {
@@ -241,7 +203,7 @@ impl Simd {
 macro_rules! entry_points {
     ($name:ident, $isa:ty, $features:literal) => {
         /// Rows × tokens for one task: `w` holds `rows` consecutive rows of `nb` blocks, `x` `tokens`
-        /// consecutive tokens; `out` is [rows, tokens].
+        /// consecutive tokens; `out` is [tokens, stride], of which this writes the first `rows` columns.
         ///
         /// # Safety
         /// The CPU must have the features this function is compiled with.
@@ -253,8 +215,10 @@ macro_rules! entry_points {
             rows: usize,
             tokens: usize,
             out: &mut [f32],
+            stride: usize,
         ) {
-            assert!(w.len() >= rows * nb && x.len() >= tokens * nb && out.len() >= rows * tokens);
+            assert!(rows <= stride && w.len() >= rows * nb && x.len() >= tokens * nb);
+            assert!(tokens == 0 || out.len() >= (tokens - 1) * stride + rows);
             let mut r = 0;
             while r < rows {
                 let four_rows = rows - r >= 4 && tokens > 1;
@@ -262,15 +226,15 @@ macro_rules! entry_points {
                 let mut t = 0;
                 while t < tokens {
                     let xt = &x[t * nb..];
-                    let o = &mut out[r * tokens + t..];
+                    let o = &mut out[t * stride + r..];
                     // SAFETY: the slices hold the rows and tokens this tile reads and writes (checked
                     // by the assertion and the loop bounds); the features are enabled here.
                     unsafe {
                         match (four_rows, tokens - t >= 4) {
-                            (true, true) => tile::<W, $isa, 4, 4>(wr, xt, nb, o, tokens),
-                            (true, false) => tile::<W, $isa, 4, 1>(wr, xt, nb, o, tokens),
-                            (false, true) => tile::<W, $isa, 1, 4>(wr, xt, nb, o, tokens),
-                            (false, false) => tile::<W, $isa, 1, 1>(wr, xt, nb, o, tokens),
+                            (true, true) => tile::<W, $isa, 4, 4>(wr, xt, nb, o, stride),
+                            (true, false) => tile::<W, $isa, 4, 1>(wr, xt, nb, o, stride),
+                            (false, true) => tile::<W, $isa, 1, 4>(wr, xt, nb, o, stride),
+                            (false, false) => tile::<W, $isa, 1, 1>(wr, xt, nb, o, stride),
                         }
                     }
                     t += if tokens - t >= 4 { 4 } else { 1 };
@@ -288,7 +252,9 @@ entry_points!(
     "avx2,fma,avx512f,avx512vl,avx512vnni"
 );
 
-/// `out` [rows, tokens] = the `rows` weight rows in `w` times the `tokens` activation rows in `x`.
+/// `out` [tokens, stride] (its first `rows` columns) = the `rows` weight rows in `w` times the `tokens`
+/// activation rows in `x`.
+#[allow(clippy::too_many_arguments)]
 pub fn rows_times_tokens<W: WeightBlock>(
     simd: Simd,
     w: &[W],
@@ -297,12 +263,13 @@ pub fn rows_times_tokens<W: WeightBlock>(
     rows: usize,
     tokens: usize,
     out: &mut [f32],
+    stride: usize,
 ) {
     // SAFETY: a `Simd` is only made by `Simd::available`, which checked this CPU.
     unsafe {
         match simd.0 {
-            Isas::Avx2 => rows_times_tokens_avx2(w, x, nb, rows, tokens, out),
-            Isas::Avx512Vnni => rows_times_tokens_vnni(w, x, nb, rows, tokens, out),
+            Isas::Avx2 => rows_times_tokens_avx2(w, x, nb, rows, tokens, out, stride),
+            Isas::Avx512Vnni => rows_times_tokens_vnni(w, x, nb, rows, tokens, out, stride),
         }
     }
 }

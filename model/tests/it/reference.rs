@@ -162,16 +162,18 @@ fn greedy_choices_match_llama_cpp_except_near_ties() {
 }
 
 #[test]
-fn greedy_continuations_agree_with_llama_cpp_as_often_as_llama_cpp_does_with_itself() {
+fn free_running_greedy_follows_llama_cpp_until_a_near_tie() {
     // Free-running greedy decoding, first 32 tokens. Identical continuations need bit-identical
     // arithmetic (8-bit activation quantization turns any rounding difference into a different
-    // integer); llama.cpp with flash attention on is the yardstick for how often a correct runtime
-    // with other rounding agrees.
+    // integer): llama.cpp itself, flash attention on vs off, keeps all 32 tokens identical on 1 of these
+    // 5 prompts. What must hold is that pai leaves llama.cpp's path only where llama.cpp was near a tie:
+    // at the first differing token (same prefix so far), llama.cpp rates pai's choice within NEAR_TIE of
+    // its own.
     let base = default_model();
     let fx = fixtures();
     let cases = fx["continuations"].as_array().unwrap();
     assert_eq!(cases.len(), 5);
-    let (mut identical, mut llama_self) = (0, 0);
+    let (mut identical, mut llama_self, mut agreed) = (0, 0, 0);
     for case in cases {
         let prompt = case["prompt"].as_str().unwrap();
         let prompt_ids = base.tokenizer.encode(prompt, true).unwrap();
@@ -181,8 +183,9 @@ fn greedy_continuations_agree_with_llama_cpp_as_often_as_llama_cpp_does_with_its
             "prompt tokenizes differently: {prompt:?}"
         );
         let want = ids(&case["ids"]);
+        let n = want.len().min(32);
         let opts = GenerateOptions {
-            max_tokens: Some(want.len()),
+            max_tokens: Some(n),
             ignore_eos: true,
             ..Default::default()
         };
@@ -195,19 +198,34 @@ fn greedy_continuations_agree_with_llama_cpp_as_often_as_llama_cpp_does_with_its
             |_| ControlFlow::Continue(()),
         )
         .unwrap();
-        let n = want.len().min(32);
-        let first_diff = got
-            .tokens
-            .iter()
-            .zip(&want)
-            .position(|(a, b)| a != b)
-            .filter(|&i| i < n);
+        let first_diff = got.tokens.iter().zip(&want[..n]).position(|(a, b)| a != b);
         eprintln!("{prompt:?}: first difference at {first_diff:?}");
+        agreed += first_diff.unwrap_or(n);
         identical += usize::from(first_diff.is_none());
         llama_self += usize::from(ids(&case["ids_flash_attn"])[..n] == want[..n]);
+        if let Some(k) = first_diff {
+            let top: Vec<(u32, f32)> = case["top_logits"][k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect();
+            let gap = top
+                .iter()
+                .find(|(t, _)| *t == got.tokens[k])
+                .map_or(f32::INFINITY, |(_, l)| top[0].1 - l);
+            assert!(
+                gap <= NEAR_TIE,
+                "{prompt:?} step {k}: pai chose {}, llama.cpp {} (llama.cpp rates pai's choice {gap} below its best)",
+                got.tokens[k],
+                want[k]
+            );
+        }
     }
-    eprintln!("identical first 32 tokens: pai {identical}/5, llama.cpp with flash attention {llama_self}/5");
-    assert!(identical >= llama_self, "pai matches llama.cpp on {identical}/5, fewer than llama.cpp with flash attention ({llama_self}/5)");
+    eprintln!(
+        "free-running: {agreed}/{} tokens before the first difference; identical first 32 tokens: pai {identical}/5, llama.cpp with flash attention {llama_self}/5",
+        5 * 32
+    );
 }
 
 #[test]
