@@ -30,6 +30,14 @@ def measure(fn):
     return {"tokens_per_second": tokens / seconds, "others_cores": others}
 
 
+def proc_status_bytes(field):
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(Path(os.environ.get("PAI_HOME", Path.home() / ".pai"))
@@ -39,6 +47,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    # What the interpreter holds before llama.cpp is loaded, to tell it apart from llama.cpp's own memory.
+    baseline_rss = proc_status_bytes("VmRSS")
     from llama_cpp import Llama, __version__
 
     llm = Llama(model_path=args.model, n_ctx=2048, n_batch=512, n_threads=args.threads,
@@ -72,7 +82,8 @@ def main():
                          "clean_reps": len(clean), "reps": reps}
     print(json.dumps({"runtime": f"llama.cpp (llama-cpp-python {__version__}, n_threads={args.threads})",
                       "model": args.model, "prefill_tokens": args.prefill, "decode_tokens": args.decode,
-                      "results": results}))
+                      "peak_rss_bytes": proc_status_bytes("VmHWM"),
+                      "interpreter_rss_bytes": baseline_rss, "results": results}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decode and prefill tokens/s of pai and of llama.cpp (n_threads=2) on the same GGUF, in the same run,
 # alternating the two tools three times; writes benches/compare/results/speed-<date>.json and prints
-# the medians. Usage: benches/compare/speed.sh [--model PATH] [--reps N]
+# the medians and peak RSS. Usage: benches/compare/speed.sh [--model PATH] [--prefill N] [--decode N] [--reps N]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -26,5 +26,12 @@ for r in rows:
 for k in ("prefill", "decode"):
     p, l = statistics.median(by[("pai", k)]), statistics.median(by[("llama.cpp", k)])
     print(f"{k:8s} pai {p:8.1f} tok/s   llama.cpp {l:8.1f} tok/s   pai/llama.cpp {p / l:.2f}")
+rss = {}
+for r in rows:
+    rss.setdefault(r["runtime"].split(" ")[0], []).append(r.get("peak_rss_bytes") or 0)
+p, l = max(rss["pai"]) / 2**20, max(rss["llama.cpp"]) / 2**20
+base = max(r.get("interpreter_rss_bytes") or 0 for r in rows if r["runtime"].startswith("llama.cpp")) / 2**20
+print(f"peak RSS pai {p:.1f} MiB   llama.cpp {l:.1f} MiB (of which the Python interpreter {base:.1f})   "
+      f"pai/llama.cpp {p / l:.2f}, pai/(llama.cpp without the interpreter) {p / (l - base):.2f}")
 print(f"(rounds: {len(rows) // 2}; raw results in {sys.argv[1]})")
 PY

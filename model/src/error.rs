@@ -108,6 +108,8 @@ pub enum ModelError {
         expected: String,
         actual: String,
     },
+    #[error("token id {row} is outside the vocabulary ({rows} tokens)")]
+    RowOutOfRange { row: usize, rows: usize },
     #[error(transparent)]
     Candle(Box<candle_core::Error>),
 }

@@ -156,6 +156,14 @@ impl FrozenLinear {
         }
     }
 
+    /// The quantized matrix, when pai's own kernels hold the weight.
+    pub fn quant_matrix(&self) -> Option<&Arc<QuantMatrix>> {
+        match &self.weight {
+            BaseWeight::Own(m) => Some(m),
+            BaseWeight::Candle(_) => None,
+        }
+    }
+
     /// The weight as a dense f32 tensor [out, in] (dequantized when stored quantized).
     pub fn dense_weight(&self) -> Result<Tensor> {
         Ok(match &self.weight {

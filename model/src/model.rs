@@ -1,22 +1,33 @@
 //! The llama-family transformer: token embedding, a stack of [`Block`]s, the final norm and the output
 //! projection. Loading reads a GGUF file or a Hugging Face directory through [`WeightSource`].
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::block::{attention_mask, Attention, Block, Mlp, RmsNorm};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::kernels::QuantMatrix;
 use crate::kv_cache::KvCache;
 use crate::linear::{FrozenLinear, LoraLinear, LoraSite, Proj};
 use crate::lora::AdapterStack;
 use crate::rope::Rope;
 use crate::weights::{Named, WeightSource};
 
+/// The token embedding: rows looked up in the quantized matrix (shared with the output projection when
+/// tied), or a dense f32 table.
+#[derive(Debug, Clone)]
+enum Embedding {
+    Quantized(Arc<QuantMatrix>),
+    Dense(Tensor),
+}
+
 /// A loaded transformer. Immutable after loading: adapters and caches are passed to each call.
 #[derive(Debug, Clone)]
 pub struct Model {
     config: ModelConfig,
-    embedding: Tensor,
+    embedding: Embedding,
     blocks: Vec<Block>,
     norm: RmsNorm,
     output: FrozenLinear,
@@ -31,7 +42,18 @@ impl Model {
         device: &Device,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
-        let embedding = weights.embedding(&cfg, device)?;
+        // 1. The output projection, and the embedding, kept quantized where pai's kernels hold it (a
+        // dense copy of the default model's embedding is 113 MB, more than the rest of the model).
+        let output = weights.output(&cfg, device)?;
+        let quantized = if weights.embedding_is_output(&cfg) {
+            Some(output.clone())
+        } else {
+            weights.embedding_quantized(&cfg, device)?
+        };
+        let embedding = match quantized.as_ref().and_then(|e| e.quant_matrix()) {
+            Some(m) => Embedding::Quantized(Arc::clone(m)),
+            None => Embedding::Dense(weights.embedding(&cfg, device)?),
+        };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for layer in 0..cfg.num_layers {
             let mut proj = |p: Proj| -> Result<LoraLinear> {
@@ -64,7 +86,6 @@ impl Model {
             weights.named(Named::OutputNorm, &[h], device)?,
             cfg.rms_norm_eps,
         );
-        let output = weights.output(&cfg, device)?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.context_length, device)?;
         Ok(Self {
             config: cfg,
@@ -116,11 +137,12 @@ impl Model {
         let (batch, seq) = ids.dims2()?;
         let offset = cache.len();
         // 1. Embed.
-        let mut x = self.embedding.embedding(&ids.flatten_all()?)?.reshape((
-            batch,
-            seq,
-            self.config.hidden_size,
-        ))?;
+        let flat = ids.flatten_all()?;
+        let embedded = match &self.embedding {
+            Embedding::Quantized(m) => m.rows_tensor(&flat.to_vec1::<u32>()?)?,
+            Embedding::Dense(table) => table.embedding(&flat)?,
+        };
+        let mut x = embedded.reshape((batch, seq, self.config.hidden_size))?;
         // 2. One mask for every layer.
         let mask = attention_mask(seq, offset, self.config.sliding_window, &self.device)?;
         // 3. The blocks.

@@ -207,12 +207,53 @@ impl WeightSource {
     /// projection's name only (safetensors' `save_model` keeps one name per shared tensor).
     pub fn embedding(&mut self, cfg: &ModelConfig, device: &Device) -> Result<Tensor> {
         let shape = [cfg.vocab_size, cfg.hidden_size];
+        let name = self.embedding_name(cfg);
+        self.dense(&name, &shape, device)
+    }
+
+    /// The token embedding kept as the file stores it (GGUF only; `None` for safetensors), for models
+    /// that look rows up in the quantized matrix instead of holding a dense f32 copy.
+    pub fn embedding_quantized(
+        &mut self,
+        cfg: &ModelConfig,
+        device: &Device,
+    ) -> Result<Option<FrozenLinear>> {
+        if !matches!(self, Self::Gguf { .. }) {
+            return Ok(None);
+        }
+        let name = self.embedding_name(cfg);
+        let q = self.gguf_qtensor(&name)?;
+        self.check_shape(&name, q.shape().dims(), &[cfg.vocab_size, cfg.hidden_size])?;
+        let q = move_qtensor(q, device).map_err(|source| self.tensor_err(&name, source))?;
+        self.frozen(q, None, &name, device).map(Some)
+    }
+
+    /// Whether the embedding and the output projection are one tensor in the file.
+    pub fn embedding_is_output(&self, cfg: &ModelConfig) -> bool {
+        self.embedding_name(cfg) == self.output_name(cfg)
+    }
+
+    /// The output projection's tensor name: the embedding's when tied (or when there is no output
+    /// tensor at all), under whichever name the shared matrix is stored.
+    fn output_name(&self, cfg: &ModelConfig) -> String {
+        let own = self.name_of(Named::Output);
+        let embedding = self.name_of(Named::Embedding);
+        if (cfg.tie_word_embeddings && self.has(&embedding)) || !self.has(&own) {
+            embedding
+        } else {
+            own
+        }
+    }
+
+    /// The embedding's tensor name (the output's when tied and stored only under that name).
+    fn embedding_name(&self, cfg: &ModelConfig) -> String {
         let own = self.name_of(Named::Embedding);
         let output = self.name_of(Named::Output);
         if !self.has(&own) && cfg.tie_word_embeddings && self.has(&output) {
-            return self.dense(&output, &shape, device);
+            output
+        } else {
+            own
         }
-        self.dense(&own, &shape, device)
     }
 
     /// A projection's base weight and bias, in Hugging Face row order.
@@ -289,14 +330,7 @@ impl WeightSource {
 
     /// The output projection: its own tensor, or the (quantized) token embedding when tied.
     pub fn output(&mut self, cfg: &ModelConfig, device: &Device) -> Result<FrozenLinear> {
-        let own = self.name_of(Named::Output);
-        let embedding = self.name_of(Named::Embedding);
-        // Tied (or no output tensor at all): the shared matrix, under whichever name it is stored.
-        let name = if (cfg.tie_word_embeddings && self.has(&embedding)) || !self.has(&own) {
-            embedding
-        } else {
-            own
-        };
+        let name = self.output_name(cfg);
         let shape = [cfg.vocab_size, cfg.hidden_size];
         match self {
             Self::Gguf { .. } => {

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use blocks::{Q4_0, Q8_0, QK};
 use pool::Pool;
 use q4_1x8::Q4_1x8;
@@ -174,30 +174,56 @@ impl QuantMatrix {
     /// The weights as a dense f32 tensor [rows, cols].
     pub fn dequantize(&self) -> Result<Tensor> {
         let mut w = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            self.row(r, &mut w)?;
+        }
+        Ok(Tensor::from_vec(w, (self.rows, self.cols), &Device::Cpu)?)
+    }
+
+    /// Rows `ids`, dequantized: [ids, cols] (an embedding lookup).
+    pub fn rows_tensor(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut data = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            self.row(id as usize, &mut data)?;
+        }
+        Ok(Tensor::from_vec(
+            data,
+            (ids.len(), self.cols),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Append row `r`, dequantized, to `out`.
+    pub fn row(&self, r: usize, out: &mut Vec<f32>) -> Result<()> {
+        if r >= self.rows {
+            return Err(ModelError::RowOutOfRange {
+                row: r,
+                rows: self.rows,
+            });
+        }
+        let nb = self.cols / QK;
         match &self.blocks {
             Blocks::Q4_1(packed) => {
-                let mut row = Vec::new();
-                for r in 0..self.rows {
-                    q4_1x8::row_blocks(packed, self.cols / QK, r, &mut row);
-                    for b in &row {
-                        w.extend(b.qs.iter().map(|&q| b.d * f32::from(q & 0x0F) + b.m));
-                        w.extend(b.qs.iter().map(|&q| b.d * f32::from(q >> 4) + b.m));
-                    }
+                let mut row = Vec::with_capacity(nb);
+                q4_1x8::row_blocks(packed, nb, r, &mut row);
+                for b in &row {
+                    out.extend(b.qs.iter().map(|&q| b.d * f32::from(q & 0x0F) + b.m));
+                    out.extend(b.qs.iter().map(|&q| b.d * f32::from(q >> 4) + b.m));
                 }
             }
             Blocks::Q4_0(b) => {
-                for b in b {
-                    w.extend(b.qs.iter().map(|&q| b.d * (f32::from(q & 0x0F) - 8.0)));
-                    w.extend(b.qs.iter().map(|&q| b.d * (f32::from(q >> 4) - 8.0)));
+                for b in &b[r * nb..(r + 1) * nb] {
+                    out.extend(b.qs.iter().map(|&q| b.d * (f32::from(q & 0x0F) - 8.0)));
+                    out.extend(b.qs.iter().map(|&q| b.d * (f32::from(q >> 4) - 8.0)));
                 }
             }
             Blocks::Q8_0(b) => {
-                for b in b {
-                    w.extend(b.qs.iter().map(|&q| b.d * f32::from(q)));
+                for b in &b[r * nb..(r + 1) * nb] {
+                    out.extend(b.qs.iter().map(|&q| b.d * f32::from(q)));
                 }
             }
         }
-        Ok(Tensor::from_vec(w, (self.rows, self.cols), &Device::Cpu)?)
+        Ok(())
     }
 
     /// y = x·Wᵀ for x [.., cols] → [.., rows], on the CPU.
