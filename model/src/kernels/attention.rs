@@ -292,9 +292,7 @@ impl<T: CacheElem> QueryRow<'_, T> {
                 let q = _mm256_loadu_ps(self.q.as_ptr().add(i));
                 acc = _mm256_fmadd_ps(q, load(k, i), acc);
             }
-            let h = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            *s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) * scale;
+            *s = super::tile::hsum(acc) * scale;
             max = max.max(*s);
         }
         // 2. Probabilities (rounded as the cache's type wants).

@@ -116,7 +116,7 @@ impl WeightBlock for Q8_0 {
 
 /// ggml's `hsum_float_8`.
 #[inline(always)]
-unsafe fn hsum(acc: __m256) -> f32 {
+pub(super) unsafe fn hsum(acc: __m256) -> f32 {
     // SAFETY: register-only AVX operations.
     unsafe {
         let s = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
