@@ -1,5 +1,5 @@
 //! Whole-program speed of pai's runtime on a GGUF (see `src/bench.rs`); prints one JSON line.
-//! `cargo bench --bench generation -- [--model PATH] [--prefill 512] [--decode 128] [--reps 5]`
+//! `cargo bench --bench generation -- [--model PATH] [--prefill 512] [--decode 128] [--reps 5] [--threads N]`
 //! (benches/compare/speed.sh runs it beside llama.cpp and writes the comparison.)
 
 use std::path::PathBuf;
@@ -18,6 +18,10 @@ fn main() {
     let prefill: usize = arg("--prefill").and_then(|v| v.parse().ok()).unwrap_or(512);
     let decode: usize = arg("--decode").and_then(|v| v.parse().ok()).unwrap_or(128);
     let reps: usize = arg("--reps").and_then(|v| v.parse().ok()).unwrap_or(5);
+    if let Some(n) = arg("--threads") {
+        // Read once when the kernels' pool starts, which is after this point.
+        std::env::set_var("PAI_NUM_THREADS", n);
+    }
     let base =
         pai_model::BaseModel::load(&model, &pai_model::default_device()).unwrap_or_else(|e| {
             eprintln!("{e}\n(run scripts/fetch-model.sh, or pass --model PATH)");

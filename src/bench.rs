@@ -1,7 +1,8 @@
 //! Generation speed, measured the way llama-bench does: prefill tokens/s (a prompt in one pass) and
 //! decode tokens/s (one token at a time), several repetitions after a warm-up, medians and spread, peak
 //! RSS. Each repetition records how much CPU other processes used meanwhile (from /proc/stat); one where
-//! they used more than a tenth of a core is marked contended and left out of the medians.
+//! they used more than a tenth of a core is marked contended and left out of the medians (unless every
+//! repetition was: then the figures are over all of them and say so).
 //! Used by `pai-serve bench` and `benches/generation.rs`.
 
 use std::ops::ControlFlow;
@@ -13,44 +14,61 @@ use serde_json::json;
 /// The fixed text prompts are cut from (repeated as needed).
 const PROMPT_TEXT: &str = include_str!("../tests/fixtures/perplexity.txt");
 
+/// Other processes' CPU use (in cores) from which a repetition counts as contended.
+pub const CONTENDED_CORES: f64 = 0.1;
+
 pub struct Phase {
     pub tokens_per_second: Vec<f64>,
     pub others_cores: Vec<f64>,
 }
 
+/// The figures of one phase: over the uncontended repetitions, or over all of them when every one was
+/// contended (a benchmark run under load on purpose), which `contended` then says.
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Repetitions the figures are taken over.
+    pub used: usize,
+    pub contended: bool,
+    /// The most CPU (in cores) other processes used during any repetition.
+    pub max_others_cores: f64,
+}
+
 impl Phase {
-    fn clean(&self) -> Vec<f64> {
-        let mut v: Vec<f64> = self
-            .tokens_per_second
-            .iter()
-            .zip(&self.others_cores)
-            .filter(|(_, &o)| o < 0.1)
-            .map(|(&t, _)| t)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        v
-    }
-
-    pub fn median(&self) -> f64 {
-        let v = self.clean();
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    }
-
-    pub fn min_max(&self) -> (f64, f64) {
-        let v = self.clean();
-        (
-            v.first().copied().unwrap_or(f64::NAN),
-            v.last().copied().unwrap_or(f64::NAN),
-        )
+    pub fn summary(&self) -> Summary {
+        let pick = |keep: &dyn Fn(f64) -> bool| {
+            let mut v: Vec<f64> = self
+                .tokens_per_second
+                .iter()
+                .zip(&self.others_cores)
+                .filter(|(_, &o)| keep(o))
+                .map(|(&t, _)| t)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let clean = pick(&|o| o < CONTENDED_CORES);
+        let contended = clean.is_empty();
+        let v = if contended { pick(&|_| true) } else { clean };
+        Summary {
+            median: v.get(v.len() / 2).copied().unwrap_or(f64::NAN),
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+            used: v.len(),
+            contended,
+            max_others_cores: self.others_cores.iter().copied().fold(0.0, f64::max),
+        }
     }
 
     fn to_json(&self) -> serde_json::Value {
-        let (min, max) = self.min_max();
+        let s = self.summary();
         json!({
-            "median_tokens_per_second": self.median(),
-            "min_tokens_per_second": min,
-            "max_tokens_per_second": max,
-            "clean_reps": self.clean().len(),
+            "median_tokens_per_second": s.median,
+            "min_tokens_per_second": s.min,
+            "max_tokens_per_second": s.max,
+            "reps_used": s.used,
+            "contended": s.contended,
             "reps": self.tokens_per_second.iter().zip(&self.others_cores)
                 .map(|(t, o)| json!({"tokens_per_second": t, "others_cores": o})).collect::<Vec<_>>(),
         })

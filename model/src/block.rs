@@ -234,14 +234,18 @@ mod tests {
     #[test]
     fn cpu_attention_kernel_matches_candle_ops() -> Result<()> {
         let dev = Device::Cpu;
-        let (b, nh, nkv, hd) = (2, 6, 2, 16);
+        let (b, nh, nkv) = (2, 6, 2);
+        // Head sizes below, at and past the kernel's 64-column register block; key counts below and
+        // past its 8-key score block.
         let cases = [
-            (0, 7, None),
-            (5, 1, None),
-            (9, 4, Some(6)),
-            (0, 33, Some(8)),
+            (0, 7, None, 16),
+            (5, 1, None, 64),
+            (9, 4, Some(6), 16),
+            (0, 33, Some(8), 80),
+            (20, 3, None, 64),
+            (2, 19, None, 136),
         ];
-        for ((offset, seq, window), dtype) in cases
+        for ((offset, seq, window, hd), dtype) in cases
             .into_iter()
             .flat_map(|c| [(c, DType::F32), (c, DType::F16)])
         {
@@ -284,7 +288,7 @@ mod tests {
             let tolerance = if dtype == DType::F16 { 2e-3 } else { 1e-5 };
             assert!(
                 diff < tolerance,
-                "{dtype:?} offset {offset} seq {seq} window {window:?}: {diff}"
+                "{dtype:?} offset {offset} seq {seq} window {window:?} head_dim {hd}: {diff}"
             );
         }
         Ok(())

@@ -113,12 +113,22 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ("prefill", &report.prefill, report.prompt_tokens),
         ("decode", &report.decode, report.gen_tokens),
     ] {
-        let (min, max) = phase.min_max();
+        let s = phase.summary();
+        let which = if s.contended {
+            format!(
+                "all {} repetitions contended, other processes using up to {:.2} cores",
+                s.used, s.max_others_cores
+            )
+        } else {
+            format!(
+                "{} of {} repetitions uncontended",
+                s.used,
+                phase.tokens_per_second.len()
+            )
+        };
         println!(
-            "{name:8} {n:5} tokens  {:8.1} tok/s median  ({min:.1} .. {max:.1}, {} of {} repetitions uncontended)",
-            phase.median(),
-            phase.tokens_per_second.iter().zip(&phase.others_cores).filter(|(_, &o)| o < 0.1).count(),
-            phase.tokens_per_second.len()
+            "{name:8} {n:5} tokens  {:8.1} tok/s median  ({:.1} .. {:.1}, {which})",
+            s.median, s.min, s.max
         );
     }
     if let Some(rss) = report.peak_rss_bytes {

@@ -194,6 +194,12 @@ trait CacheElem: Copy + Sync {
     /// `p..p + 8` must be readable, and the CPU must have AVX and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// `round` on eight lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn round8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256;
 }
 
 impl CacheElem for f32 {
@@ -208,6 +214,11 @@ impl CacheElem for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's contract.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn round8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+        x
     }
 }
 
@@ -224,6 +235,13 @@ impl CacheElem for f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn round8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x)) }
     }
 }
 
@@ -267,8 +285,9 @@ impl<T: CacheElem> QueryRow<'_, T> {
         let sum = softmax_numerators(scores, max);
         // 3. Weighted sum of values.
         out.fill(0.0);
+        let inv = 1.0 / sum;
         for (&p, j) in scores.iter().zip(self.keys.clone()) {
-            let p = T::round(p / sum);
+            let p = T::round(p * inv);
             for (o, v) in out.iter_mut().zip(self.v.row(self.b, self.kv_head, j, hd)) {
                 *o += p * v.to_f32();
             }
@@ -280,34 +299,152 @@ impl<T: CacheElem> QueryRow<'_, T> {
     unsafe fn attend_avx2(&self, scores: &mut [f32], out: &mut [f32]) {
         use std::arch::x86_64::*;
         let hd = self.q.len();
-        let scale = 1.0 / (hd as f32).sqrt();
-        // SAFETY: i + 8 <= row.len() (rows are a multiple of 8 long); the CPU has F16C.
-        let load = |row: &[T], i: usize| unsafe { T::load8(row.as_ptr().add(i)) };
-        // 1. Scores, and their maximum.
-        let mut max = f32::NEG_INFINITY;
-        for (s, j) in scores.iter_mut().zip(self.keys.clone()) {
-            let k = self.k.row(self.b, self.kv_head, j, hd);
+        let n = scores.len();
+        let scale = _mm256_set1_ps(1.0 / (hd as f32).sqrt());
+        let key = |j: usize| {
+            self.k
+                .row(self.b, self.kv_head, self.keys.start + j, hd)
+                .as_ptr()
+        };
+        let value = |j: usize| {
+            self.v
+                .row(self.b, self.kv_head, self.keys.start + j, hd)
+                .as_ptr()
+        };
+        let q = self.q.as_ptr();
+        // 1. Scores, eight keys at a time: eight accumulators, then one transposing reduction.
+        let mut j = 0;
+        while j + 8 <= n {
+            let keys: [*const T; 8] = std::array::from_fn(|m| key(j + m));
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for i in (0..hd).step_by(8) {
+                let qv = _mm256_loadu_ps(q.add(i));
+                for (a, k) in acc.iter_mut().zip(keys) {
+                    *a = _mm256_fmadd_ps(qv, T::load8(k.add(i)), *a);
+                }
+            }
+            let s = _mm256_mul_ps(sum8(&acc), scale);
+            _mm256_storeu_ps(scores.as_mut_ptr().add(j), s);
+            j += 8;
+        }
+        for (m, s) in scores.iter_mut().enumerate().skip(j) {
+            let k = key(m);
             let mut acc = _mm256_setzero_ps();
             for i in (0..hd).step_by(8) {
-                let q = _mm256_loadu_ps(self.q.as_ptr().add(i));
-                acc = _mm256_fmadd_ps(q, load(k, i), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), T::load8(k.add(i)), acc);
             }
-            *s = super::tile::hsum(acc) * scale;
-            max = max.max(*s);
+            *s = _mm256_cvtss_f32(_mm256_mul_ps(_mm256_set1_ps(super::tile::hsum(acc)), scale));
         }
-        // 2. Probabilities (rounded as the cache's type wants).
-        let sum = softmax_numerators(scores, max);
-        // 3. Weighted sum of values.
-        out.fill(0.0);
-        for (&p, j) in scores.iter().zip(self.keys.clone()) {
-            let p = _mm256_set1_ps(T::round(p / sum));
-            let v = self.v.row(self.b, self.kv_head, j, hd);
-            for i in (0..hd).step_by(8) {
-                let o = out.as_mut_ptr().add(i);
-                _mm256_storeu_ps(o, _mm256_fmadd_ps(p, load(v, i), _mm256_loadu_ps(o)));
+        // 2. Probabilities, rounded as the cache's type wants.
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let maxv = _mm256_set1_ps(max);
+        let mut sumv = _mm256_setzero_ps();
+        let mut j = 0;
+        while j + 8 <= n {
+            let p = scores.as_mut_ptr().add(j);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), maxv));
+            sumv = _mm256_add_ps(sumv, e);
+            _mm256_storeu_ps(p, e);
+            j += 8;
+        }
+        let mut sum = super::tile::hsum(sumv);
+        for s in &mut scores[j..] {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = _mm256_set1_ps(1.0 / sum);
+        let mut j = 0;
+        while j + 8 <= n {
+            let p = scores.as_mut_ptr().add(j);
+            _mm256_storeu_ps(p, T::round8(_mm256_mul_ps(_mm256_loadu_ps(p), inv)));
+            j += 8;
+        }
+        for s in &mut scores[j..] {
+            *s = T::round(*s * (1.0 / sum));
+        }
+        // 3. Weighted sum of values, 64 output columns at a time held in registers.
+        for c in (0..hd).step_by(64) {
+            let width = (hd - c).min(64) / 8;
+            let mut acc = [_mm256_setzero_ps(); 8];
+            if width == 8 {
+                for (j, &p) in scores.iter().enumerate() {
+                    let (p, v) = (_mm256_set1_ps(p), value(j).add(c));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(p, T::load8(v.add(8 * r)), *a);
+                    }
+                }
+            } else {
+                for (j, &p) in scores.iter().enumerate() {
+                    let (p, v) = (_mm256_set1_ps(p), value(j).add(c));
+                    for (r, a) in acc.iter_mut().enumerate().take(width) {
+                        *a = _mm256_fmadd_ps(p, T::load8(v.add(8 * r)), *a);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(width) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * r), *a);
             }
         }
     }
+}
+
+/// The eight horizontal sums of `acc`, in order, as one vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn sum8(acc: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // Pairwise adds: after two rounds each 128-bit half holds four partial sums; the two halves of
+    // inputs 0-3 and 4-7 are then brought together.
+    let a = _mm256_hadd_ps(
+        _mm256_hadd_ps(acc[0], acc[1]),
+        _mm256_hadd_ps(acc[2], acc[3]),
+    );
+    let b = _mm256_hadd_ps(
+        _mm256_hadd_ps(acc[4], acc[5]),
+        _mm256_hadd_ps(acc[6], acc[7]),
+    );
+    // a = [s0l s1l s2l s3l | s0h s1h s2h s3h], likewise b for 4-7.
+    let lo = _mm256_permute2f128_ps(a, b, 0x20);
+    let hi = _mm256_permute2f128_ps(a, b, 0x31);
+    _mm256_add_ps(lo, hi)
+}
+
+/// e^x for eight lanes, x ≤ 0 (scores less their maximum); within 2 ulp of `f32::exp`, and 0 below
+/// −87.3 where e^x is no longer a normal f32. Range reduction to r = x − n·ln 2 with |r| ≤ ln 2 / 2
+/// (ln 2 split in two parts for exactness), a degree-6 polynomial for e^r (Cephes' coefficients), and
+/// 2^n put into the exponent bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3), _CMP_LT_OQ);
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let e = _mm256_fmadd_ps(
+        _mm256_mul_ps(p, r),
+        r,
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_andnot_ps(underflow, _mm256_mul_ps(e, _mm256_castsi256_ps(two_n)))
 }
 
 /// Replace each score by exp(score − max); returns their sum.
@@ -319,4 +456,68 @@ fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
         sum += *s;
     }
     sum
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_exp_is_within_two_ulp_of_libm_and_zero_below_the_normal_range() {
+        if !simd_available() {
+            return;
+        }
+        let xs: Vec<f32> = (0..20_000)
+            .map(|i| -(i as f32) * 0.0046)
+            .chain([
+                0.0,
+                -1e-30,
+                -87.0,
+                -87.29,
+                -87.4,
+                -100.0,
+                -1e30,
+                f32::NEG_INFINITY,
+            ])
+            .collect();
+        for x in xs.chunks(8) {
+            let mut lanes = [0f32; 8];
+            lanes[..x.len()].copy_from_slice(x);
+            let mut got = [0f32; 8];
+            // SAFETY: simd_available() checked AVX2 and FMA.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(lanes.as_ptr())));
+            }
+            for (&x, &g) in lanes.iter().zip(&got) {
+                let want = x.exp();
+                if x < -87.3 {
+                    assert_eq!(g, 0.0, "exp({x})");
+                } else {
+                    let ulps = (g.to_bits() as i64 - want.to_bits() as i64).abs();
+                    assert!(ulps <= 2, "exp({x}) = {g}, libm {want} ({ulps} ulp)");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eight_horizontal_sums_come_out_in_order() {
+        if !simd_available() {
+            return;
+        }
+        let rows: Vec<[f32; 8]> = (0..8)
+            .map(|r| std::array::from_fn(|i| (r * 8 + i) as f32 * 0.5 - r as f32))
+            .collect();
+        let mut got = [0f32; 8];
+        // SAFETY: simd_available() checked AVX2.
+        unsafe {
+            use std::arch::x86_64::*;
+            let acc: [__m256; 8] = std::array::from_fn(|r| _mm256_loadu_ps(rows[r].as_ptr()));
+            _mm256_storeu_ps(got.as_mut_ptr(), sum8(&acc));
+        }
+        for (r, row) in rows.iter().enumerate() {
+            assert_eq!(got[r], row.iter().sum::<f32>());
+        }
+    }
 }

@@ -11,7 +11,12 @@
 //!   sleeps on a condition variable, so back-to-back matmuls of a decode step find it awake and an idle
 //!   or contended pool costs no CPU;
 //! - only one caller uses the workers at a time; a second concurrent caller runs its job on its own thread
-//!   rather than wait.
+//!   rather than wait;
+//! - when another process takes a core, a worker can be descheduled holding a chunk it claimed, and the
+//!   caller then waits up to a scheduler slice for it. When that wait is longer than the caller's own
+//!   share of the job (the job would have been faster on one thread), the pool runs jobs on the calling
+//!   thread alone for a while (`Backoff`), doubling the time while stalls keep happening, and tries the
+//!   workers again afterwards. Large jobs (prefill) rarely trip it; a decode step's ~200 small jobs do.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,13 +26,53 @@ use std::time::{Duration, Instant};
 
 /// How long an idle worker keeps polling for the next job before it sleeps.
 const SPIN: Duration = Duration::from_micros(300);
+/// A wait for the workers shorter than this is never taken for a stall.
+const STALL_MIN: Duration = Duration::from_micros(200);
+/// The first and the longest time jobs run on the calling thread alone after a stall.
+const INLINE_FIRST: Duration = Duration::from_millis(20);
+const INLINE_MAX: Duration = Duration::from_secs(1);
 
 /// A fixed set of worker threads; the calling thread works too, so `threads` counts it.
 pub struct Pool {
     threads: usize,
     shared: Arc<Shared>,
-    submit: Mutex<()>,
+    submit: Mutex<Backoff>,
     workers: Vec<JoinHandle<()>>,
+}
+
+/// When the workers last stalled a job, and for how long jobs run on the calling thread because of it.
+#[derive(Default)]
+struct Backoff {
+    /// Jobs run on the calling thread alone until then.
+    inline_until: Option<Instant>,
+    /// The length of the last inline period (zero: no recent stall).
+    period: Duration,
+}
+
+impl Backoff {
+    fn inline_now(&mut self, now: Instant) -> bool {
+        match self.inline_until {
+            Some(until) if now < until => true,
+            Some(until) => {
+                // A clean stretch as long as the period forgets the stall history.
+                if now.duration_since(until) > self.period * 2 {
+                    self.period = Duration::ZERO;
+                    self.inline_until = None;
+                }
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The caller spent `own` on its share of a job and `waited` for the workers afterwards.
+    fn record(&mut self, now: Instant, own: Duration, waited: Duration) {
+        if waited > STALL_MIN && waited > own {
+            self.period = (self.period * 2).clamp(INLINE_FIRST, INLINE_MAX);
+            self.inline_until = Some(now + self.period);
+            tracing::debug!(?waited, ?own, period = ?self.period, "kernel pool stalled; running inline");
+        }
+    }
 }
 
 struct Shared {
@@ -106,7 +151,7 @@ impl Pool {
         Self {
             threads: workers.len() + 1,
             shared,
-            submit: Mutex::new(()),
+            submit: Mutex::new(Backoff::default()),
             workers,
         }
     }
@@ -122,7 +167,7 @@ impl Pool {
             (0..count).for_each(task);
             return;
         }
-        let _turn = match self.submit.try_lock() {
+        let mut turn = match self.submit.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             // Another thread is using the workers: do this job here rather than queue behind it.
@@ -131,6 +176,10 @@ impl Pool {
                 return;
             }
         };
+        if turn.inline_now(Instant::now()) {
+            (0..count).for_each(task);
+            return;
+        }
         // SAFETY (lifetime erasure): the job never calls `task` after `unfinished` reaches zero, and we
         // wait for that below before returning (see `Job`).
         let task: *const (dyn Fn(usize) + Sync + '_) = task;
@@ -150,7 +199,9 @@ impl Pool {
                 self.shared.wake.notify_all();
             }
         }
+        let started = Instant::now();
         job.work();
+        let own_done = Instant::now();
         let mut polls = 0u32;
         while job.unfinished.load(Ordering::Acquire) != 0 {
             // A worker is finishing a chunk it claimed; if it was descheduled, give it the core.
@@ -162,6 +213,8 @@ impl Pool {
             }
         }
         lock(&self.shared.state).job = None;
+        let now = Instant::now();
+        turn.record(now, own_done - started, now - own_done);
         if job.panicked.load(Ordering::Relaxed) {
             panic!("a kernel task panicked on a pool thread");
         }
@@ -268,6 +321,35 @@ mod tests {
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
             }
         }
+    }
+
+    #[test]
+    fn a_stall_runs_jobs_inline_for_a_doubling_period_that_a_clean_stretch_resets() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut b = Backoff::default();
+        assert!(!b.inline_now(t0));
+        // A short wait, or one shorter than the caller's own share, is no stall.
+        b.record(t0, ms(5), Duration::from_micros(100));
+        b.record(t0, ms(5), ms(4));
+        assert!(!b.inline_now(t0));
+        // Waiting longer than the caller worked: inline for the first period.
+        b.record(t0, ms(1), ms(3));
+        assert!(b.inline_now(t0 + ms(19)));
+        assert!(!b.inline_now(t0 + ms(21)));
+        // Stalling again soon after doubles it.
+        b.record(t0 + ms(25), ms(1), ms(3));
+        assert!(b.inline_now(t0 + ms(25) + ms(39)));
+        assert!(!b.inline_now(t0 + ms(25) + ms(41)));
+        // A clean stretch twice the period long forgets the history.
+        assert!(!b.inline_now(t0 + ms(25) + ms(40) + ms(81)));
+        b.record(t0 + ms(200), ms(1), ms(3));
+        assert!(!b.inline_now(t0 + ms(200) + ms(21)));
+        // The period never exceeds the maximum.
+        for _ in 0..20 {
+            b.record(t0, ms(1), ms(3));
+        }
+        assert_eq!(b.period, INLINE_MAX);
     }
 
     #[test]
