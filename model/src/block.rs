@@ -28,6 +28,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = kernels::rms_norm(x, &self.weight, self.eps)? {
+            return Ok(y);
+        }
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
             &self.weight,
@@ -155,9 +158,13 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, adapters: &AdapterStack) -> Result<Tensor> {
-        let gate = candle_nn::Activation::Silu.forward(&self.gate.forward(x, adapters)?)?;
+        let gate = self.gate.forward(x, adapters)?;
         let up = self.up.forward(x, adapters)?;
-        self.down.forward(&(gate * up)?, adapters)
+        let h = match kernels::silu_mul(&gate, &up)? {
+            Some(h) => h,
+            None => (candle_nn::Activation::Silu.forward(&gate)? * up)?,
+        };
+        self.down.forward(&h, adapters)
     }
 }
 
@@ -188,9 +195,17 @@ impl Block {
             mask,
             adapters,
         )?;
-        let x = (x + h)?;
+        let x = residual(x, &h)?;
         let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, adapters)?;
-        Ok((x + h)?)
+        residual(&x, &h)
+    }
+}
+
+/// x + h, on pai's kernels where they take the tensors.
+fn residual(x: &Tensor, h: &Tensor) -> Result<Tensor> {
+    match kernels::add(x, h)? {
+        Some(y) => Ok(y),
+        None => Ok((x + h)?),
     }
 }
 

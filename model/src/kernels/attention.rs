@@ -171,7 +171,7 @@ fn run<T: CacheElem>(
 }
 
 /// Whether the AVX2 path may run: the kernels are not forced portable and the CPU has AVX2, FMA, F16C.
-fn simd_available() -> bool {
+pub(super) fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         super::simd_selected()
@@ -203,6 +203,7 @@ trait CacheElem: Copy + Sync {
 }
 
 impl CacheElem for f32 {
+    #[inline(always)]
     fn round(x: f32) -> f32 {
         x
     }
@@ -223,6 +224,7 @@ impl CacheElem for f32 {
 }
 
 impl CacheElem for f16 {
+    #[inline(always)]
     fn round(x: f32) -> f32 {
         f16::from_f32(x).to_f32()
     }
@@ -342,7 +344,7 @@ impl<T: CacheElem> QueryRow<'_, T> {
         let mut j = 0;
         while j + 8 <= n {
             let p = scores.as_mut_ptr().add(j);
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), maxv));
+            let e = super::elementwise::exp8(_mm256_sub_ps(_mm256_loadu_ps(p), maxv));
             sumv = _mm256_add_ps(sumv, e);
             _mm256_storeu_ps(p, e);
             j += 8;
@@ -409,44 +411,6 @@ unsafe fn sum8(acc: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m25
     _mm256_add_ps(lo, hi)
 }
 
-/// e^x for eight lanes, x ≤ 0 (scores less their maximum); within 2 ulp of `f32::exp`, and 0 below
-/// −87.3 where e^x is no longer a normal f32. Range reduction to r = x − n·ln 2 with |r| ≤ ln 2 / 2
-/// (ln 2 split in two parts for exactness), a degree-6 polynomial for e^r (Cephes' coefficients), and
-/// 2^n put into the exponent bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3), _CMP_LT_OQ);
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
-    let n = _mm256_round_ps(
-        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-    );
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-    }
-    let e = _mm256_fmadd_ps(
-        _mm256_mul_ps(p, r),
-        r,
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
-    let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
-    _mm256_andnot_ps(underflow, _mm256_mul_ps(e, _mm256_castsi256_ps(two_n)))
-}
-
 /// Replace each score by exp(score − max); returns their sum.
 #[inline(always)]
 fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
@@ -461,45 +425,6 @@ fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-
-    #[test]
-    fn simd_exp_is_within_two_ulp_of_libm_and_zero_below_the_normal_range() {
-        if !simd_available() {
-            return;
-        }
-        let xs: Vec<f32> = (0..20_000)
-            .map(|i| -(i as f32) * 0.0046)
-            .chain([
-                0.0,
-                -1e-30,
-                -87.0,
-                -87.29,
-                -87.4,
-                -100.0,
-                -1e30,
-                f32::NEG_INFINITY,
-            ])
-            .collect();
-        for x in xs.chunks(8) {
-            let mut lanes = [0f32; 8];
-            lanes[..x.len()].copy_from_slice(x);
-            let mut got = [0f32; 8];
-            // SAFETY: simd_available() checked AVX2 and FMA.
-            unsafe {
-                use std::arch::x86_64::*;
-                _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(lanes.as_ptr())));
-            }
-            for (&x, &g) in lanes.iter().zip(&got) {
-                let want = x.exp();
-                if x < -87.3 {
-                    assert_eq!(g, 0.0, "exp({x})");
-                } else {
-                    let ulps = (g.to_bits() as i64 - want.to_bits() as i64).abs();
-                    assert!(ulps <= 2, "exp({x}) = {g}, libm {want} ({ulps} ulp)");
-                }
-            }
-        }
-    }
 
     #[test]
     fn eight_horizontal_sums_come_out_in_order() {

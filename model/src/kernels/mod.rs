@@ -10,6 +10,7 @@
 mod attention;
 mod blocks;
 mod dot;
+mod elementwise;
 mod pool;
 mod q4_1x8;
 #[cfg(target_arch = "x86_64")]
@@ -26,6 +27,7 @@ use pool::Pool;
 use q4_1x8::Q4_1x8;
 
 pub use attention::{attention, AttentionSpec};
+pub use elementwise::{add, rms_norm, silu_mul};
 
 #[derive(Debug)]
 enum Blocks {
