@@ -51,6 +51,23 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
+    /// The tokenizer of a model, without its weights: from a GGUF file's metadata, or from a Hugging
+    /// Face directory's `tokenizer.json`.
+    pub fn from_model_path(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::from_hf_dir(path);
+        }
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let content =
+            candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|source| {
+                ModelError::Gguf {
+                    path: path.to_path_buf(),
+                    source: Box::new(source),
+                }
+            })?;
+        Self::from_gguf(&content, path)
+    }
+
     /// Read a Hugging Face `tokenizer.json` (and `tokenizer_config.json` beside it, if present, for
     /// the BOS/EOS tokens and whether to add BOS).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {

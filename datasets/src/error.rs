@@ -1,0 +1,77 @@
+//! The one error type of pai-datasets. Bad input files are not errors (they are skipped and counted,
+//! see `walk::SkipReason`); these are the failures that stop an ingest: the store, the journal, the
+//! configuration.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot parse {what}: {source}")]
+    Json {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: parquet store error: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: polars::error::PolarsError,
+    },
+    #[error(
+        "{path}: the dataset was written by a newer pai (schema version {found}, this pai reads up \
+         to {supported}); upgrade pai"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("source {index}: {field} = {value:?} is invalid: {reason}")]
+    BadSource {
+        index: usize,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("source {path}: pattern {pattern:?} is not a valid glob: {source}")]
+    BadGlob {
+        path: PathBuf,
+        pattern: String,
+        #[source]
+        source: globset::Error,
+    },
+    #[error("source {path} does not exist or is not a directory")]
+    MissingSource { path: PathBuf },
+    #[error("{count} sources are named {name:?}; give each a distinct `name`")]
+    DuplicateSourceName { count: usize, name: String },
+    #[error("tokenizer: {source}")]
+    Tokenizer {
+        #[source]
+        source: pai_model::ModelError,
+    },
+}
+
+impl DatasetError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        Self::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = DatasetError> = std::result::Result<T, E>;

@@ -1,0 +1,24 @@
+//! pai-datasets: the day's new notes and code become a clean, private, deduplicated dataset.
+//!
+//! `ingest::run` walks the configured sources (`source`, `walk`), reads only what the change journal
+//! (`journal`) says is new or changed, splits notes by heading (`notes`) and code at top-level items
+//! (`code`) into examples of a token budget (`example`), removes secrets and PII (`scrub`), drops exact
+//! duplicates, and writes one parquet partition per day (`store`). Examples of deleted or newly
+//! excluded files leave the dataset at the next ingest.
+
+pub mod code;
+mod error;
+pub mod example;
+pub mod ingest;
+pub mod journal;
+pub mod notes;
+pub mod scrub;
+pub mod source;
+pub mod store;
+pub mod walk;
+
+pub use error::{DatasetError, Result};
+pub use example::{Budget, Example, Kind, Split};
+pub use ingest::{IngestOptions, IngestSettings, IngestSummary};
+pub use source::{resolve_sources, Privacy, Source, SourceConfig, SourceKind};
+pub use store::Store;

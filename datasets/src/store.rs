@@ -1,0 +1,360 @@
+//! The dataset on disk: one parquet file per day, `dataset/day=YYYY-MM-DD/data.parquet`, through polars.
+//!
+//! Every write goes to a temporary file that is fsynced and renamed into place, so a crash leaves the
+//! previous state whole. `dataset/schema.json` holds the schema version; a dataset written by a newer
+//! pai is refused rather than misread. Retraction (a deleted or newly excluded note leaving the
+//! dataset) rewrites the day files that hold the retracted ids.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+
+use crate::error::{DatasetError, Result};
+use crate::example::{Example, Kind, Split};
+use crate::journal::{sync_dir, write_atomic};
+
+pub const SCHEMA_VERSION: u32 = 1;
+const DATA_FILE: &str = "data.parquet";
+
+/// The dataset directory of a pai home.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Open (creating if need be) the dataset under `dir`, checking its schema version.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let schema = dir.join("schema.json");
+        match std::fs::read_to_string(&schema) {
+            Ok(text) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|source| DatasetError::Json {
+                        path: schema.clone(),
+                        what: "the dataset schema",
+                        source,
+                    })?;
+                let found = v.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+                if found > SCHEMA_VERSION {
+                    return Err(DatasetError::NewerSchema {
+                        path: schema,
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_atomic(
+                    &schema,
+                    format!("{{\"version\": {SCHEMA_VERSION}}}\n").as_bytes(),
+                )?;
+            }
+            Err(e) => return Err(DatasetError::io("read", &schema, e)),
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn day_file(&self, day: &str) -> PathBuf {
+        self.dir.join(format!("day={day}")).join(DATA_FILE)
+    }
+
+    /// The days that have a partition, oldest first.
+    pub fn days(&self) -> Result<Vec<String>> {
+        let mut days = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(days),
+            Err(e) => return Err(DatasetError::io("list", &self.dir, e)),
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(day) = name.strip_prefix("day=") {
+                if entry.path().join(DATA_FILE).is_file() {
+                    days.push(day.to_string());
+                }
+            }
+        }
+        days.sort();
+        Ok(days)
+    }
+
+    /// The examples of one day (none if the day has no partition).
+    pub fn read_day(&self, day: &str) -> Result<Vec<Example>> {
+        let path = self.day_file(day);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(DatasetError::io("open", &path, e)),
+        };
+        let df = ParquetReader::new(file)
+            .finish()
+            .map_err(|source| DatasetError::Store {
+                path: path.clone(),
+                source,
+            })?;
+        from_frame(&df).map_err(|source| DatasetError::Store { path, source })
+    }
+
+    /// Every example, oldest day first.
+    pub fn read_all(&self) -> Result<Vec<Example>> {
+        let mut all = Vec::new();
+        for day in self.days()? {
+            all.extend(self.read_day(&day)?);
+        }
+        Ok(all)
+    }
+
+    /// Replace one day's partition with `examples` (removing it when empty), atomically.
+    pub fn write_day(&self, day: &str, examples: &[Example]) -> Result<()> {
+        let path = self.day_file(day);
+        if examples.is_empty() {
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| DatasetError::io("remove", &path, e))?;
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                    sync_dir(&self.dir);
+                }
+            }
+            return Ok(());
+        }
+        let mut df = to_frame(examples).map_err(|source| DatasetError::Store {
+            path: path.clone(),
+            source,
+        })?;
+        let dir = path.parent().unwrap_or(&self.dir);
+        std::fs::create_dir_all(dir).map_err(|e| DatasetError::io("create", dir, e))?;
+        let tmp = dir.join(format!(".{DATA_FILE}.tmp-{}", std::process::id()));
+        let file = std::fs::File::create(&tmp).map_err(|e| DatasetError::io("create", &tmp, e))?;
+        ParquetWriter::new(&file)
+            .with_compression(ParquetCompression::Zstd(None))
+            .finish(&mut df)
+            .map_err(|source| DatasetError::Store {
+                path: tmp.clone(),
+                source,
+            })?;
+        file.sync_all()
+            .map_err(|e| DatasetError::io("write", &tmp, e))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| DatasetError::io("rename into place", &path, e))?;
+        sync_dir(dir);
+        Ok(())
+    }
+
+    /// Add examples to a day's partition (ids already in it are not added twice).
+    pub fn append(&self, day: &str, examples: &[Example]) -> Result<()> {
+        let mut rows = self.read_day(day)?;
+        let mut have: HashSet<String> = rows.iter().map(|e| e.id.clone()).collect();
+        rows.extend(
+            examples
+                .iter()
+                .filter(|e| have.insert(e.id.clone()))
+                .cloned(),
+        );
+        self.write_day(day, &rows)
+    }
+
+    /// Remove the examples with these ids from every day; returns how many rows left.
+    pub fn retract(&self, ids: &HashSet<String>) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        for day in self.days()? {
+            let rows = self.read_day(&day)?;
+            let kept: Vec<Example> = rows
+                .iter()
+                .filter(|e| !ids.contains(&e.id))
+                .cloned()
+                .collect();
+            if kept.len() != rows.len() {
+                removed += rows.len() - kept.len();
+                self.write_day(&day, &kept)?;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Rows, tokens and redactions by day, source, kind and split, as polars groups them.
+    pub fn stats(&self) -> Result<DataFrame> {
+        let err = |source| DatasetError::Store {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut all = to_frame(&[]).map_err(err)?;
+        for day in self.days()? {
+            let path = self.day_file(&day);
+            let file =
+                std::fs::File::open(&path).map_err(|e| DatasetError::io("open", &path, e))?;
+            let df = ParquetReader::new(file)
+                .finish()
+                .map_err(|source| DatasetError::Store { path, source })?;
+            all.vstack_mut(&df).map_err(err)?;
+        }
+        let by = ["day", "source", "kind", "split"];
+        let rows = all
+            .group_by_stable(by)
+            .and_then(|g| g.select(["id"]).count())
+            .map_err(err)?;
+        let mut out = rows;
+        for c in ["n_tokens", "redactions"] {
+            #[allow(deprecated)]
+            let summed = all
+                .group_by_stable(by)
+                .and_then(|g| g.select([c]).sum())
+                .map_err(err)?;
+            let col = summed.column(&format!("{c}_sum")).map_err(err)?.clone();
+            out.with_column(col).map_err(err)?;
+        }
+        out.sort_in_place(by, SortMultipleOptions::default())
+            .map_err(err)?;
+        Ok(out)
+    }
+
+    /// Ids present, with the day each is in.
+    pub fn ids(&self) -> Result<BTreeMap<String, String>> {
+        let mut ids = BTreeMap::new();
+        for day in self.days()? {
+            for e in self.read_day(&day)? {
+                ids.insert(e.id, day.clone());
+            }
+        }
+        Ok(ids)
+    }
+}
+
+fn to_frame(examples: &[Example]) -> PolarsResult<DataFrame> {
+    let s = |name: &str, f: &dyn Fn(&Example) -> &str| -> Column {
+        Column::new(name.into(), examples.iter().map(f).collect::<Vec<&str>>())
+    };
+    DataFrame::new_infer_height(vec![
+        s("id", &|e| &e.id),
+        s("day", &|e| &e.day),
+        s("source", &|e| &e.source),
+        s("path", &|e| &e.path),
+        s("kind", &|e| e.kind.as_str()),
+        s("context", &|e| &e.context),
+        s("text", &|e| &e.text),
+        Column::new(
+            "n_tokens".into(),
+            examples.iter().map(|e| e.n_tokens).collect::<Vec<u32>>(),
+        ),
+        s("split", &|e| e.split.as_str()),
+        Column::new(
+            "redactions".into(),
+            examples.iter().map(|e| e.redactions).collect::<Vec<u32>>(),
+        ),
+        Column::new(
+            "private".into(),
+            examples.iter().map(|e| e.private).collect::<Vec<bool>>(),
+        ),
+    ])
+}
+
+fn from_frame(df: &DataFrame) -> PolarsResult<Vec<Example>> {
+    let s = |n: &str| -> PolarsResult<Vec<String>> {
+        Ok(df
+            .column(n)?
+            .str()?
+            .iter()
+            .map(|v| v.unwrap_or_default().to_string())
+            .collect())
+    };
+    let u = |n: &str| -> PolarsResult<Vec<u32>> {
+        Ok(df
+            .column(n)?
+            .u32()?
+            .iter()
+            .map(|v| v.unwrap_or(0))
+            .collect())
+    };
+    let bad = |what: &str, v: &str| {
+        PolarsError::ComputeError(format!("unknown {what} {v:?} in the dataset").into())
+    };
+    let (id, day, source, path) = (s("id")?, s("day")?, s("source")?, s("path")?);
+    let (kind, context, text, split) = (s("kind")?, s("context")?, s("text")?, s("split")?);
+    let (n_tokens, redactions) = (u("n_tokens")?, u("redactions")?);
+    let private: Vec<bool> = df
+        .column("private")?
+        .bool()?
+        .iter()
+        .map(|v| v.unwrap_or(false))
+        .collect();
+    let mut out = Vec::with_capacity(df.height());
+    for i in 0..df.height() {
+        out.push(Example {
+            id: id[i].clone(),
+            day: day[i].clone(),
+            source: source[i].clone(),
+            path: path[i].clone(),
+            kind: Kind::parse(&kind[i]).ok_or_else(|| bad("kind", &kind[i]))?,
+            context: context[i].clone(),
+            text: text[i].clone(),
+            n_tokens: n_tokens[i],
+            split: match split[i].as_str() {
+                "train" => Split::Train,
+                "holdout" => Split::Holdout,
+                other => return Err(bad("split", other)),
+            },
+            redactions: redactions[i],
+            private: private[i],
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::example::content_id;
+
+    fn example(text: &str, day: &str) -> Example {
+        let id = content_id(text);
+        Example {
+            split: Split::of(&id, 0.05),
+            id,
+            day: day.into(),
+            source: "notes".into(),
+            path: "a.md".into(),
+            kind: Kind::Note,
+            context: "A > B".into(),
+            text: text.into(),
+            n_tokens: 3,
+            redactions: 1,
+            private: true,
+        }
+    }
+
+    #[test]
+    fn days_round_trip_append_retract_and_stats() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = example("alpha", "2026-01-01");
+        let b = example("beta", "2026-01-02");
+        store
+            .append("2026-01-01", std::slice::from_ref(&a))
+            .unwrap();
+        store.append("2026-01-02", &[b.clone(), b.clone()]).unwrap();
+        assert_eq!(store.days().unwrap(), ["2026-01-01", "2026-01-02"]);
+        assert_eq!(store.read_all().unwrap(), vec![a.clone(), b.clone()]);
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.height(), 2);
+        let gone = store.retract(&HashSet::from([a.id.clone()])).unwrap();
+        assert_eq!(gone, 1);
+        assert_eq!(store.days().unwrap(), ["2026-01-02"]);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("schema.json"), r#"{"version": 7}"#).unwrap();
+        let e = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("newer") && e.contains('7'), "{e}");
+    }
+}

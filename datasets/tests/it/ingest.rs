@@ -1,0 +1,181 @@
+//! Ingest over real directories: what reaches the dataset on a first run, after edits, moves,
+//! deletions and exclusions.
+
+use std::path::Path;
+
+use pai_datasets::ingest::{run, IngestOptions, IngestSettings, IngestSummary};
+use pai_datasets::{resolve_sources, Example, Kind, SourceConfig, Store};
+
+fn words(s: &str) -> usize {
+    s.split_whitespace().count()
+}
+
+fn write(root: &Path, rel: &str, text: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
+}
+
+struct World {
+    home: tempfile::TempDir,
+    notes: tempfile::TempDir,
+    code: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            home: tempfile::tempdir().unwrap(),
+            notes: tempfile::tempdir().unwrap(),
+            code: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn ingest(&self, day: &str) -> IngestSummary {
+        let configs = [
+            SourceConfig::from_arg(&format!("{}:notes", self.notes.path().display())).unwrap(),
+            SourceConfig::from_arg(&format!("{}:code", self.code.path().display())).unwrap(),
+        ];
+        let mut configs = configs.to_vec();
+        configs[0].name = Some("notes".into());
+        configs[1].name = Some("code".into());
+        let sources = resolve_sources(&configs).unwrap();
+        let mut settings = IngestSettings::default();
+        settings.budget.min_tokens = 4;
+        run(&IngestOptions {
+            home: self.home.path(),
+            sources: &sources,
+            day: day.into(),
+            settings,
+            dry_run: false,
+            count_tokens: &words,
+            progress: &|_, _| {},
+        })
+        .unwrap()
+    }
+
+    fn dataset(&self) -> Vec<Example> {
+        Store::open(&self.home.path().join("dataset"))
+            .unwrap()
+            .read_all()
+            .unwrap()
+    }
+}
+
+#[test]
+fn edits_moves_deletions_and_exclusions_reach_the_dataset() {
+    let w = World::new();
+    let n = w.notes.path();
+    write(n, "garden.md", "---\ntags: [home]\n---\n# Tomatoes\nWater them every single morning before work.\n# Beans\nBeans climb the fence by July each year.\n");
+    write(
+        n,
+        "diary/secret.md",
+        "---\nprivate: true\n---\nI told nobody about the surprise party plan.\n",
+    );
+    write(
+        n,
+        "skip.md",
+        "---\npai: exclude\n---\nThis must never be learned by the model at all.\n",
+    );
+    write(n, "photo.jpg", "not a note");
+    write(w.code.path(), "src/lib.rs", "/// Adds two numbers together.\npub fn add(a: u32, b: u32) -> u32 {\n    a + b\n}\n\npub fn sub(a: u32, b: u32) -> u32 {\n    a - b\n}\n");
+    write(w.code.path(), "Cargo.lock", "# lock\n");
+
+    let s1 = w.ingest("2026-03-01");
+    assert_eq!(s1.files_new, 4, "{s1:#?}");
+    let d1 = w.dataset();
+    let notes: Vec<&Example> = d1.iter().filter(|e| e.kind == Kind::Note).collect();
+    assert_eq!(notes.len(), 3, "{d1:#?}");
+    assert!(notes.iter().any(
+        |e| e.context == "garden > Tomatoes [#home]" && e.text.contains("every single morning")
+    ));
+    assert!(notes
+        .iter()
+        .any(|e| e.private && e.text.contains("surprise party")));
+    assert!(d1.iter().all(|e| !e.text.contains("never be learned")));
+    let code: Vec<&Example> = d1.iter().filter(|e| e.kind == Kind::Code).collect();
+    // One example per top-level function, each with its path.
+    assert_eq!(code.len(), 2, "{code:#?}");
+    assert!(code[0]
+        .text
+        .starts_with("// src/lib.rs\n/// Adds two numbers"));
+    assert!(code[1].text.starts_with("// src/lib.rs\npub fn sub"));
+    assert!(d1.iter().all(|e| e.day == "2026-03-01"));
+
+    // Nothing changed: nothing read, nothing added.
+    let s2 = w.ingest("2026-03-02");
+    assert_eq!((s2.files_unchanged, s2.bytes_read), (4, 0), "{s2:#?}");
+    assert_eq!(w.dataset().len(), d1.len());
+
+    // An edit adds only its new section, and drops the one it removed.
+    write(n, "garden.md", "---\ntags: [home]\n---\n# Tomatoes\nWater them every single morning before work.\n# Peppers\nPeppers want more sun than the tomatoes do.\n");
+    // A move keeps its examples; a deletion retracts them; a new exclusion retracts too.
+    std::fs::rename(n.join("diary/secret.md"), n.join("secret-moved.md")).unwrap();
+    write(
+        n,
+        "skip.md",
+        "---\npai: exclude\n---\nStill excluded, and changed.\n",
+    );
+    std::fs::remove_file(w.code.path().join("src/lib.rs")).unwrap();
+    let s3 = w.ingest("2026-03-03");
+    assert_eq!(
+        (s3.files_changed, s3.files_renamed, s3.files_deleted),
+        (2, 1, 1),
+        "{s3:#?}"
+    );
+    let d3 = w.dataset();
+    let texts: Vec<&str> = d3.iter().map(|e| e.text.as_str()).collect();
+    assert!(texts.iter().any(|t| t.contains("Peppers want more sun")));
+    assert!(
+        !texts.iter().any(|t| t.contains("Beans climb")),
+        "{texts:#?}"
+    );
+    assert!(!texts.iter().any(|t| t.contains("pub fn add")));
+    assert!(texts.iter().any(|t| t.contains("surprise party")));
+    // The unchanged section kept its first day; the new one is today's.
+    let day_of = |needle: &str| {
+        d3.iter()
+            .find(|e| e.text.contains(needle))
+            .map(|e| e.day.clone())
+    };
+    assert_eq!(
+        day_of("every single morning").as_deref(),
+        Some("2026-03-01")
+    );
+    assert_eq!(day_of("Peppers").as_deref(), Some("2026-03-03"));
+}
+
+#[test]
+fn planted_secrets_never_reach_the_dataset() {
+    let w = World::new();
+    let planted = super::secrets::planted(11);
+    let mut note = String::from("# Credentials I keep\n");
+    let mut code = String::from("import os\n\n");
+    for (i, (_, _, line)) in planted.iter().enumerate() {
+        if i % 2 == 0 {
+            note.push_str(&format!("\n## Item {i}\n{line}\n"));
+        } else {
+            code.push_str(&format!("def item_{i}():\n    # {line}\n    return 1\n\n"));
+        }
+    }
+    write(w.notes.path(), "keys.md", &note);
+    write(w.code.path(), "app/settings.py", &code);
+    let s = w.ingest("2026-04-01");
+    let all: String = w
+        .dataset()
+        .iter()
+        .map(|e| e.text.clone())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (kind, secret, _) in &planted {
+        assert!(
+            !all.contains(secret.as_str()),
+            "{kind} {secret} reached the dataset"
+        );
+    }
+    assert!(
+        s.redactions.values().sum::<usize>() >= planted.len(),
+        "{:?}",
+        s.redactions
+    );
+}
