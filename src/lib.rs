@@ -2,6 +2,7 @@
 //! model argument is resolved, logging setup. The binaries stay thin; the work lives in the crates.
 
 pub mod bench;
+pub mod ingest;
 
 use std::path::PathBuf;
 

@@ -357,3 +357,134 @@ fn bench_reports_speed_and_memory() {
         "{stdout}"
     );
 }
+
+#[test]
+fn ingest_reads_pai_toml_and_command_line_sources_then_only_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (home, notes, code) = (
+        dir.path().join("home"),
+        dir.path().join("notes"),
+        dir.path().join("code"),
+    );
+    for d in [&home, &notes, &code] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(
+        home.join("pai.toml"),
+        format!(
+            "[[sources]]\npath = {:?}\nkind = \"notes\"\nname = \"vault\"\n\n[ingest]\nholdout_fraction = 0.0\n",
+            notes.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        notes.join("garden.md"),
+        // Assembled here so that pai's own tree stays free of secrets (datasets' clean-corpus test).
+        format!(
+            "# Tomatoes\n\nWater daily in July; the key is AKIA{}.\n",
+            "IOSFODNN7EXAMPLE"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        code.join("lib.rs"),
+        "fn add(a: i32, b: i32) -> i32 {\n    a + b\n}\n",
+    )
+    .unwrap();
+    let ingest = |day: &str| {
+        let code_arg = format!("{}:code", code.display());
+        let out = run(
+            TRAIN,
+            &[
+                "ingest",
+                "--source",
+                &code_arg,
+                "--day",
+                day,
+                "--model",
+                model.to_str().unwrap(),
+                "--json",
+            ],
+            None,
+            &[("PAI_HOME", &home)],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str::<serde_json::Value>(text(&out.stdout).trim()).unwrap()
+    };
+    let first = ingest("2026-11-21");
+    assert_eq!(first["files_new"], 2, "{first}");
+    assert_eq!(first["redactions"]["aws_key"], 1, "{first}");
+    assert_eq!(first["examples_added"]["note"], 1, "{first}");
+    assert_eq!(first["examples_added"]["code"], 1, "{first}");
+    let again = ingest("2026-11-22");
+    assert_eq!(again["files_unchanged"], 2, "{again}");
+    assert_eq!(again["tokens_added"], 0, "{again}");
+
+    let out = run(
+        TRAIN,
+        &["dataset", "stats", "--json"],
+        None,
+        &[("PAI_HOME", &home)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let vault = rows.iter().find(|r| r["source"] == "vault").unwrap();
+    assert_eq!(
+        (&vault["day"], &vault["split"], &vault["redactions"]),
+        (&"2026-11-21".into(), &"train".into(), &1.into())
+    );
+    let stored = std::fs::read_dir(home.join("dataset")).unwrap().count();
+    assert!(stored >= 2, "a day directory and schema.json");
+}
+
+#[test]
+fn ingest_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let out = run(
+        TRAIN,
+        &["ingest", "--source", missing.to_str().unwrap()],
+        None,
+        &[("PAI_HOME", &home)],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no-such-dir"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(
+        TRAIN,
+        &["ingest", "--source", ".", "--day", "22/11/2026"],
+        None,
+        &[("PAI_HOME", &home)],
+    );
+    assert!(
+        text(&out.stderr).contains("22/11/2026"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::write(
+        home.join("pai.toml"),
+        "[[sources]]\npath = \".\"\nkind = \"poems\"\n",
+    )
+    .unwrap();
+    let out = run(TRAIN, &["ingest"], None, &[("PAI_HOME", &home)]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("poems"), "{}", text(&out.stderr));
+
+    std::fs::write(home.join("pai.toml"), "").unwrap();
+    let out = run(TRAIN, &["ingest"], None, &[("PAI_HOME", &home)]);
+    assert!(
+        text(&out.stderr).contains("no sources"),
+        "{}",
+        text(&out.stderr)
+    );
+}

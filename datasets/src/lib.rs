@@ -21,4 +21,4 @@ pub use error::{DatasetError, Result};
 pub use example::{Budget, Example, Kind, Split};
 pub use ingest::{IngestOptions, IngestSettings, IngestSummary};
 pub use source::{resolve_sources, Privacy, Source, SourceConfig, SourceKind};
-pub use store::Store;
+pub use store::{StatsRow, Store};

@@ -106,6 +106,15 @@ impl Source {
     }
 }
 
+/// `~` and `~/…` as a shell expands them (pai.toml is written by hand); other paths unchanged.
+fn expand_home(path: &Path) -> PathBuf {
+    let home = || std::env::var_os("HOME").map(PathBuf::from);
+    match path.strip_prefix("~") {
+        Ok(rest) => home().map_or_else(|| path.to_path_buf(), |h| h.join(rest)),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
 /// Check a list of source configurations: directories exist, globs parse, names are distinct.
 pub fn resolve_sources(configs: &[SourceConfig]) -> Result<Vec<Source>> {
     let mut sources = Vec::with_capacity(configs.len());
@@ -118,15 +127,13 @@ pub fn resolve_sources(configs: &[SourceConfig]) -> Result<Vec<Source>> {
                 reason: "must be at least 1 byte".into(),
             });
         }
-        if !c.path.is_dir() {
-            return Err(DatasetError::MissingSource {
-                path: c.path.clone(),
-            });
+        let path = expand_home(&c.path);
+        if !path.is_dir() {
+            return Err(DatasetError::MissingSource { path });
         }
-        let root = c
-            .path
+        let root = path
             .canonicalize()
-            .map_err(|e| DatasetError::io("resolve", &c.path, e))?;
+            .map_err(|e| DatasetError::io("resolve", &path, e))?;
         let name = match &c.name {
             Some(n) if n.trim().is_empty() || n.contains(['/', '\\']) => {
                 return Err(DatasetError::BadSource {
@@ -185,6 +192,17 @@ pub fn resolve_sources(configs: &[SourceConfig]) -> Result<Vec<Source>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leading_tilde_is_the_home_directory() {
+        let Some(home) = std::env::var_os("HOME").map(PathBuf::from) else {
+            return;
+        };
+        assert_eq!(expand_home(Path::new("~/notes")), home.join("notes"));
+        assert_eq!(expand_home(Path::new("~")), home);
+        assert_eq!(expand_home(Path::new("/a/~b")), Path::new("/a/~b"));
+        assert_eq!(expand_home(Path::new("~bob/x")), Path::new("~bob/x"));
+    }
 
     #[test]
     fn command_line_sources_name_their_kind() {

@@ -17,6 +17,20 @@ use crate::journal::{sync_dir, write_atomic};
 pub const SCHEMA_VERSION: u32 = 1;
 const DATA_FILE: &str = "data.parquet";
 
+/// One group of `Store::stats`: examples of one day, source, kind and split.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsRow {
+    pub day: String,
+    pub source: String,
+    pub kind: String,
+    pub split: String,
+    pub examples: u64,
+    pub tokens: u64,
+    pub redactions: u64,
+    /// Examples from notes or sources marked private.
+    pub private: u64,
+}
+
 /// The dataset directory of a pai home.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -181,40 +195,55 @@ impl Store {
         Ok(removed)
     }
 
-    /// Rows, tokens and redactions by day, source, kind and split, as polars groups them.
-    pub fn stats(&self) -> Result<DataFrame> {
-        let err = |source| DatasetError::Store {
-            path: self.dir.clone(),
-            source,
-        };
-        let mut all = to_frame(&[]).map_err(err)?;
+    /// Rows, tokens and redactions by day, source, kind and split, reading only those columns.
+    pub fn stats(&self) -> Result<Vec<StatsRow>> {
+        let mut groups: BTreeMap<(String, String, String, String), StatsRow> = BTreeMap::new();
         for day in self.days()? {
             let path = self.day_file(&day);
             let file =
                 std::fs::File::open(&path).map_err(|e| DatasetError::io("open", &path, e))?;
-            let df = ParquetReader::new(file)
-                .finish()
-                .map_err(|source| DatasetError::Store { path, source })?;
-            all.vstack_mut(&df).map_err(err)?;
+            let columns = [
+                "source",
+                "kind",
+                "split",
+                "n_tokens",
+                "redactions",
+                "private",
+            ];
+            let add = || -> PolarsResult<()> {
+                let df = ParquetReader::new(file)
+                    .with_columns(Some(columns.iter().map(|c| c.to_string()).collect()))
+                    .finish()?;
+                let (source, kind, split) = (
+                    df.column("source")?.str()?,
+                    df.column("kind")?.str()?,
+                    df.column("split")?.str()?,
+                );
+                let (tokens, redactions) = (
+                    df.column("n_tokens")?.u32()?,
+                    df.column("redactions")?.u32()?,
+                );
+                let private = df.column("private")?.bool()?;
+                for i in 0..df.height() {
+                    let text = |c: &StringChunked| c.get(i).unwrap_or_default().to_string();
+                    let key = (day.clone(), text(source), text(kind), text(split));
+                    let row = groups.entry(key.clone()).or_insert_with(|| StatsRow {
+                        day: key.0,
+                        source: key.1,
+                        kind: key.2,
+                        split: key.3,
+                        ..StatsRow::default()
+                    });
+                    row.examples += 1;
+                    row.tokens += u64::from(tokens.get(i).unwrap_or(0));
+                    row.redactions += u64::from(redactions.get(i).unwrap_or(0));
+                    row.private += u64::from(private.get(i).unwrap_or(false));
+                }
+                Ok(())
+            };
+            add().map_err(|source| DatasetError::Store { path, source })?;
         }
-        let by = ["day", "source", "kind", "split"];
-        let rows = all
-            .group_by_stable(by)
-            .and_then(|g| g.select(["id"]).count())
-            .map_err(err)?;
-        let mut out = rows;
-        for c in ["n_tokens", "redactions"] {
-            #[allow(deprecated)]
-            let summed = all
-                .group_by_stable(by)
-                .and_then(|g| g.select([c]).sum())
-                .map_err(err)?;
-            let col = summed.column(&format!("{c}_sum")).map_err(err)?.clone();
-            out.with_column(col).map_err(err)?;
-        }
-        out.sort_in_place(by, SortMultipleOptions::default())
-            .map_err(err)?;
-        Ok(out)
+        Ok(groups.into_values().collect())
     }
 
     /// Ids present, with the day each is in.
@@ -344,7 +373,12 @@ mod tests {
         assert_eq!(store.days().unwrap(), ["2026-01-01", "2026-01-02"]);
         assert_eq!(store.read_all().unwrap(), vec![a.clone(), b.clone()]);
         let stats = store.stats().unwrap();
-        assert_eq!(stats.height(), 2);
+        assert_eq!(stats.len(), 2);
+        assert_eq!(
+            (stats[0].day.as_str(), stats[0].examples),
+            ("2026-01-01", 1)
+        );
+        assert_eq!(stats[1].tokens, u64::from(b.n_tokens));
         let gone = store.retract(&HashSet::from([a.id.clone()])).unwrap();
         assert_eq!(gone, 1);
         assert_eq!(store.days().unwrap(), ["2026-01-02"]);

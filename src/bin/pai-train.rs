@@ -1,5 +1,5 @@
-//! `pai-train`: build, train and judge adapters. For now: `pai-train perplexity`, the yardstick the
-//! evals use.
+//! `pai-train`: build, train and judge adapters. `pai-train perplexity` (the yardstick the evals
+//! use), `pai-train ingest` and `pai-train dataset stats`.
 
 use std::path::PathBuf;
 
@@ -23,6 +23,41 @@ struct Cli {
 enum Command {
     /// Mean token cross-entropy and perplexity of a text under the model (and adapters).
     Perplexity(PerplexityArgs),
+    /// Turn the day's new and changed notes and code into dataset examples.
+    Ingest(IngestArgs),
+    /// The dataset: `stats` (rows and tokens by day, source, kind and split).
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Rows, tokens and redactions by day, source, kind and split.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct IngestArgs {
+    /// A source for this run on top of pai.toml's [[sources]]: DIR, DIR:notes or DIR:code.
+    #[arg(long = "source", value_name = "DIR[:notes|code]")]
+    sources: Vec<String>,
+    /// The day the new examples belong to (YYYY-MM-DD; today by default).
+    #[arg(long)]
+    day: Option<String>,
+    /// Read and count, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The model whose tokenizer counts tokens (the default model when not given).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -44,6 +79,16 @@ fn main() -> anyhow::Result<()> {
     pai::init_logging();
     match Cli::parse().command {
         Command::Perplexity(args) => run_perplexity(args),
+        Command::Ingest(a) => pai::ingest::ingest(pai::ingest::IngestArgs {
+            sources: a.sources,
+            day: a.day,
+            dry_run: a.dry_run,
+            model: a.model,
+            json: a.json,
+        }),
+        Command::Dataset {
+            command: DatasetCommand::Stats { json },
+        } => pai::ingest::dataset_stats(json),
     }
 }
 

@@ -1,0 +1,170 @@
+//! `pai-train ingest` and `pai-train dataset stats`: the command-line edge of pai-datasets. Reads the
+//! `[[sources]]` and `[ingest]` tables of `$PAI_HOME/pai.toml` (typed, once, here), adds `--source`
+//! arguments, counts tokens with the default model's tokenizer, and prints the summary.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use pai_datasets::ingest::{run, IngestOptions, IngestSettings, IngestSummary};
+use pai_datasets::{resolve_sources, SourceConfig, Store};
+use serde::Deserialize;
+
+/// The tables of `pai.toml` ingest reads; other tables belong to other stages.
+#[derive(Debug, Default, Deserialize)]
+struct IngestConfig {
+    #[serde(default)]
+    sources: Vec<SourceConfig>,
+    #[serde(default)]
+    ingest: IngestSettings,
+}
+
+fn read_config(home: &Path) -> anyhow::Result<IngestConfig> {
+    let path = home.join("pai.toml");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(IngestConfig::default()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let value: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let mut wanted = toml::Table::new();
+    for key in ["sources", "ingest"] {
+        if let Some(v) = value.get(key) {
+            wanted.insert(key.into(), v.clone());
+        }
+    }
+    wanted
+        .try_into()
+        .with_context(|| format!("{}: [[sources]] or [ingest]", path.display()))
+}
+
+pub struct IngestArgs {
+    pub sources: Vec<String>,
+    pub day: Option<String>,
+    pub dry_run: bool,
+    pub model: Option<PathBuf>,
+    pub json: bool,
+}
+
+pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    let home = crate::pai_home();
+    let mut config = read_config(&home)?;
+    for s in &args.sources {
+        config.sources.push(SourceConfig::from_arg(s)?);
+    }
+    anyhow::ensure!(
+        !config.sources.is_empty(),
+        "no sources: add [[sources]] to {} or pass --source DIR[:notes|code]",
+        home.join("pai.toml").display()
+    );
+    let sources = resolve_sources(&config.sources)?;
+    let day = match args.day {
+        Some(d) => {
+            chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d")
+                .with_context(|| format!("--day {d:?} is not a date like 2026-11-22"))?;
+            d
+        }
+        None => chrono::Local::now().format("%Y-%m-%d").to_string(),
+    };
+    let model = crate::resolve_model(args.model)?;
+    let tokenizer = pai_model::Tokenizer::from_model_path(&model)?;
+    let count = |t: &str| tokenizer.encode(t, false).map_or(0, |ids| ids.len());
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} ingest {bar:30} {pos}/{len} files {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let started = std::time::Instant::now();
+    let summary = run(&IngestOptions {
+        home: &home,
+        sources: &sources,
+        day: day.clone(),
+        settings: config.ingest,
+        dry_run: args.dry_run,
+        count_tokens: &count,
+        progress: &progress,
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&summary, &day, started.elapsed());
+    }
+    Ok(())
+}
+
+fn print_summary(s: &IngestSummary, day: &str, took: std::time::Duration) {
+    let verb = if s.dry_run { "would add" } else { "added" };
+    println!(
+        "ingest {day}{}: {} files seen, {} new, {} changed, {} moved, {} deleted, {} unchanged ({:.1} MB read in {:.1?})",
+        if s.dry_run { " (dry run)" } else { "" },
+        s.files_seen, s.files_new, s.files_changed, s.files_renamed, s.files_deleted, s.files_unchanged,
+        s.bytes_read as f64 / 1e6, took
+    );
+    let kinds: Vec<String> = s
+        .examples_added
+        .iter()
+        .map(|(k, n)| format!("{n} {}", k.as_str()))
+        .collect();
+    println!(
+        "{verb} {} examples ({}), {} tokens; {} duplicates dropped; {} examples retracted",
+        s.examples_added.values().sum::<usize>(),
+        if kinds.is_empty() {
+            "none".into()
+        } else {
+            kinds.join(", ")
+        },
+        s.tokens_added,
+        s.duplicates,
+        s.examples_retracted
+    );
+    if !s.redactions.is_empty() {
+        let r: Vec<String> = s
+            .redactions
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        println!("redacted: {}", r.join(", "));
+    }
+    for (reason, n) in &s.skipped {
+        println!("skipped {n:>6}  {}", reason.describe());
+    }
+}
+
+pub fn dataset_stats(json: bool) -> anyhow::Result<()> {
+    let home = crate::pai_home();
+    let rows = Store::open(&home.join("dataset"))?.stats()?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("the dataset in {} is empty", home.join("dataset").display());
+        return Ok(());
+    }
+    println!(
+        "{:<10}  {:<16}  {:<6}  {:<7}  {:>8}  {:>10}  {:>10}  {:>7}",
+        "day", "source", "kind", "split", "examples", "tokens", "redactions", "private"
+    );
+    let mut total = pai_datasets::StatsRow::default();
+    for r in &rows {
+        println!(
+            "{:<10}  {:<16}  {:<6}  {:<7}  {:>8}  {:>10}  {:>10}  {:>7}",
+            r.day, r.source, r.kind, r.split, r.examples, r.tokens, r.redactions, r.private
+        );
+        total.examples += r.examples;
+        total.tokens += r.tokens;
+        total.redactions += r.redactions;
+        total.private += r.private;
+    }
+    println!(
+        "{:<10}  {:<16}  {:<6}  {:<7}  {:>8}  {:>10}  {:>10}  {:>7}",
+        "total", "", "", "", total.examples, total.tokens, total.redactions, total.private
+    );
+    Ok(())
+}
