@@ -35,6 +35,8 @@ pub enum DatasetError {
         found: u32,
         supported: u32,
     },
+    #[error("{path}: {reason}")]
+    BadIndex { path: PathBuf, reason: String },
     #[error("source {index}: {field} = {value:?} is invalid: {reason}")]
     BadSource {
         index: usize,

@@ -87,6 +87,9 @@ pub struct Example {
     pub redactions: u32,
     /// From a private source or note: never quoted to a cloud model (see the privacy index).
     pub private: bool,
+    /// For a `fim` example: the order and where the middle lies in `text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fim: Option<crate::fim::FimSpan>,
 }
 
 /// sha256 hex of a text.

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -14,12 +15,15 @@ use sha2::{Digest, Sha256};
 use crate::code::{split_items, Language};
 use crate::error::Result;
 use crate::example::{content_id, pack, Budget, Example, Kind, Split};
+use crate::fim::{fim_example, FimSettings};
 use crate::journal::{Deletion, FileEntry, Journal};
+use crate::minhash::{NearDupIndex, Signature};
 use crate::notes::{parse, NoteFormat};
+use crate::privacy_index::PrivacyIndex;
 use crate::scrub::{scrub, PiiPolicy};
 use crate::source::{Privacy, Source, SourceKind};
 use crate::store::Store;
-use crate::walk::{read_text, walk, SkipReason};
+use crate::walk::{read_text, walk, FoundFile, SkipReason};
 
 /// The `[ingest]` table of `pai.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +33,10 @@ pub struct IngestSettings {
     pub holdout_fraction: f64,
     pub budget: Budget,
     pub pii: PiiPolicy,
+    /// Estimated Jaccard similarity (of 5-word shingles) from which a new example is a near-duplicate
+    /// of one already in the dataset or earlier in the run, and is dropped. Above 1 turns it off.
+    pub near_duplicate_threshold: f64,
+    pub fim: FimSettings,
 }
 
 impl Default for IngestSettings {
@@ -37,9 +45,14 @@ impl Default for IngestSettings {
             holdout_fraction: 0.05,
             budget: Budget::default(),
             pii: PiiPolicy::default(),
+            near_duplicate_threshold: 0.8,
+            fim: FimSettings::default(),
         }
     }
 }
+
+/// Tokens a FIM example adds to its code: the three markers, one token each.
+const FIM_MARKER_TOKENS: u32 = 3;
 
 /// What one run is asked to do.
 pub struct IngestOptions<'a> {
@@ -72,6 +85,10 @@ pub struct IngestSummary {
     pub tokens_added: usize,
     /// Examples already in the dataset (the same text elsewhere, or from an earlier day).
     pub duplicates: usize,
+    /// Examples dropped as near-duplicates of one in the dataset or earlier in the run.
+    pub near_duplicates: usize,
+    /// Sampled shingles in the privacy index, when this run rebuilt it.
+    pub privacy_index_shingles: Option<usize>,
     pub examples_retracted: usize,
     pub redactions: BTreeMap<String, usize>,
     pub dry_run: bool,
@@ -122,14 +139,66 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
         .filter(|id| !referenced.contains(id) && existing.contains(id))
         .collect();
     summary.examples_retracted = retract.len();
+    let new_examples = drop_near_duplicates(&store, new_examples, &retract, opts, &mut summary)?;
+    for e in &new_examples {
+        *summary.examples_added.entry(e.kind).or_default() += 1;
+        summary.tokens_added += e.n_tokens as usize;
+    }
     if !opts.dry_run {
         store.append(&opts.day, &new_examples)?;
         store.retract(&retract)?;
+        let index_path = PrivacyIndex::path(opts.home);
+        if new_examples.iter().any(|e| e.private) || !retract.is_empty() || !index_path.exists() {
+            let texts = store.private_texts()?;
+            let index = PrivacyIndex::build(texts.iter().map(String::as_str));
+            index.save(&index_path)?;
+            summary.privacy_index_shingles = Some(index.len());
+        }
         for (name, j) in &journals {
             j.save(opts.home, name)?;
         }
     }
     Ok(summary)
+}
+
+/// Drop the new examples that nearly duplicate one in the dataset (other than those being retracted)
+/// or an earlier new one, and the FIM examples of dropped code.
+fn drop_near_duplicates(
+    store: &Store,
+    new_examples: Vec<Example>,
+    retract: &HashSet<String>,
+    opts: &IngestOptions,
+    summary: &mut IngestSummary,
+) -> Result<Vec<Example>> {
+    let threshold = opts.settings.near_duplicate_threshold;
+    if threshold > 1.0 || new_examples.is_empty() {
+        return Ok(new_examples);
+    }
+    let mut index = NearDupIndex::new(threshold);
+    for (id, signature) in store.signatures(retract)? {
+        index.insert(id, signature);
+    }
+    let mut dropped: HashSet<String> = HashSet::new();
+    let mut kept = Vec::with_capacity(new_examples.len());
+    for e in new_examples {
+        if e.kind == Kind::Fim {
+            kept.push(e);
+            continue;
+        }
+        if let Some(signature) = Signature::of(&e.text) {
+            if let Some((like, similarity)) = index.find(&signature) {
+                tracing::debug!(path = %e.path, like = %like, similarity, "near-duplicate dropped");
+                summary.near_duplicates += 1;
+                dropped.insert(e.id);
+                continue;
+            }
+            index.insert(e.id.clone(), signature);
+        }
+        kept.push(e);
+    }
+    // A FIM example's text is its code example's text.
+    kept.retain(|e| e.kind != Kind::Fim || !dropped.contains(&content_id(&e.text)));
+    Ok(kept)
 }
 
 fn other_journals(home: &Path, sources: &[Source]) -> Result<Vec<Journal>> {
@@ -174,18 +243,16 @@ fn ingest_source(
         .map(|(p, e)| (e.hash.clone(), p.clone()))
         .collect();
     let total = found.files.len();
-    for (done, file) in found.files.iter().enumerate() {
-        (opts.progress)(done, total);
+    let vanished_hashes: HashSet<String> = vanished.keys().cloned().collect();
+    let mut processed = process_files(opts, source, journal, &found.files, &vanished_hashes);
+    for (file, done) in found.files.iter().zip(processed.iter_mut()) {
         let old = journal.files.get(&file.relative).cloned();
-        if old
-            .as_ref()
-            .is_some_and(|o| o.size == file.size && o.mtime_ns == file.mtime_ns)
-        {
+        let Some(done) = done.take() else {
             summary.files_unchanged += 1;
             continue;
-        }
-        let text = match read_text(file, source.kind) {
-            Ok(t) => t,
+        };
+        let (text_len, hash, examples) = match done {
+            Ok(read) => read,
             Err(reason) => {
                 *summary.skipped.entry(reason).or_default() += 1;
                 // A file that became junk leaves; one that was busy or unreadable keeps its examples.
@@ -200,8 +267,7 @@ fn ingest_source(
                 continue;
             }
         };
-        summary.bytes_read += text.len() as u64;
-        let hash = hex(&Sha256::digest(text.as_bytes()));
+        summary.bytes_read += text_len as u64;
         let entry = |examples| FileEntry {
             size: file.size,
             mtime_ns: file.mtime_ns,
@@ -232,7 +298,18 @@ fn ingest_source(
         } else {
             summary.files_new += 1;
         }
-        let (examples, excluded, redactions) = file_examples(opts, source, &file.relative, &text);
+        // Made in the parallel pass unless the content matched a vanished file there (a second copy
+        // of a moved file).
+        let (examples, excluded, redactions) = match examples {
+            Some(made) => made,
+            None => match read_text(file, source.kind) {
+                Ok(text) => file_examples(opts, source, &file.relative, &text),
+                Err(reason) => {
+                    *summary.skipped.entry(reason).or_default() += 1;
+                    continue;
+                }
+            },
+        };
         if excluded {
             *summary.skipped.entry(SkipReason::Excluded).or_default() += 1;
         }
@@ -248,8 +325,6 @@ fn ingest_source(
                 summary.duplicates += 1;
                 continue;
             }
-            *summary.examples_added.entry(example.kind).or_default() += 1;
-            summary.tokens_added += example.n_tokens as usize;
             new_examples.push(example);
         }
         journal.files.insert(file.relative.clone(), entry(ids));
@@ -269,6 +344,72 @@ fn ingest_source(
     }
 }
 
+type FileExamples = (Vec<Example>, bool, BTreeMap<String, usize>);
+/// What the parallel pass made of one file that needed reading: its length, content hash, and its
+/// examples unless the content is known (unchanged, or a moved file's).
+type Processed = std::result::Result<(usize, String, Option<FileExamples>), SkipReason>;
+
+/// Read, hash and split, on every core, the files whose size or mtime differ from the journal's
+/// (`None` for the others). This is where an ingest spends its time: tokenizing and scrubbing.
+fn process_files(
+    opts: &IngestOptions,
+    source: &Source,
+    journal: &Journal,
+    files: &[FoundFile],
+    vanished: &HashSet<String>,
+) -> Vec<Option<Processed>> {
+    let total = files.len();
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let one = |file: &FoundFile| -> Option<Processed> {
+        let old = journal.files.get(&file.relative);
+        if old.is_some_and(|o| o.size == file.size && o.mtime_ns == file.mtime_ns) {
+            return None;
+        }
+        let text = match read_text(file, source.kind) {
+            Ok(t) => t,
+            Err(reason) => return Some(Err(reason)),
+        };
+        let hash = hex(&Sha256::digest(text.as_bytes()));
+        let known =
+            old.is_some_and(|o| o.hash == hash) || (old.is_none() && vanished.contains(&hash));
+        let examples = (!known).then(|| file_examples(opts, source, &file.relative, &text));
+        Some(Ok((text.len(), hash, examples)))
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(total.max(1));
+    let mut results: Vec<Option<Processed>> = Vec::with_capacity(total);
+    results.resize_with(total, || None);
+    let parts: Vec<Vec<(usize, Option<Processed>)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(file) = files.get(i) else { break };
+                        mine.push((i, one(file)));
+                        (opts.progress)(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    for (i, r) in parts.into_iter().flatten() {
+        results[i] = r;
+    }
+    results
+}
+
 /// The examples of one file's text, whether its frontmatter excludes it, and the secrets and PII
 /// removed. The whole file is scrubbed before it is split, so no secret can straddle two examples.
 fn file_examples(
@@ -276,7 +417,7 @@ fn file_examples(
     source: &Source,
     relative: &str,
     text: &str,
-) -> (Vec<Example>, bool, BTreeMap<String, usize>) {
+) -> FileExamples {
     let scrubbed = scrub(text, opts.settings.pii);
     let text = scrubbed.text.as_str();
     let count = opts.count_tokens;
@@ -336,7 +477,7 @@ fn file_examples(
             (Kind::Code, source.privacy, packed)
         }
     };
-    let examples = pieces
+    let mut examples: Vec<Example> = pieces
         .into_iter()
         .map(|(context, body)| {
             let text = match kind {
@@ -357,9 +498,15 @@ fn file_examples(
                 redactions: redactions as u32,
                 text,
                 private: privacy == Privacy::Private,
+                fim: None,
             }
         })
         .collect();
+    let fims: Vec<Example> = examples
+        .iter()
+        .filter_map(|e| fim_example(e, opts.settings.fim, FIM_MARKER_TOKENS))
+        .collect();
+    examples.extend(fims);
     (examples, false, scrubbed.redactions)
 }
 

@@ -2,16 +2,20 @@
 //!
 //! `ingest::run` walks the configured sources (`source`, `walk`), reads only what the change journal
 //! (`journal`) says is new or changed, splits notes by heading (`notes`) and code at top-level items
-//! (`code`) into examples of a token budget (`example`), removes secrets and PII (`scrub`), drops exact
-//! duplicates, and writes one parquet partition per day (`store`). Examples of deleted or newly
-//! excluded files leave the dataset at the next ingest.
+//! (`code`) into examples of a token budget (`example`), adds fill-in-the-middle variants of code
+//! (`fim`), removes secrets and PII (`scrub`), drops exact and near duplicates (`minhash`), and writes
+//! one parquet partition per day (`store`). Examples of deleted or newly excluded files leave the
+//! dataset at the next ingest; the privacy index of private text (`privacy_index`) is rebuilt with it.
 
 pub mod code;
 mod error;
 pub mod example;
+pub mod fim;
 pub mod ingest;
 pub mod journal;
+pub mod minhash;
 pub mod notes;
+pub mod privacy_index;
 pub mod scrub;
 pub mod source;
 pub mod store;
@@ -19,6 +23,8 @@ pub mod walk;
 
 pub use error::{DatasetError, Result};
 pub use example::{Budget, Example, Kind, Split};
+pub use fim::{FimMode, FimSettings, FimSpan, FimTokens};
 pub use ingest::{IngestOptions, IngestSettings, IngestSummary};
+pub use privacy_index::{PrivacyIndex, PrivateMatch};
 pub use source::{resolve_sources, Privacy, Source, SourceConfig, SourceKind};
 pub use store::{StatsRow, Store};

@@ -12,9 +12,13 @@ use polars::prelude::*;
 
 use crate::error::{DatasetError, Result};
 use crate::example::{Example, Kind, Split};
+use crate::fim::{FimMode, FimSpan};
 use crate::journal::{sync_dir, write_atomic};
+use crate::minhash::Signature;
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 1: the first; 2: `fim_mode`/`fim_start`/`fim_end` and `minhash` (version 1 files are read as
+/// having no FIM examples, their signatures computed from the text when asked for).
+pub const SCHEMA_VERSION: u32 = 2;
 const DATA_FILE: &str = "data.parquet";
 
 /// One group of `Store::stats`: examples of one day, source, kind and split.
@@ -102,18 +106,67 @@ impl Store {
     /// The examples of one day (none if the day has no partition).
     pub fn read_day(&self, day: &str) -> Result<Vec<Example>> {
         let path = self.day_file(day);
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(DatasetError::io("open", &path, e)),
-        };
-        let df = ParquetReader::new(file)
-            .finish()
-            .map_err(|source| DatasetError::Store {
-                path: path.clone(),
-                source,
-            })?;
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let df = read_columns(&path, EXAMPLE_COLUMNS)?;
         from_frame(&df).map_err(|source| DatasetError::Store { path, source })
+    }
+
+    /// The MinHash signature of every stored example that has one, except those in `skip`, with its id.
+    /// (Files from schema version 1 have none stored: computed from their text.)
+    pub fn signatures(&self, skip: &HashSet<String>) -> Result<Vec<(String, Signature)>> {
+        let mut out = Vec::new();
+        for day in self.days()? {
+            let path = self.day_file(&day);
+            let df = read_columns(&path, &["id", "kind", "text", "minhash"])?;
+            let mut collect = || -> PolarsResult<()> {
+                let ids = df.column("id")?.str()?;
+                let kinds = df.column("kind")?.str()?;
+                let stored = match df.column("minhash") {
+                    Ok(c) => Some(c.binary()?.clone()),
+                    Err(_) => None,
+                };
+                let texts = df.column("text")?.str()?;
+                for i in 0..df.height() {
+                    let id = ids.get(i).unwrap_or_default();
+                    if skip.contains(id) || kinds.get(i) == Some(Kind::Fim.as_str()) {
+                        continue;
+                    }
+                    let signature = match &stored {
+                        Some(b) => b.get(i).and_then(Signature::from_bytes),
+                        None => Signature::of(texts.get(i).unwrap_or_default()),
+                    };
+                    if let Some(sig) = signature {
+                        out.push((id.to_string(), sig));
+                    }
+                }
+                Ok(())
+            };
+            collect().map_err(|source| DatasetError::Store { path, source })?;
+        }
+        Ok(out)
+    }
+
+    /// The texts of the private examples (for the privacy index).
+    pub fn private_texts(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for day in self.days()? {
+            let path = self.day_file(&day);
+            let df = read_columns(&path, &["text", "private"])?;
+            let mut collect = || -> PolarsResult<()> {
+                let texts = df.column("text")?.str()?;
+                let private = df.column("private")?.bool()?;
+                for i in 0..df.height() {
+                    if private.get(i) == Some(true) {
+                        out.push(texts.get(i).unwrap_or_default().to_string());
+                    }
+                }
+                Ok(())
+            };
+            collect().map_err(|source| DatasetError::Store { path, source })?;
+        }
+        Ok(out)
     }
 
     /// Every example, oldest day first.
@@ -163,6 +216,9 @@ impl Store {
 
     /// Add examples to a day's partition (ids already in it are not added twice).
     pub fn append(&self, day: &str, examples: &[Example]) -> Result<()> {
+        if examples.is_empty() {
+            return Ok(());
+        }
         let mut rows = self.read_day(day)?;
         let mut have: HashSet<String> = rows.iter().map(|e| e.id.clone()).collect();
         rows.extend(
@@ -200,8 +256,6 @@ impl Store {
         let mut groups: BTreeMap<(String, String, String, String), StatsRow> = BTreeMap::new();
         for day in self.days()? {
             let path = self.day_file(&day);
-            let file =
-                std::fs::File::open(&path).map_err(|e| DatasetError::io("open", &path, e))?;
             let columns = [
                 "source",
                 "kind",
@@ -210,10 +264,8 @@ impl Store {
                 "redactions",
                 "private",
             ];
-            let add = || -> PolarsResult<()> {
-                let df = ParquetReader::new(file)
-                    .with_columns(Some(columns.iter().map(|c| c.to_string()).collect()))
-                    .finish()?;
+            let df = read_columns(&path, &columns)?;
+            let mut add = || -> PolarsResult<()> {
                 let (source, kind, split) = (
                     df.column("source")?.str()?,
                     df.column("kind")?.str()?,
@@ -246,16 +298,59 @@ impl Store {
         Ok(groups.into_values().collect())
     }
 
-    /// Ids present, with the day each is in.
+    /// Ids present, with the day each is in (reading only the id column).
     pub fn ids(&self) -> Result<BTreeMap<String, String>> {
         let mut ids = BTreeMap::new();
         for day in self.days()? {
-            for e in self.read_day(&day)? {
-                ids.insert(e.id, day.clone());
+            let path = self.day_file(&day);
+            let df = read_columns(&path, &["id"])?;
+            let column = df
+                .column("id")
+                .and_then(|c| c.str().cloned())
+                .map_err(|source| DatasetError::Store { path, source })?;
+            for id in column.iter().flatten() {
+                ids.insert(id.to_string(), day.clone());
             }
         }
         Ok(ids)
     }
+}
+
+/// The columns an `Example` is read from (`minhash` is read only by `signatures`).
+const EXAMPLE_COLUMNS: &[&str] = &[
+    "id",
+    "day",
+    "source",
+    "path",
+    "kind",
+    "context",
+    "text",
+    "n_tokens",
+    "split",
+    "redactions",
+    "private",
+    "fim_mode",
+    "fim_start",
+    "fim_end",
+];
+
+/// Read those of `wanted` that the file has (files of older schema versions lack the newer columns).
+fn read_columns(path: &Path, wanted: &[&str]) -> Result<DataFrame> {
+    let file = std::fs::File::open(path).map_err(|e| DatasetError::io("open", path, e))?;
+    let read = || -> PolarsResult<DataFrame> {
+        let mut reader = ParquetReader::new(file);
+        let schema = reader.schema()?;
+        let present = wanted
+            .iter()
+            .filter(|c| schema.contains(c))
+            .map(|c| c.to_string())
+            .collect();
+        reader.with_columns(Some(present)).finish()
+    };
+    read().map_err(|source| DatasetError::Store {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn to_frame(examples: &[Example]) -> PolarsResult<DataFrame> {
@@ -283,7 +378,35 @@ fn to_frame(examples: &[Example]) -> PolarsResult<DataFrame> {
             "private".into(),
             examples.iter().map(|e| e.private).collect::<Vec<bool>>(),
         ),
+        s("fim_mode", &|e| e.fim.map_or("", |f| f.mode.as_str())),
+        Column::new(
+            "fim_start".into(),
+            examples
+                .iter()
+                .map(|e| e.fim.map_or(0, |f| f.start))
+                .collect::<Vec<u32>>(),
+        ),
+        Column::new(
+            "fim_end".into(),
+            examples
+                .iter()
+                .map(|e| e.fim.map_or(0, |f| f.end))
+                .collect::<Vec<u32>>(),
+        ),
+        Column::new("minhash".into(), signatures(examples)),
     ])
+}
+
+/// The stored MinHash signature of each example (empty for FIM examples, which repeat a code example
+/// by design, and for texts too short to shingle).
+fn signatures(examples: &[Example]) -> Vec<Vec<u8>> {
+    examples
+        .iter()
+        .map(|e| match e.kind {
+            Kind::Fim => Vec::new(),
+            _ => Signature::of(&e.text).map_or_else(Vec::new, |s| s.to_bytes()),
+        })
+        .collect()
 }
 
 fn from_frame(df: &DataFrame) -> PolarsResult<Vec<Example>> {
@@ -315,8 +438,22 @@ fn from_frame(df: &DataFrame) -> PolarsResult<Vec<Example>> {
         .iter()
         .map(|v| v.unwrap_or(false))
         .collect();
+    let fim_mode = df.column("fim_mode").ok().map(|c| c.str()).transpose()?;
+    let fim_start = df.column("fim_start").ok().map(|c| c.u32()).transpose()?;
+    let fim_end = df.column("fim_end").ok().map(|c| c.u32()).transpose()?;
     let mut out = Vec::with_capacity(df.height());
     for i in 0..df.height() {
+        let fim = match (fim_mode, fim_start, fim_end) {
+            (Some(m), Some(s), Some(e)) => match m.get(i).unwrap_or_default() {
+                "" => None,
+                mode => Some(FimSpan {
+                    mode: FimMode::parse(mode).ok_or_else(|| bad("FIM mode", mode))?,
+                    start: s.get(i).unwrap_or(0),
+                    end: e.get(i).unwrap_or(0),
+                }),
+            },
+            _ => None,
+        };
         out.push(Example {
             id: id[i].clone(),
             day: day[i].clone(),
@@ -333,6 +470,7 @@ fn from_frame(df: &DataFrame) -> PolarsResult<Vec<Example>> {
             },
             redactions: redactions[i],
             private: private[i],
+            fim,
         });
     }
     Ok(out)
@@ -357,6 +495,7 @@ mod tests {
             n_tokens: 3,
             redactions: 1,
             private: true,
+            fim: None,
         }
     }
 

@@ -179,3 +179,99 @@ fn planted_secrets_never_reach_the_dataset() {
         s.redactions
     );
 }
+
+fn paragraph(seed: usize, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("w{}", (i * 7919 + seed * 104_729) % 9973))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn near_copies_are_dropped_but_an_edited_section_replaces_its_old_version() {
+    let w = World::new();
+    let n = w.notes.path();
+    let text = paragraph(1, 120);
+    write(n, "a.md", &format!("# Plan\n{text}\n"));
+    let s1 = w.ingest("2026-03-01");
+    assert_eq!(s1.near_duplicates, 0);
+
+    // The same paragraph pasted into another note with two words changed: a near-copy.
+    let pasted = text.replacen("w", "changed", 2);
+    write(n, "b.md", &format!("# Copy\n{pasted}\n"));
+    let s2 = w.ingest("2026-03-02");
+    assert_eq!((s2.files_new, s2.near_duplicates), (1, 1), "{s2:#?}");
+    assert!(w.dataset().iter().all(|e| !e.text.contains("changed")));
+
+    // Editing the original the same way is not a near-copy of its own old version, which leaves.
+    std::fs::remove_file(n.join("b.md")).unwrap();
+    write(n, "a.md", &format!("# Plan\n{pasted}\n"));
+    let s3 = w.ingest("2026-03-03");
+    assert_eq!(s3.near_duplicates, 0, "{s3:#?}");
+    let d3 = w.dataset();
+    assert_eq!(d3.len(), 1, "{d3:#?}");
+    assert!(d3[0].text.contains("changed"));
+}
+
+#[test]
+fn code_gets_fill_in_the_middle_examples_in_its_own_split() {
+    let w = World::new();
+    let mut src = String::new();
+    for i in 0..40 {
+        src.push_str(&format!(
+            "pub fn f{i}(x: u64) -> u64 {{\n    let y = x * {i} + {};\n    y ^ (y >> 3)\n}}\n\n",
+            i * 31
+        ));
+    }
+    write(w.code.path(), "src/lib.rs", &src);
+    w.ingest("2026-03-01");
+    let d = w.dataset();
+    let code: Vec<&Example> = d.iter().filter(|e| e.kind == Kind::Code).collect();
+    let fim: Vec<&Example> = d.iter().filter(|e| e.kind == Kind::Fim).collect();
+    assert_eq!(code.len(), 40);
+    assert!((10..=30).contains(&fim.len()), "{} FIM of 40", fim.len());
+    for f in fim {
+        let parent = code
+            .iter()
+            .find(|c| c.text == f.text)
+            .expect("its code example");
+        let span = f.fim.expect("a span");
+        assert!(span.start < span.end && span.end as usize <= f.text.len());
+        assert_eq!(f.split, parent.split);
+        assert_eq!(f.n_tokens, parent.n_tokens + 3);
+    }
+}
+
+#[test]
+fn the_privacy_index_follows_the_private_notes() {
+    let w = World::new();
+    let n = w.notes.path();
+    let secret = "my sister is moving to porto in march and has not told our parents yet so keep \
+                  it quiet until the contract with the clinic is signed next week";
+    write(
+        n,
+        "family.md",
+        &format!("---\nprivate: true\n---\n# Family\n{secret}\n"),
+    );
+    write(n, "public.md", &format!("# Public\n{}\n", paragraph(3, 60)));
+    let s1 = w.ingest("2026-03-01");
+    assert!(s1.privacy_index_shingles.unwrap_or(0) > 0, "{s1:#?}");
+    let path = pai_datasets::PrivacyIndex::path(w.home.path());
+    let quote = "please polish: has not told our parents yet so keep it quiet until the contract \
+                 with the clinic is signed";
+    let index = pai_datasets::PrivacyIndex::load(&path).unwrap();
+    assert!(index.check(quote).found > 0, "{:?}", index.check(quote));
+    assert_eq!(
+        index.check(&paragraph(3, 60)).found,
+        0,
+        "public text is not private"
+    );
+    // Nothing changed: the index is not rebuilt.
+    assert_eq!(w.ingest("2026-03-02").privacy_index_shingles, None);
+    // The note deleted: it leaves the index.
+    std::fs::remove_file(n.join("family.md")).unwrap();
+    let s3 = w.ingest("2026-03-03");
+    assert_eq!(s3.privacy_index_shingles, Some(0));
+    let index = pai_datasets::PrivacyIndex::load(&path).unwrap();
+    assert_eq!(index.check(quote).found, 0);
+}
