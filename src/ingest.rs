@@ -112,7 +112,7 @@ fn print_summary(s: &IngestSummary, day: &str, took: std::time::Duration) {
         .map(|(k, n)| format!("{n} {}", k.as_str()))
         .collect();
     println!(
-        "{verb} {} examples ({}), {} tokens; {} duplicates dropped; {} examples retracted",
+        "{verb} {} examples ({}), {} tokens; {} duplicates and {} near-duplicates dropped; {} examples retracted",
         s.examples_added.values().sum::<usize>(),
         if kinds.is_empty() {
             "none".into()
@@ -121,8 +121,12 @@ fn print_summary(s: &IngestSummary, day: &str, took: std::time::Duration) {
         },
         s.tokens_added,
         s.duplicates,
+        s.near_duplicates,
         s.examples_retracted
     );
+    if let Some(n) = s.privacy_index_shingles {
+        println!("privacy index rebuilt: {n} sampled shingles of private text");
+    }
     if !s.redactions.is_empty() {
         let r: Vec<String> = s
             .redactions

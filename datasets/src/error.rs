@@ -35,6 +35,15 @@ pub enum DatasetError {
         found: u32,
         supported: u32,
     },
+    #[error(
+        "source name {name:?} belongs to {was} (in its change journal), not {now}: give one of them \
+         another name (`name = ...` in its [[sources]] entry)"
+    )]
+    SourceNameTaken {
+        name: String,
+        was: PathBuf,
+        now: PathBuf,
+    },
     #[error("{path}: {reason}")]
     BadIndex { path: PathBuf, reason: String },
     #[error("source {index}: {field} = {value:?} is invalid: {reason}")]

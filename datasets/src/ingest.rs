@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::code::{split_items, Language};
-use crate::error::Result;
+use crate::error::{DatasetError, Result};
 use crate::example::{content_id, pack, Budget, Example, Kind, Split};
 use crate::fim::{fim_example, FimSettings};
 use crate::journal::{Deletion, FileEntry, Journal};
@@ -108,6 +108,20 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
     let mut retract_candidates: HashSet<String> = HashSet::new();
     for source in opts.sources {
         let mut journal = Journal::load(opts.home, &source.name)?;
+        match &journal.root {
+            Some(was) if *was != source.root && was.exists() => {
+                return Err(DatasetError::SourceNameTaken {
+                    name: source.name.clone(),
+                    was: was.clone(),
+                    now: source.root.clone(),
+                });
+            }
+            Some(was) if *was != source.root => {
+                tracing::info!(source = %source.name, from = %was.display(), to = %source.root.display(), "source moved");
+            }
+            _ => {}
+        }
+        journal.root = Some(source.root.clone());
         ingest_source(
             opts,
             source,

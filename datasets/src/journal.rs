@@ -37,6 +37,9 @@ pub struct Deletion {
 pub struct Journal {
     #[serde(default)]
     pub version: u32,
+    /// The source's root directory when the journal was written (two sources of one name are refused).
+    #[serde(default)]
+    pub root: Option<PathBuf>,
     /// Relative path → what it held at the last ingest.
     pub files: BTreeMap<String, FileEntry>,
     /// Files that disappeared (not moved), most recent last.

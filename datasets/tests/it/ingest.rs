@@ -275,3 +275,39 @@ fn the_privacy_index_follows_the_private_notes() {
     let index = pai_datasets::PrivacyIndex::load(&path).unwrap();
     assert_eq!(index.check(quote).found, 0);
 }
+
+#[test]
+fn a_second_directory_under_a_taken_source_name_is_refused_but_a_moved_one_is_followed() {
+    let (home, trees) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in ["a/src", "b/src"] {
+        write(
+            trees.path(),
+            &format!("{d}/lib.rs"),
+            "pub fn one() -> u32 {\n    1\n}\n",
+        );
+    }
+    let ingest = |dir: &Path| {
+        let sources =
+            resolve_sources(&[SourceConfig::from_arg(&format!("{}:code", dir.display())).unwrap()])
+                .unwrap();
+        run(&IngestOptions {
+            home: home.path(),
+            sources: &sources,
+            day: "2026-03-01".into(),
+            settings: IngestSettings::default(),
+            dry_run: false,
+            count_tokens: &words,
+            progress: &|_, _| {},
+        })
+    };
+    ingest(&trees.path().join("a/src")).unwrap();
+    let e = ingest(&trees.path().join("b/src")).unwrap_err().to_string();
+    assert!(
+        e.contains("\"src\"") && e.contains("a/src") && e.contains("another name"),
+        "{e}"
+    );
+    // The first directory moved away: the journal follows it, and nothing is new.
+    std::fs::remove_dir_all(trees.path().join("a")).unwrap();
+    let s = ingest(&trees.path().join("b/src")).unwrap();
+    assert_eq!((s.files_unchanged, s.files_new), (1, 0), "{s:#?}");
+}
