@@ -322,6 +322,10 @@ fn generate(dir: &Path, files: usize, bytes: usize) -> u64 {
     total
 }
 
+/// The allocator pai-train uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let files: usize = arg("--files")
         .and_then(|v| v.parse().ok())
@@ -346,7 +350,7 @@ fn main() {
         eprintln!("{e}\n(run scripts/fetch-model.sh, or pass --model PATH)");
         std::process::exit(1)
     });
-    let count = |t: &str| tokenizer.encode(t, false).map_or(0, |ids| ids.len());
+    let count = |t: &str| tokenizer.count(t).unwrap_or(0);
     let sources = resolve_sources(&[
         SourceConfig::from_arg(&format!("{}:notes", tree.join("notes").display())).expect("notes"),
         SourceConfig::from_arg(&format!("{}:code", tree.join("code").display())).expect("code"),

@@ -69,7 +69,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     };
     let model = crate::resolve_model(args.model)?;
     let tokenizer = pai_model::Tokenizer::from_model_path(&model)?;
-    let count = |t: &str| tokenizer.encode(t, false).map_or(0, |ids| ids.len());
+    let count = |t: &str| tokenizer.count(t).unwrap_or(0);
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} ingest {bar:30} {pos}/{len} files {elapsed}")

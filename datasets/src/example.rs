@@ -90,6 +90,10 @@ pub struct Example {
     /// For a `fim` example: the order and where the middle lies in `text`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fim: Option<crate::fim::FimSpan>,
+    /// The MinHash signature of `text`, made once where the example is made (on every core) and
+    /// stored with it; `None` for FIM examples and texts too short to shingle.
+    #[serde(skip)]
+    pub minhash: Option<crate::minhash::Signature>,
 }
 
 /// sha256 hex of a text.
@@ -118,23 +122,29 @@ impl Default for Budget {
 }
 
 /// Merge short pieces and split long ones so that every result is within the budget (as far as a
-/// single line allows; a line longer than the budget is cut by characters).
-pub fn pack(pieces: &[String], budget: Budget, count: &dyn Fn(&str) -> usize) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
+/// single line allows; a line longer than the budget is cut by characters). Each result comes with
+/// its token count: exact for a piece passed through whole, the sum of its parts' counts for a merged
+/// or split one (the separators' few tokens aside), so callers need not count again to pack further.
+pub fn pack(
+    pieces: &[String],
+    budget: Budget,
+    count: &dyn Fn(&str) -> usize,
+) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = Vec::new();
     let mut pending = String::new();
     let mut pending_tokens = 0;
     for piece in pieces {
         let t = count(piece);
         if t > budget.max_tokens {
             if !pending.is_empty() {
-                out.push(std::mem::take(&mut pending));
+                out.push((std::mem::take(&mut pending), pending_tokens));
                 pending_tokens = 0;
             }
             out.extend(split_long(piece, budget.max_tokens, count));
             continue;
         }
         if !pending.is_empty() && pending_tokens + t > budget.max_tokens {
-            out.push(std::mem::take(&mut pending));
+            out.push((std::mem::take(&mut pending), pending_tokens));
             pending_tokens = 0;
         }
         if !pending.is_empty() {
@@ -143,26 +153,27 @@ pub fn pack(pieces: &[String], budget: Budget, count: &dyn Fn(&str) -> usize) ->
         pending.push_str(piece.trim_matches('\n'));
         pending_tokens += t;
         if pending_tokens >= budget.min_tokens {
-            out.push(std::mem::take(&mut pending));
+            out.push((std::mem::take(&mut pending), pending_tokens));
             pending_tokens = 0;
         }
     }
     if !pending.is_empty() {
         // A short tail joins the previous example when it fits there.
         match out.last_mut() {
-            Some(last) if count(last) + pending_tokens <= budget.max_tokens => {
+            Some((last, n)) if *n + pending_tokens <= budget.max_tokens => {
                 last.push_str("\n\n");
                 last.push_str(&pending);
+                *n += pending_tokens;
             }
-            _ => out.push(pending),
+            _ => out.push((pending, pending_tokens)),
         }
     }
     out
 }
 
 /// Split at blank lines, then at lines, then at spaces, then by characters, each part within `max`
-/// tokens.
-fn split_long(text: &str, max: usize, count: &dyn Fn(&str) -> usize) -> Vec<String> {
+/// tokens, with its token count (as `pack`'s).
+fn split_long(text: &str, max: usize, count: &dyn Fn(&str) -> usize) -> Vec<(String, usize)> {
     let (units, sep): (Vec<&str>, &str) = if text.contains("\n\n") {
         (
             text.split("\n\n")
@@ -178,7 +189,14 @@ fn split_long(text: &str, max: usize, count: &dyn Fn(&str) -> usize) -> Vec<Stri
         // One enormous word: cut by characters, in proportion to the token count.
         let chars: Vec<char> = text.chars().collect();
         let per = (chars.len() * max / count(text).max(1)).max(1);
-        return chars.chunks(per).map(|c| c.iter().collect()).collect();
+        return chars
+            .chunks(per)
+            .map(|c| {
+                let part: String = c.iter().collect();
+                let n = count(&part);
+                (part, n)
+            })
+            .collect();
     };
     let mut out = Vec::new();
     let mut cur = String::new();
@@ -187,14 +205,14 @@ fn split_long(text: &str, max: usize, count: &dyn Fn(&str) -> usize) -> Vec<Stri
         let t = count(u);
         if t > max {
             if !cur.is_empty() {
-                out.push(std::mem::take(&mut cur));
+                out.push((std::mem::take(&mut cur), cur_t));
                 cur_t = 0;
             }
             out.extend(split_long(u, max, count));
             continue;
         }
         if !cur.is_empty() && cur_t + t > max {
-            out.push(std::mem::take(&mut cur));
+            out.push((std::mem::take(&mut cur), cur_t));
             cur_t = 0;
         }
         if !cur.is_empty() {
@@ -204,7 +222,7 @@ fn split_long(text: &str, max: usize, count: &dyn Fn(&str) -> usize) -> Vec<Stri
         cur_t += t;
     }
     if !cur.is_empty() {
-        out.push(cur);
+        out.push((cur, cur_t));
     }
     out
 }
@@ -236,8 +254,11 @@ mod tests {
             "tail".into(),
         ];
         let out = pack(&pieces, budget, &words);
-        assert!(out.iter().all(|e| words(e) <= 12), "{out:#?}");
-        assert_eq!(out[0], "one two\n\nthree four five six");
+        assert!(out.iter().all(|(e, _)| words(e) <= 12), "{out:#?}");
+        assert_eq!(out[0].0, "one two\n\nthree four five six");
+        // Counts come along (word counts here are exactly additive).
+        assert!(out.iter().all(|(e, n)| words(e) == *n), "{out:#?}");
+        let out: Vec<String> = out.into_iter().map(|(e, _)| e).collect();
         // Nothing lost.
         let total: usize = pieces.iter().map(|p| words(p)).sum();
         assert_eq!(out.iter().map(|e| words(e)).sum::<usize>(), total);

@@ -208,6 +208,7 @@ pub fn fim_example(code: &Example, settings: FimSettings, extra_tokens: u32) -> 
         kind: Kind::Fim,
         n_tokens: code.n_tokens + extra_tokens,
         fim: Some(span),
+        minhash: None,
         ..code.clone()
     })
 }
@@ -231,6 +232,7 @@ mod tests {
             redactions: 0,
             private: false,
             fim: None,
+            minhash: None,
         }
     }
 

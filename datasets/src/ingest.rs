@@ -193,25 +193,34 @@ fn drop_near_duplicates(
         index.insert(id, signature);
     }
     let mut dropped: HashSet<String> = HashSet::new();
+    let mut dropped_from: Vec<(String, String)> = Vec::new();
     let mut kept = Vec::with_capacity(new_examples.len());
     for e in new_examples {
         if e.kind == Kind::Fim {
             kept.push(e);
             continue;
         }
-        if let Some(signature) = Signature::of(&e.text) {
-            if let Some((like, similarity)) = index.find(&signature) {
+        if let Some(signature) = &e.minhash {
+            if let Some((like, similarity)) = index.find(signature) {
                 tracing::debug!(path = %e.path, like = %like, similarity, "near-duplicate dropped");
                 summary.near_duplicates += 1;
+                dropped_from.push((e.source.clone(), e.path.clone()));
                 dropped.insert(e.id);
                 continue;
             }
-            index.insert(e.id.clone(), signature);
+            index.insert(e.id.clone(), signature.clone());
         }
         kept.push(e);
     }
-    // A FIM example's text is its code example's text.
-    kept.retain(|e| e.kind != Kind::Fim || !dropped.contains(&content_id(&e.text)));
+    // A FIM example's text is its code example's text (hashed only for files that lost one).
+    if !dropped.is_empty() {
+        let paths: HashSet<(String, String)> = dropped_from.into_iter().collect();
+        kept.retain(|e| {
+            e.kind != Kind::Fim
+                || !paths.contains(&(e.source.clone(), e.path.clone()))
+                || !dropped.contains(&content_id(&e.text))
+        });
+    }
     Ok(kept)
 }
 
@@ -464,11 +473,11 @@ fn file_examples(
                 } else {
                     format!("{} [{tags}]", path.join(" > "))
                 };
-                for body in pack(std::slice::from_ref(&s.body), budget, count) {
-                    out.push((context.clone(), body));
+                for (body, tokens) in pack(std::slice::from_ref(&s.body), budget, count) {
+                    out.push((context.clone(), body, tokens));
                 }
             }
-            (Kind::Note, privacy, merge_short(out, budget, count))
+            (Kind::Note, privacy, merge_short(out, budget))
         }
         SourceKind::Code => {
             if source.privacy == Privacy::Exclude {
@@ -486,7 +495,7 @@ fn file_examples(
             let header = format!("{} {relative}\n", lang.line_comment());
             let packed = pack(&items, budget, count)
                 .into_iter()
-                .map(|body| (context.clone(), format!("{header}{body}")))
+                .map(|(body, _)| (context.clone(), format!("{header}{body}")))
                 .collect();
             (Kind::Code, source.privacy, packed)
         }
@@ -510,9 +519,10 @@ fn file_examples(
                 context,
                 n_tokens: count(&text) as u32,
                 redactions: redactions as u32,
-                text,
                 private: privacy == Privacy::Private,
                 fim: None,
+                minhash: Signature::of(&text),
+                text,
             }
         })
         .collect();
@@ -524,15 +534,11 @@ fn file_examples(
     (examples, false, scrubbed.redactions)
 }
 
-/// Short note sections merge with the next section of the same note (their contexts joined).
-fn merge_short(
-    pieces: Vec<(String, String)>,
-    budget: Budget,
-    count: &dyn Fn(&str) -> usize,
-) -> Vec<(String, String)> {
+/// Short note sections merge with the next section of the same note (their contexts joined), by the
+/// token counts `pack` gave them.
+fn merge_short(pieces: Vec<(String, String, usize)>, budget: Budget) -> Vec<(String, String)> {
     let mut out: Vec<(String, String, usize)> = Vec::new();
-    for (context, body) in pieces {
-        let t = count(&body);
+    for (context, body, t) in pieces {
         match out.last_mut() {
             Some((c, b, n)) if *n < budget.min_tokens && *n + t <= budget.max_tokens => {
                 if *c != context {

@@ -2,9 +2,13 @@
 //!
 //! Exact dedup (ids are content hashes) misses the same paragraph pasted into two notes with a word
 //! changed, or a file copied with its header edited. Here each text becomes the set of its 5-word
-//! shingles (lowercased words, punctuation and whitespace ignored, so reformatting does not matter); a
-//! signature keeps, for each of 128 hash functions, the smallest hash over the set. The share of equal
-//! entries between two signatures estimates the Jaccard similarity of the two sets. LSH cuts the
+//! shingles (lowercased words, punctuation and whitespace ignored, so reformatting does not matter), and
+//! a signature of 128 entries whose share of equal entries between two texts estimates the Jaccard
+//! similarity of their sets. The signature is one-permutation hashing with optimal densification (Li,
+//! Owen and Zhang 2012; Shrivastava 2017): each shingle's 64-bit hash picks one of 128 bins by its top
+//! bits and the bin keeps the smallest low half; an empty bin (short texts) copies the bin that a fixed
+//! hash sequence of its index reaches first. That costs one hash per shingle instead of 128, with the
+//! same estimate: the ingest of a large tree spends its time elsewhere. LSH cuts the
 //! signature into 16 bands of 8 rows: texts that agree on a whole band become candidates (pairs at
 //! Jaccard 0.8 do so with probability 1 − (1 − 0.8⁸)¹⁶ ≈ 0.94), and a candidate counts as a duplicate only
 //! when its estimated similarity reaches the threshold. As in datatrove and text-dedup.
@@ -12,11 +16,11 @@
 //! Hashes are fixed functions of the text (no per-run randomness), so signatures can be stored with the
 //! dataset and compared across days.
 
-use std::collections::HashMap;
-
 pub const PERMUTATIONS: usize = 128;
 const BANDS: usize = 16;
 const ROWS: usize = PERMUTATIONS / BANDS;
+/// Changing it (or the shingle hashing) invalidates stored signatures: rename the store's column.
+const DENSIFY_SEED: u64 = 0x5041_495F_4F50_4801;
 /// Words per shingle.
 pub const SHINGLE_WORDS: usize = 5;
 
@@ -32,13 +36,6 @@ impl std::fmt::Debug for Signature {
     }
 }
 
-/// The multipliers and offsets of the hash family `h_i(x) = (a_i·x + b_i) >> 32` over 32-bit x,
-/// drawn once from a fixed splitmix64 stream.
-struct Family {
-    a: [u64; PERMUTATIONS],
-    b: [u64; PERMUTATIONS],
-}
-
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
@@ -46,19 +43,6 @@ fn splitmix64(state: &mut u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
-
-static FAMILY: std::sync::LazyLock<Family> = std::sync::LazyLock::new(|| {
-    let mut state = 0x5041_495F_4D48_0001; // "PAI_MH" and a version: changing it invalidates stored signatures.
-    let mut f = Family {
-        a: [0; PERMUTATIONS],
-        b: [0; PERMUTATIONS],
-    };
-    for i in 0..PERMUTATIONS {
-        f.a[i] = splitmix64(&mut state) | 1;
-        f.b[i] = splitmix64(&mut state);
-    }
-    f
-});
 
 /// FNV-1a of a word, lowercased (ASCII).
 fn word_hash(word: &[u8]) -> u64 {
@@ -116,13 +100,32 @@ impl Signature {
         if words.len() < SHINGLE_WORDS {
             return None;
         }
-        let f = &*FAMILY;
         let mut min = [u32::MAX; PERMUTATIONS];
+        let mut filled = [false; PERMUTATIONS];
         for s in shingles(&words, SHINGLE_WORDS) {
-            let x = (s ^ (s >> 32)) & 0xFFFF_FFFF;
-            for ((m, a), b) in min.iter_mut().zip(&f.a).zip(&f.b) {
-                *m = (*m).min((a.wrapping_mul(x).wrapping_add(*b) >> 32) as u32);
+            let bin = (s >> (64 - PERMUTATIONS.trailing_zeros())) as usize;
+            min[bin] = min[bin].min(s as u32);
+            filled[bin] = true;
+        }
+        // Optimal densification: bin i, if empty, takes the value of the first filled bin along a
+        // sequence that depends on i alone, so two texts' empty bins look in the same places.
+        let donors = min;
+        for bin in 0..PERMUTATIONS {
+            if filled[bin] {
+                continue;
             }
+            let mut state = DENSIFY_SEED ^ bin as u64;
+            let donor = (0..PERMUTATIONS * 64)
+                .map(|_| (splitmix64(&mut state) % PERMUTATIONS as u64) as usize)
+                .find(|&j| filled[j])
+                // Never reached with a filled bin somewhere (128·64 draws), but deterministic anyway.
+                .or_else(|| {
+                    (1..PERMUTATIONS)
+                        .map(|k| (bin + k) % PERMUTATIONS)
+                        .find(|&j| filled[j])
+                })
+                .unwrap_or(bin);
+            min[bin] = donors[donor];
         }
         Some(Signature(min))
     }
@@ -149,21 +152,30 @@ impl Signature {
         Some(Signature(out))
     }
 
+    /// One key per band: a hash of the band's rows, its low bits the band's number (so keys of two
+    /// bands never collide).
     fn band_keys(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
         self.0.chunks_exact(ROWS).enumerate().map(|(band, rows)| {
             let mut state = band as u64;
             for &r in rows {
                 state = (state ^ u64::from(r)).wrapping_mul(0x0000_0100_0000_01b3);
             }
-            (band, splitmix64(&mut state))
+            let key = splitmix64(&mut state) & !BAND_MASK;
+            (band, key | band as u64)
         })
     }
 }
 
-/// An LSH index over signatures: which stored texts a new one nearly duplicates.
+const BAND_MASK: u64 = (BANDS as u64).next_power_of_two() - 1;
+const NONE: u32 = u32::MAX;
+
+/// An LSH index over signatures: which stored texts a new one nearly duplicates. Each bucket is a
+/// chain through the entries (the newest in `buckets`, each entry's predecessor per band in `chain`),
+/// so an insert allocates nothing per band.
 pub struct NearDupIndex<K> {
     threshold: f64,
-    buckets: HashMap<(usize, u64), Vec<usize>>,
+    buckets: hashbrown::HashMap<u64, u32>,
+    chain: Vec<[u32; BANDS]>,
     entries: Vec<(K, Signature)>,
 }
 
@@ -172,7 +184,8 @@ impl<K: Clone> NearDupIndex<K> {
     pub fn new(threshold: f64) -> Self {
         Self {
             threshold,
-            buckets: HashMap::new(),
+            buckets: hashbrown::HashMap::new(),
+            chain: Vec::new(),
             entries: Vec::new(),
         }
     }
@@ -186,22 +199,29 @@ impl<K: Clone> NearDupIndex<K> {
     }
 
     pub fn insert(&mut self, key: K, signature: Signature) {
-        let at = self.entries.len();
-        for band in signature.band_keys() {
-            self.buckets.entry(band).or_default().push(at);
+        let at = self.entries.len() as u32;
+        let mut previous = [NONE; BANDS];
+        for (band, k) in signature.band_keys() {
+            previous[band] = self.buckets.insert(k, at).unwrap_or(NONE);
         }
+        self.chain.push(previous);
         self.entries.push((key, signature));
     }
 
     /// The most similar stored text at or above the threshold, with its similarity.
     pub fn find(&self, signature: &Signature) -> Option<(K, f64)> {
         let mut best: Option<(usize, f64)> = None;
-        for band in signature.band_keys() {
-            for &at in self.buckets.get(&band).into_iter().flatten() {
-                let s = self.entries[at].1.similarity(signature);
-                if s >= self.threshold && best.is_none_or(|(_, b)| s > b) {
-                    best = Some((at, s));
+        let mut compared: hashbrown::HashSet<u32> = hashbrown::HashSet::new();
+        for (band, k) in signature.band_keys() {
+            let mut at = self.buckets.get(&k).copied().unwrap_or(NONE);
+            while at != NONE {
+                if compared.insert(at) {
+                    let s = self.entries[at as usize].1.similarity(signature);
+                    if s >= self.threshold && best.is_none_or(|(_, b)| s > b) {
+                        best = Some((at as usize, s));
+                    }
                 }
+                at = self.chain[at as usize][band];
             }
         }
         best.map(|(at, s)| (self.entries[at].0.clone(), s))
@@ -243,6 +263,25 @@ mod tests {
             assert!(
                 (est - truth).abs() < 0.15,
                 "changed {changed}: {est} vs {truth}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_texts_are_estimated_as_well_through_densification() {
+        // 20–60 shingles fill well under half of the 128 bins.
+        for (n, changed) in [(24usize, 2usize), (40, 4), (64, 6), (64, 20)] {
+            let base = words(7 + n as u64, n);
+            let mut other = base.clone();
+            for k in 0..changed {
+                other[(k * 7919) % n] = format!("new{k}");
+            }
+            let (a, b) = (base.join(" "), other.join(" "));
+            let (sa, sb) = (Signature::of(&a).unwrap(), Signature::of(&b).unwrap());
+            let (est, truth) = (sa.similarity(&sb), exact_jaccard(&a, &b));
+            assert!(
+                (est - truth).abs() < 0.2,
+                "{n} words, {changed} changed: {est} vs {truth}"
             );
         }
     }

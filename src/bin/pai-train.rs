@@ -75,6 +75,11 @@ struct PerplexityArgs {
     json: bool,
 }
 
+/// mimalloc: ingest allocates and frees a string per piece of every file; glibc's malloc spends a fifth of an ingest
+/// in malloc/free and in zeroing pages it handed back to the kernel (benches/ingest.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     pai::init_logging();
     match Cli::parse().command {

@@ -8,9 +8,11 @@
 //! `gguf.rs` builds the tokenizer from GGUF metadata; this file holds the tokenizer itself, reading a
 //! `tokenizer.json`, and streaming decode.
 
+mod count;
 mod gguf;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{ModelError, Result};
 
@@ -37,6 +39,8 @@ pub struct Tokenizer {
     add_bos: bool,
     end_of_generation: Vec<u32>,
     origin: String,
+    /// Word → token count cache behind `count`, when counting by words is exact (see count.rs).
+    word_counts: Option<Arc<count::WordCounts>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -136,7 +140,9 @@ impl Tokenizer {
     ) -> Self {
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
+        let word_counts = count::WordCounts::for_tokenizer(&plain).map(Arc::new);
         Self {
+            word_counts,
             with_control,
             plain,
             bos,
@@ -162,6 +168,23 @@ impl Tokenizer {
                 source,
             })?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// How many tokens `encode(text, false)` gives, without building them: by cached word counts where
+    /// that is exact for this tokenizer (byte-level BPE with the GPT-2 split), else by encoding.
+    pub fn count(&self, text: &str) -> Result<usize> {
+        if let Some(words) = &self.word_counts {
+            if let Some(n) = words.count(text, |w| self.encode(w, false).ok().map(|ids| ids.len()))
+            {
+                return Ok(n);
+            }
+        }
+        self.encode(text, false).map(|ids| ids.len())
+    }
+
+    /// Whether `count` sums cached word counts (rather than encoding every text).
+    pub fn counts_by_words(&self) -> bool {
+        self.word_counts.is_some()
     }
 
     /// Ids for a prompt the model reads from the start: BOS first when the model wants it.

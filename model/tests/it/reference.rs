@@ -360,3 +360,103 @@ fn adapter_made_by_peft_changes_logits_exactly_as_peft_does() {
         "pai's logit change differs from PEFT's: cosine {cosine}, relative error {rel_err}"
     );
 }
+
+/// `count` sums cached word counts for the default model's tokenizer; it must equal `encode(...).len()`
+/// on every kind of text ingest sees: prose, code, Unicode, CRLF, tabs, digits, odd whitespace, and the
+/// same words again (served from the cache).
+#[test]
+fn fast_token_count_equals_encode_length() {
+    let base = default_model();
+    let tok = &base.tokenizer;
+    assert!(
+        tok.counts_by_words(),
+        "SmolLM2's byte-level BPE should count by words"
+    );
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut texts: Vec<String> = fixtures()["tokenizer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
+    for file in [
+        "tests/fixtures/perplexity.txt",
+        "README.md",
+        "model/src/tokenizer/mod.rs",
+        "benches/compare/reference.py",
+    ] {
+        if let Ok(text) = std::fs::read_to_string(root.join(file)) {
+            texts.push(text);
+        }
+    }
+    let odd_spaces = [
+        '\u{a0}', '\u{85}', '\u{1680}', '\u{2000}', '\u{2007}', '\u{200b}', '\u{2028}', '\u{2029}',
+        '\u{202f}', '\u{205f}', '\u{3000}', '\u{feff}', '\u{b}', '\u{c}',
+    ];
+    for s in odd_spaces {
+        texts.push(format!("a{s}b {s}c{s} d {s}{s}e.{s}\n{s}x{s}"));
+    }
+    texts.extend(
+        [
+            "line one\r\nline two\r\n\r\n  indented\ttab\t\tend",
+            "total = 1234567 + 89; x1y2 3.14159 1e-9 0xDEADBEEF",
+            "héllo wörld — naïve café, 日本語のテキスト、中文。 emoji 🎉🚀 and ZWJ 👩‍💻",
+            "   leading spaces, trailing spaces   ",
+            "\n\n\n",
+            "",
+            " ",
+            "don't won't I'm you're we've they'll he'd 'quoted' \"double\"",
+            "fn main() {\n    let v: Vec<u8> = vec![];\n    println!(\"{v:?}\");\n}\n",
+            "<|im_start|>user\nhi<|im_end|> <|endoftext|>",
+            "def f(x):\n\treturn x ** 2  # square\n\n\n\nclass A:\n    pass\n",
+        ]
+        .map(String::from),
+    );
+    for round in 0..2 {
+        for text in &texts {
+            let want = tok.encode(text, false).unwrap().len();
+            assert_eq!(
+                tok.count(text).unwrap(),
+                want,
+                "count differs from encode (round {round}) on {:?}",
+                text.chars().take(80).collect::<String>()
+            );
+        }
+    }
+    // Random strings over the characters whose handling differs between the regex's alternatives:
+    // whitespace of every kind in runs, digits (ASCII and not), apostrophes, letters, punctuation.
+    let alphabet: Vec<char> = " \t\n\r\u{a0}\u{3000}\u{85}\u{2028}0123456789\u{663}\u{bd}'sdlmtvreAbZé日🙂.,;:(){}[]<>=+-*/#\"_|".chars().collect();
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..3000 {
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let len = (next() % 24) as usize;
+        // Runs: each character repeated 1–3 times, so whitespace runs of several lengths appear.
+        let mut text = String::new();
+        while text.chars().count() < len {
+            let c = alphabet[(next() % alphabet.len() as u64) as usize];
+            for _ in 0..1 + next() % 3 {
+                text.push(c);
+            }
+        }
+        assert_eq!(
+            tok.count(&text).unwrap(),
+            tok.encode(&text, false).unwrap().len(),
+            "{text:?}"
+        );
+    }
+    // Every line alone, too: ingest counts pieces cut anywhere.
+    for text in &texts {
+        for line in text.split_inclusive('\n') {
+            assert_eq!(
+                tok.count(line).unwrap(),
+                tok.encode(line, false).unwrap().len(),
+                "{line:?}"
+            );
+        }
+    }
+}

@@ -289,6 +289,12 @@ fn tokenizer_round_trips_and_streams_split_characters() {
     // Digits are split one by one (smollm pre-tokenizer).
     let d = base.tokenizer.encode("12345", false).unwrap();
     assert_eq!(d.len(), 5);
+    // The fast count agrees with encoding, from the word cache on the second call too.
+    assert!(base.tokenizer.counts_by_words());
+    for _ in 0..2 {
+        assert_eq!(base.tokenizer.count(text).unwrap(), ids.len());
+        assert_eq!(base.tokenizer.count("12345 12345").unwrap(), 11);
+    }
     // Streaming byte tokens never emits half a character.
     let mut dec = base.tokenizer.stream_decoder();
     let mut out = String::new();
