@@ -91,9 +91,10 @@ pub struct Example {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fim: Option<crate::fim::FimSpan>,
     /// The MinHash signature of `text`, made once where the example is made (on every core) and
-    /// stored with it; `None` for FIM examples and texts too short to shingle.
+    /// stored with it; `None` for FIM examples and texts too short to shingle. Boxed: an ingest holds
+    /// every new example at once, and 512 bytes inline would double their size.
     #[serde(skip)]
-    pub minhash: Option<crate::minhash::Signature>,
+    pub minhash: Option<Box<crate::minhash::Signature>>,
 }
 
 /// sha256 hex of a text.

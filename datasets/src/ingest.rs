@@ -208,7 +208,7 @@ fn drop_near_duplicates(
                 dropped.insert(e.id);
                 continue;
             }
-            index.insert(e.id.clone(), signature.clone());
+            index.insert(e.id.clone(), (**signature).clone());
         }
         kept.push(e);
     }
@@ -521,7 +521,7 @@ fn file_examples(
                 redactions: redactions as u32,
                 private: privacy == Privacy::Private,
                 fim: None,
-                minhash: Signature::of(&text),
+                minhash: Signature::of(&text).map(Box::new),
                 text,
             }
         })

@@ -422,9 +422,10 @@ fn signatures(examples: &[&Example]) -> Vec<Vec<u8>> {
             Kind::Fim => Vec::new(),
             _ => e
                 .minhash
-                .clone()
-                .or_else(|| Signature::of(&e.text))
-                .map_or_else(Vec::new, |s| s.to_bytes()),
+                .as_deref()
+                .map(Signature::to_bytes)
+                .or_else(|| Signature::of(&e.text).map(|s| s.to_bytes()))
+                .unwrap_or_default(),
         })
         .collect()
 }
@@ -498,7 +499,8 @@ fn from_frame(df: &DataFrame) -> PolarsResult<Vec<Example>> {
             fim,
             minhash: minhash
                 .and_then(|m| m.get(i))
-                .and_then(Signature::from_bytes),
+                .and_then(Signature::from_bytes)
+                .map(Box::new),
         });
     }
     Ok(out)
@@ -524,7 +526,7 @@ mod tests {
             redactions: 1,
             private: true,
             fim: None,
-            minhash: Signature::of(text),
+            minhash: Signature::of(text).map(Box::new),
         }
     }
 
