@@ -1,13 +1,14 @@
-//! `pai-train ingest` and `pai-train dataset stats`: the command-line edge of pai-datasets. Reads the
-//! `[[sources]]` and `[ingest]` tables of `$PAI_HOME/pai.toml` (typed, once, here), adds `--source`
-//! arguments, counts tokens with the default model's tokenizer, and prints the summary.
+//! `pai-train ingest`, `pai-train dataset stats` and `pai-train dataset mix`: the command-line edge of
+//! pai-datasets. Reads the `[[sources]]`, `[ingest]` and `[mix]` tables of `$PAI_HOME/pai.toml` (typed,
+//! once, here), adds `--source` arguments, counts tokens with the default model's tokenizer, and prints
+//! the summary.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use pai_datasets::ingest::{run, IngestOptions, IngestSettings, IngestSummary};
-use pai_datasets::{resolve_sources, SourceConfig, Store};
+use pai_datasets::{resolve_sources, MixMode, MixSettings, SourceConfig, Store};
 use serde::Deserialize;
 
 /// The tables of `pai.toml` ingest reads; other tables belong to other stages.
@@ -17,6 +18,8 @@ struct IngestConfig {
     sources: Vec<SourceConfig>,
     #[serde(default)]
     ingest: IngestSettings,
+    #[serde(default)]
+    mix: MixSettings,
 }
 
 fn read_config(home: &Path) -> anyhow::Result<IngestConfig> {
@@ -29,14 +32,14 @@ fn read_config(home: &Path) -> anyhow::Result<IngestConfig> {
     let value: toml::Table =
         toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
     let mut wanted = toml::Table::new();
-    for key in ["sources", "ingest"] {
+    for key in ["sources", "ingest", "mix"] {
         if let Some(v) = value.get(key) {
             wanted.insert(key.into(), v.clone());
         }
     }
     wanted
         .try_into()
-        .with_context(|| format!("{}: [[sources]] or [ingest]", path.display()))
+        .with_context(|| format!("{}: [[sources]], [ingest] or [mix]", path.display()))
 }
 
 pub struct IngestArgs {
@@ -170,5 +173,47 @@ pub fn dataset_stats(json: bool) -> anyhow::Result<()> {
         "{:<10}  {:<16}  {:<6}  {:<7}  {:>8}  {:>10}  {:>10}  {:>7}",
         "total", "", "", "", total.examples, total.tokens, total.redactions, total.private
     );
+    Ok(())
+}
+
+/// `pai-train dataset mix`: what a night's training would read, by day, without training.
+pub fn dataset_mix(day: Option<String>, mode: MixMode, json: bool) -> anyhow::Result<()> {
+    let home = crate::pai_home();
+    let config = read_config(&home)?;
+    let day = day.unwrap_or_else(|| chrono::Local::now().format("%Y-%m-%d").to_string());
+    let store = Store::open(&home.join("dataset"))?;
+    let mix = pai_datasets::training_mix(
+        &store,
+        &day,
+        mode,
+        &config.mix,
+        &std::collections::HashSet::new(),
+    )?;
+    if json {
+        let out = serde_json::json!({
+            "day": day,
+            "mode": mode,
+            "settings": config.mix,
+            "examples": mix.examples.len(),
+            "new_tokens": mix.new_tokens,
+            "replay_tokens": mix.replay_tokens,
+            "by_day": mix.by_day,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "training mix for {day} ({}): {} examples, {} tokens from {day}, {} replayed",
+        match mode {
+            MixMode::Continue => "continue",
+            MixMode::Cumulative => "cumulative",
+        },
+        mix.examples.len(),
+        mix.new_tokens,
+        mix.replay_tokens
+    );
+    for (d, n) in &mix.by_day {
+        println!("  {d}  {n:>8} examples");
+    }
     Ok(())
 }

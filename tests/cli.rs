@@ -438,6 +438,32 @@ fn ingest_reads_pai_toml_and_command_line_sources_then_only_changes() {
     );
     let stored = std::fs::read_dir(home.join("dataset")).unwrap().count();
     assert!(stored >= 2, "a day directory and schema.json");
+
+    // A new note on a later day; the mix for that night replays the earlier day, and the mix for the
+    // earlier night never sees the later one.
+    std::fs::write(
+        notes.join("bees.md"),
+        "# Bees\n\nThe hive by the apple tree swarmed in May; keep the spare box ready.\n",
+    )
+    .unwrap();
+    let third = ingest("2026-11-23");
+    assert_eq!(third["examples_added"]["note"], 1, "{third}");
+    let mix = |day: &str, mode: &str| {
+        let out = run(
+            TRAIN,
+            &["dataset", "mix", "--day", day, "--mode", mode, "--json"],
+            None,
+            &[("PAI_HOME", &home)],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str::<serde_json::Value>(text(&out.stdout).trim()).unwrap()
+    };
+    let later = mix("2026-11-23", "cumulative");
+    assert_eq!(later["by_day"]["2026-11-23"], 1, "{later}");
+    assert!(later["by_day"]["2026-11-21"].as_u64().unwrap() >= 2, "{later}");
+    let earlier = mix("2026-11-21", "continue");
+    assert!(earlier["by_day"].get("2026-11-23").is_none(), "{earlier}");
+    assert_eq!(earlier["replay_tokens"], 0, "{earlier}");
 }
 
 #[test]

@@ -64,6 +64,14 @@ pub enum DatasetError {
     MissingSource { path: PathBuf },
     #[error("{count} sources are named {name:?}; give each a distinct `name`")]
     DuplicateSourceName { count: usize, name: String },
+    #[error("{key} = {value} is invalid: must be {allowed}")]
+    BadSetting {
+        key: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
+    #[error("day {day:?} is not a date in the form YYYY-MM-DD")]
+    BadDay { day: String },
     #[error("tokenizer: {source}")]
     Tokenizer {
         #[source]

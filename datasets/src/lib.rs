@@ -6,6 +6,8 @@
 //! (`fim`), removes secrets and PII (`scrub`), drops exact and near duplicates (`minhash`), and writes
 //! one parquet partition per day (`store`). Examples of deleted or newly excluded files leave the
 //! dataset at the next ingest; the privacy index of private text (`privacy_index`) is rebuilt with it.
+//! `mix::training_mix` is the one door from the dataset into training: the night's mix, replay
+//! recency-weighted, holdout and eval items kept out.
 
 pub mod code;
 mod error;
@@ -14,6 +16,7 @@ pub mod fim;
 pub mod ingest;
 pub mod journal;
 pub mod minhash;
+pub mod mix;
 pub mod notes;
 pub mod privacy_index;
 pub mod scrub;
@@ -25,6 +28,7 @@ pub use error::{DatasetError, Result};
 pub use example::{Budget, Example, Kind, Split};
 pub use fim::{FimMode, FimSettings, FimSpan, FimTokens};
 pub use ingest::{IngestOptions, IngestSettings, IngestSummary};
+pub use mix::{training_mix, Mix, MixMode, MixSettings};
 pub use privacy_index::{PrivacyIndex, PrivateMatch};
 pub use source::{resolve_sources, Privacy, Source, SourceConfig, SourceKind};
 pub use store::{StatsRow, Store};

@@ -25,7 +25,7 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Turn the day's new and changed notes and code into dataset examples.
     Ingest(IngestArgs),
-    /// The dataset: `stats` (rows and tokens by day, source, kind and split).
+    /// The dataset: `stats` (rows and tokens by day, source, kind and split), `mix` (what training reads).
     Dataset {
         #[command(subcommand)]
         command: DatasetCommand,
@@ -39,6 +39,23 @@ enum DatasetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The training mix for a night: that day's train split plus a recency-weighted replay of
+    /// earlier days (`continue`), or every day recency-weighted (`cumulative`); [mix] in pai.toml.
+    Mix {
+        /// The night's day (YYYY-MM-DD; today by default); later days are left out.
+        #[arg(long)]
+        day: Option<String>,
+        #[arg(long, value_enum, default_value_t = MixModeArg::Continue)]
+        mode: MixModeArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MixModeArg {
+    Continue,
+    Cumulative,
 }
 
 #[derive(Args)]
@@ -91,9 +108,17 @@ fn main() -> anyhow::Result<()> {
             model: a.model,
             json: a.json,
         }),
-        Command::Dataset {
-            command: DatasetCommand::Stats { json },
-        } => pai::ingest::dataset_stats(json),
+        Command::Dataset { command } => match command {
+            DatasetCommand::Stats { json } => pai::ingest::dataset_stats(json),
+            DatasetCommand::Mix { day, mode, json } => pai::ingest::dataset_mix(
+                day,
+                match mode {
+                    MixModeArg::Continue => pai_datasets::MixMode::Continue,
+                    MixModeArg::Cumulative => pai_datasets::MixMode::Cumulative,
+                },
+                json,
+            ),
+        },
     }
 }
 
