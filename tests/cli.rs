@@ -460,7 +460,10 @@ fn ingest_reads_pai_toml_and_command_line_sources_then_only_changes() {
     };
     let later = mix("2026-11-23", "cumulative");
     assert_eq!(later["by_day"]["2026-11-23"], 1, "{later}");
-    assert!(later["by_day"]["2026-11-21"].as_u64().unwrap() >= 2, "{later}");
+    assert!(
+        later["by_day"]["2026-11-21"].as_u64().unwrap() >= 2,
+        "{later}"
+    );
     let earlier = mix("2026-11-21", "continue");
     assert!(earlier["by_day"].get("2026-11-23").is_none(), "{earlier}");
     assert_eq!(earlier["replay_tokens"], 0, "{earlier}");
