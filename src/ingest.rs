@@ -50,10 +50,21 @@ pub struct IngestArgs {
     pub json: bool,
 }
 
-pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
-    let home = crate::pai_home();
-    let mut config = read_config(&home)?;
-    for s in &args.sources {
+/// What an ingest needs, read once: the sources (pai.toml's and `--source`'s), `[ingest]`, and the
+/// tokenizer that counts.
+pub(crate) struct Setup {
+    pub sources: Vec<pai_datasets::Source>,
+    pub settings: IngestSettings,
+    pub tokenizer: pai_model::Tokenizer,
+}
+
+pub(crate) fn prepare(
+    home: &Path,
+    extra_sources: &[String],
+    model: Option<PathBuf>,
+) -> anyhow::Result<Setup> {
+    let mut config = read_config(home)?;
+    for s in extra_sources {
         config.sources.push(SourceConfig::from_arg(s)?);
     }
     anyhow::ensure!(
@@ -62,6 +73,17 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         home.join("pai.toml").display()
     );
     let sources = resolve_sources(&config.sources)?;
+    let model = crate::resolve_model(model)?;
+    let tokenizer = pai_model::Tokenizer::from_model_path(&model)?;
+    Ok(Setup {
+        sources,
+        settings: config.ingest,
+        tokenizer,
+    })
+}
+
+pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    let home = crate::pai_home();
     let day = match args.day {
         Some(d) => {
             chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d")
@@ -70,8 +92,11 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         }
         None => chrono::Local::now().format("%Y-%m-%d").to_string(),
     };
-    let model = crate::resolve_model(args.model)?;
-    let tokenizer = pai_model::Tokenizer::from_model_path(&model)?;
+    let Setup {
+        sources,
+        settings,
+        tokenizer,
+    } = prepare(&home, &args.sources, args.model)?;
     let count = |t: &str| tokenizer.count(t).unwrap_or(0);
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -87,7 +112,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         home: &home,
         sources: &sources,
         day: day.clone(),
-        settings: config.ingest,
+        settings,
         dry_run: args.dry_run,
         count_tokens: &count,
         progress: &progress,

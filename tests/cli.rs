@@ -517,3 +517,92 @@ fn ingest_names_what_is_wrong() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn watch_ingests_a_note_soon_after_it_is_saved() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (home, notes) = (dir.path().join("home"), dir.path().join("notes"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(&notes).unwrap();
+    let source = format!("{}:notes", notes.display());
+    let mut child = Command::new(TRAIN)
+        .args([
+            "watch",
+            "--source",
+            &source,
+            "--model",
+            model.to_str().unwrap(),
+            "--debounce",
+            "0.3",
+            "--max-runs",
+            "1",
+        ])
+        .env("PAI_HOME", &home)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a first line").unwrap();
+    assert!(first.starts_with("watching 1 source"), "{first}");
+    // Saved in two writes, as editors do: one ingest after they settle.
+    let note = notes.join("hives.md");
+    std::fs::write(&note, "# Hives\n\nThe north hive needs a new queen").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    std::fs::write(
+        &note,
+        "# Hives\n\nThe north hive needs a new queen before May.\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("watch did not ingest within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let report: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(status.success(), "{report:?}");
+    assert!(
+        report
+            .iter()
+            .any(|l| l.contains("1 new") && l.contains("1 example(s) added")),
+        "{report:?}"
+    );
+    let out = run(
+        TRAIN,
+        &["dataset", "stats", "--json"],
+        None,
+        &[("PAI_HOME", &home)],
+    );
+    let rows: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(rows[0]["examples"], 1, "{rows}");
+    // The journal is current: an ingest now finds nothing to do.
+    let out = run(
+        TRAIN,
+        &[
+            "ingest",
+            "--source",
+            &source,
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+        &[("PAI_HOME", &home)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let again: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(
+        (&again["files_unchanged"], &again["tokens_added"]),
+        (&1.into(), &0.into()),
+        "{again}"
+    );
+}

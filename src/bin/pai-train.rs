@@ -25,6 +25,22 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Turn the day's new and changed notes and code into dataset examples.
     Ingest(IngestArgs),
+    /// Keep the dataset current as files change: ingest each source a few seconds after its changes
+    /// settle, so the nightly run has little left to read.
+    Watch {
+        /// A source on top of pai.toml's [[sources]]: DIR, DIR:notes or DIR:code.
+        #[arg(long = "source", value_name = "DIR[:notes|code]")]
+        sources: Vec<String>,
+        /// The model whose tokenizer counts tokens (the default model when not given).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Seconds without changes before an ingest runs.
+        #[arg(long, default_value_t = 5.0)]
+        debounce: f64,
+        /// Stop after this many ingests (by default, run until interrupted).
+        #[arg(long)]
+        max_runs: Option<usize>,
+    },
     /// The dataset: `stats` (rows and tokens by day, source, kind and split), `mix` (what training reads).
     Dataset {
         #[command(subcommand)]
@@ -108,6 +124,23 @@ fn main() -> anyhow::Result<()> {
             model: a.model,
             json: a.json,
         }),
+        Command::Watch {
+            sources,
+            model,
+            debounce,
+            max_runs,
+        } => {
+            anyhow::ensure!(
+                debounce.is_finite() && debounce >= 0.0,
+                "--debounce {debounce} must be a number of seconds, 0 or more"
+            );
+            pai::watch::watch(pai::watch::WatchArgs {
+                sources,
+                model,
+                debounce: std::time::Duration::from_secs_f64(debounce),
+                max_runs,
+            })
+        }
         Command::Dataset { command } => match command {
             DatasetCommand::Stats { json } => pai::ingest::dataset_stats(json),
             DatasetCommand::Mix { day, mode, json } => pai::ingest::dataset_mix(
