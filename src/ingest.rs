@@ -82,6 +82,11 @@ pub(crate) fn prepare(
     })
 }
 
+/// Today's local date, YYYY-MM-DD: the day new examples belong to.
+pub(crate) fn today() -> String {
+    chrono::Local::now().format("%Y-%m-%d").to_string()
+}
+
 pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let home = crate::pai_home();
     let day = match args.day {
@@ -90,7 +95,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--day {d:?} is not a date like 2026-11-22"))?;
             d
         }
-        None => chrono::Local::now().format("%Y-%m-%d").to_string(),
+        None => today(),
     };
     let Setup {
         sources,
@@ -205,7 +210,7 @@ pub fn dataset_stats(json: bool) -> anyhow::Result<()> {
 pub fn dataset_mix(day: Option<String>, mode: MixMode, json: bool) -> anyhow::Result<()> {
     let home = crate::pai_home();
     let config = read_config(&home)?;
-    let day = day.unwrap_or_else(|| chrono::Local::now().format("%Y-%m-%d").to_string());
+    let day = day.unwrap_or_else(today);
     let store = Store::open(&home.join("dataset"))?;
     let mix = pai_datasets::training_mix(
         &store,

@@ -83,7 +83,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         }
         changed.sort_unstable();
         let sources: Vec<Source> = changed.iter().map(|&i| setup.sources[i].clone()).collect();
-        let day = chrono::Local::now().format("%Y-%m-%d").to_string();
+        let day = crate::ingest::today();
         let count = |t: &str| setup.tokenizer.count(t).unwrap_or(0);
         let started = Instant::now();
         let summary = run(&IngestOptions {

@@ -36,9 +36,14 @@ impl std::fmt::Debug for Signature {
     }
 }
 
-fn splitmix64(state: &mut u64) -> u64 {
+/// The next value of a splitmix64 stream (also the crate's deterministic draws: FIM cuts, mixes).
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
+    mix64(*state)
+}
+
+/// splitmix64's finalizer: every input bit moves every output bit.
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

@@ -201,10 +201,7 @@ fn uniform(seed: u64, id: &str) -> f64 {
     for b in id.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    h ^= h >> 31;
-    ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    ((crate::minhash::mix64(h) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
