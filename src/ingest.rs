@@ -1,5 +1,5 @@
 //! `pai-train ingest`, `pai-train dataset stats` and `pai-train dataset mix`: the command-line edge of
-//! pai-datasets. Reads the `[[sources]]`, `[ingest]` and `[mix]` tables of `$PAI_HOME/pai.toml` (typed,
+//! pai-datasets. Reads the `[[sources]]`, `[ingest]`, `[mix]` (and, for training, `[train]`) tables of `$PAI_HOME/pai.toml` (typed,
 //! once, here), adds `--source` arguments, counts tokens with the default model's tokenizer, and prints
 //! the summary.
 
@@ -11,35 +11,40 @@ use pai_datasets::ingest::{run, IngestOptions, IngestSettings, IngestSummary};
 use pai_datasets::{resolve_sources, MixMode, MixSettings, SourceConfig, Store};
 use serde::Deserialize;
 
-/// The tables of `pai.toml` ingest reads; other tables belong to other stages.
+/// The tables of `pai.toml` that ingest and training read; other tables belong to other stages.
 #[derive(Debug, Default, Deserialize)]
-struct IngestConfig {
+pub(crate) struct PaiToml {
     #[serde(default)]
-    sources: Vec<SourceConfig>,
+    pub sources: Vec<SourceConfig>,
     #[serde(default)]
-    ingest: IngestSettings,
+    pub ingest: IngestSettings,
     #[serde(default)]
-    mix: MixSettings,
+    pub mix: MixSettings,
+    #[serde(default)]
+    pub train: pai_trainers::TrainConfig,
 }
 
-fn read_config(home: &Path) -> anyhow::Result<IngestConfig> {
+pub(crate) fn read_config(home: &Path) -> anyhow::Result<PaiToml> {
     let path = home.join("pai.toml");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(IngestConfig::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PaiToml::default()),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     let value: toml::Table =
         toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
     let mut wanted = toml::Table::new();
-    for key in ["sources", "ingest", "mix"] {
+    for key in ["sources", "ingest", "mix", "train"] {
         if let Some(v) = value.get(key) {
             wanted.insert(key.into(), v.clone());
         }
     }
-    wanted
-        .try_into()
-        .with_context(|| format!("{}: [[sources]], [ingest] or [mix]", path.display()))
+    wanted.try_into().with_context(|| {
+        format!(
+            "{}: [[sources]], [ingest], [mix] or [train]",
+            path.display()
+        )
+    })
 }
 
 pub struct IngestArgs {

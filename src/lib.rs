@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod ingest;
+pub mod train;
 pub mod watch;
 
 use std::path::PathBuf;

@@ -36,8 +36,8 @@ impl std::fmt::Debug for Signature {
     }
 }
 
-/// The next value of a splitmix64 stream (also the crate's deterministic draws: FIM cuts, mixes).
-pub(crate) fn splitmix64(state: &mut u64) -> u64 {
+/// The next value of a splitmix64 stream (also the deterministic draws of FIM cuts, mixes and training).
+pub fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     mix64(*state)
 }

@@ -1,8 +1,13 @@
 //! The transformer block shared by every llama-family architecture: RMSNorm, grouped-query attention
 //! with RoPE and a KV cache, and the SwiGLU MLP. Each projection is a [`LoraLinear`], so adapters ride
 //! on all seven without a second model tree.
+//!
+//! One forward serves inference and training: pai's fast kernels (which carry no gradient) run when the
+//! input carries none, and differentiable candle ops run when it does (a trainer's LoRA variables are
+//! upstream). Training batches are packed ([`Packed`]): positions restart and attention stays inside
+//! each document, so they go through [`Block::forward_packed`] instead of a KV cache.
 
-use candle_core::{Module, Tensor};
+use candle_core::{Module, Tensor, D};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -10,6 +15,7 @@ use crate::kernels::{self, AttentionSpec};
 use crate::kv_cache::KvCache;
 use crate::linear::LoraLinear;
 use crate::lora::AdapterStack;
+use crate::packed::Packed;
 use crate::rope::Rope;
 
 /// Root-mean-square norm with a learned scale.
@@ -28,6 +34,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            return Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?);
+        }
         if let Some(y) = kernels::rms_norm(x, &self.weight, self.eps)? {
             return Ok(y);
         }
@@ -83,17 +92,10 @@ impl Attention {
         mask: Option<&Tensor>,
         adapters: &AdapterStack,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let offset = cache.len();
 
         // 1. Project and split into heads: [b, heads, t, hd].
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
-        };
-        let q = heads(self.q.forward(x, adapters)?, nh)?;
-        let k = heads(self.k.forward(x, adapters)?, nkv)?;
-        let v = heads(self.v.forward(x, adapters)?, nkv)?;
+        let (q, k, v) = self.project(x, adapters)?;
 
         // 2. Rotate q and k by their absolute positions.
         let q = rope.apply(&q, offset)?;
@@ -101,13 +103,7 @@ impl Attention {
 
         // 3. Append to the cache; attend over every cached position.
         let (k, v) = cache.append(layer, &k, &v.contiguous()?)?;
-        let spec = AttentionSpec {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: hd,
-            offset,
-            window: self.sliding_window,
-        };
+        let spec = self.spec(offset);
         let out = match kernels::attention(&q, &k, &v, spec)? {
             Some(out) => out,
             None => Self::attend_with_candle(&q, &k, &v, mask, spec)?,
@@ -115,7 +111,55 @@ impl Attention {
         self.o.forward(&out, adapters)
     }
 
-    /// Steps 4–6 with candle's ops, for devices and dtypes the CPU kernel does not take.
+    /// Attention over packed rows with no cache (training): positions and the block-diagonal causal
+    /// mask come from `packed`.
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        packed: &Packed,
+        adapters: &AdapterStack,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, adapters)?;
+        let q = rope.apply_at(&q, &packed.cos, &packed.sin)?;
+        let k = rope.apply_at(&k, &packed.cos, &packed.sin)?;
+        let out = Self::attend_with_candle(
+            &q,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            Some(&packed.mask),
+            self.spec(0),
+        )?;
+        self.o.forward(&out, adapters)
+    }
+
+    /// q, k, v of x [b, t, hidden], split into heads: [b, heads, t, head_dim].
+    fn project(&self, x: &Tensor, adapters: &AdapterStack) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
+        };
+        Ok((
+            heads(self.q.forward(x, adapters)?, self.num_heads)?,
+            heads(self.k.forward(x, adapters)?, self.num_kv_heads)?,
+            heads(self.v.forward(x, adapters)?, self.num_kv_heads)?,
+        ))
+    }
+
+    fn spec(&self, offset: usize) -> AttentionSpec {
+        AttentionSpec {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            offset,
+            window: self.sliding_window,
+        }
+    }
+
+    /// Steps 4–6 with candle's ops, for devices and dtypes the CPU kernel does not take, and for
+    /// training (differentiable). `mask` broadcasts to [b, kv_heads, group, t, total]: [t, total] for
+    /// a cache, [b, 1, 1, t, t] for packed rows.
     fn attend_with_candle(
         q: &Tensor,
         k: &Tensor,
@@ -140,7 +184,11 @@ impl Attention {
                 .reshape((b, nkv, rep * t, total))?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
 
         // 6. Weighted sum of values, heads merged back: [b, t, nh * hd].
         let out = probs.matmul(v)?.reshape((b, nh, t, hd))?;
@@ -160,7 +208,12 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, adapters: &AdapterStack) -> Result<Tensor> {
         let gate = self.gate.forward(x, adapters)?;
         let up = self.up.forward(x, adapters)?;
-        let h = match kernels::silu_mul(&gate, &up)? {
+        let fast = if gate.track_op() || up.track_op() {
+            None
+        } else {
+            kernels::silu_mul(&gate, &up)?
+        };
+        let h = match fast {
             Some(h) => h,
             None => (candle_nn::Activation::Silu.forward(&gate)? * up)?,
         };
@@ -199,10 +252,29 @@ impl Block {
         let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, adapters)?;
         residual(&x, &h)
     }
+
+    /// The block over packed rows (training; see [`Attention::forward_packed`]).
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        packed: &Packed,
+        adapters: &AdapterStack,
+    ) -> Result<Tensor> {
+        let h = self
+            .attn
+            .forward_packed(&self.attn_norm.forward(x)?, rope, packed, adapters)?;
+        let x = residual(x, &h)?;
+        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, adapters)?;
+        residual(&x, &h)
+    }
 }
 
-/// x + h, on pai's kernels where they take the tensors.
+/// x + h, on pai's kernels where they take the tensors (and no gradient is needed).
 fn residual(x: &Tensor, h: &Tensor) -> Result<Tensor> {
+    if x.track_op() || h.track_op() {
+        return Ok((x + h)?);
+    }
     match kernels::add(x, h)? {
         Some(y) => Ok(y),
         None => Ok((x + h)?),

@@ -1,11 +1,17 @@
 //! The linear layers of the model: a frozen base projection (quantized or dense, never trained) and the
 //! LoRA layer that wraps it, adding the low-rank deltas of whichever adapters a forward pass is given.
+//!
+//! Training flows through the frozen projection without ever differentiating its weight: when the input
+//! carries a gradient, the fast (quantized) product is wrapped in [`FrozenGrad`], whose backward returns
+//! only `grad·W` with `W` dequantized on the fly or kept dense (see [`FrozenLinear::keep_dense`]).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Module, Shape, Tensor};
 
 use crate::error::Result;
 use crate::kernels::QuantMatrix;
@@ -103,6 +109,15 @@ pub struct FrozenLinear {
     bias: Option<Tensor>,
     in_dim: usize,
     out_dim: usize,
+    /// The dense f32 copy of a quantized weight that backward passes multiply by, when the trainer's
+    /// memory budget keeps one (shared by clones).
+    dense: Arc<DenseCopy>,
+}
+
+#[derive(Debug, Default)]
+struct DenseCopy {
+    keep: AtomicBool,
+    weight: Mutex<Option<Tensor>>,
 }
 
 impl FrozenLinear {
@@ -122,6 +137,7 @@ impl FrozenLinear {
             bias,
             in_dim,
             out_dim,
+            dense: Arc::default(),
         })
     }
 
@@ -133,7 +149,40 @@ impl FrozenLinear {
             bias,
             in_dim,
             out_dim,
+            dense: Arc::default(),
         })
+    }
+
+    /// Keep (or stop keeping) a dense f32 copy of a quantized weight for backward passes, made on the
+    /// first one; stopping frees it. Without it each backward dequantizes the weight again: slower,
+    /// but no resident copy. Returns the bytes the copy takes (0 for weights that are dense already).
+    pub fn keep_dense(&self, keep: bool) -> usize {
+        if !self.is_quantized() {
+            return 0;
+        }
+        self.dense.keep.store(keep, Ordering::Relaxed);
+        if !keep {
+            if let Ok(mut w) = self.dense.weight.lock() {
+                *w = None;
+            }
+        }
+        self.in_dim * self.out_dim * std::mem::size_of::<f32>()
+    }
+
+    /// W [out, in] in f32 for the backward product: the kept copy, or one made now.
+    fn backward_weight(&self) -> Result<Tensor> {
+        if !self.is_quantized() || !self.dense.keep.load(Ordering::Relaxed) {
+            return self.dense_weight();
+        }
+        let Ok(mut kept) = self.dense.weight.lock() else {
+            return self.dense_weight();
+        };
+        if let Some(w) = kept.as_ref() {
+            return Ok(w.clone());
+        }
+        let w = self.dense_weight()?;
+        *kept = Some(w.clone());
+        Ok(w)
     }
 
     pub fn in_dim(&self) -> usize {
@@ -174,16 +223,80 @@ impl FrozenLinear {
         })
     }
 
-    /// x: [..., in] → [..., out].
+    /// x: [..., in] → [..., out]. When x carries a gradient, so does the result (towards x only).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            BaseWeight::Candle(w) => w.forward(x)?,
+            BaseWeight::Candle(w) => w.forward(&x.detach())?,
             BaseWeight::Own(m) => m.matmul(x)?,
         };
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        if !x.track_op() {
+            return Ok(y);
+        }
+        let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
+            y
+        } else {
+            y.copy()?
+        };
+        Ok(x.apply_op2(&y, FrozenGrad(self.clone()))?)
+    }
+}
+
+/// Joins a frozen product `y = x·Wᵀ + b`, computed by the fast kernels, back into the graph: the
+/// forward returns y unchanged, the backward gives x the gradient `grad·W` and nothing else (no weight
+/// gradient is ever formed).
+struct FrozenGrad(FrozenLinear);
+
+impl CustomOp2 for FrozenGrad {
+    fn name(&self) -> &'static str {
+        "pai-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _xl: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        _x: &candle_core::MetalStorage,
+        _xl: &Layout,
+        y: &candle_core::MetalStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let w = self.0.backward_weight().map_err(candle_core::Error::wrap)?;
+        let grad_x = grad.broadcast_matmul(&w.to_dtype(grad.dtype())?)?;
+        Ok((Some(grad_x), None))
     }
 }
 

@@ -243,6 +243,69 @@ impl Adapter {
     }
 }
 
+impl Adapter {
+    /// Write the adapter as a PEFT LoRA directory: `adapter_config.json` and
+    /// `adapter_model.safetensors` (f32, metadata `format: pt`), in Hugging Face row order, which PEFT,
+    /// vLLM and llama.cpp's converter read. The directory must exist; files in it are overwritten.
+    pub fn save_peft(&self, dir: &Path) -> Result<()> {
+        let c = &self.config;
+        let mut modules: Vec<&str> = c.target_modules.iter().map(|p| p.peft_name()).collect();
+        modules.sort_unstable();
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": c.r,
+            "lora_alpha": c.alpha,
+            "lora_dropout": c.dropout,
+            "use_rslora": c.use_rslora,
+            "use_dora": false,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "target_modules": modules,
+            "layers_to_transform": c.layers,
+            "base_model_name_or_path": c.base_model_name_or_path,
+            "inference_mode": true,
+        });
+        let config_path = dir.join("adapter_config.json");
+        let text = serde_json::to_string_pretty(&config).map_err(|source| ModelError::Json {
+            path: config_path.clone(),
+            what: "adapter_config.json",
+            source,
+        })?;
+        std::fs::write(&config_path, text).map_err(|e| ModelError::io(&config_path, e))?;
+
+        let weights_path = dir.join("adapter_model.safetensors");
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (site, w) in self.iter() {
+            for (is_a, t) in [(true, &w.a), (false, &w.b)] {
+                let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                tensors.push((peft_key(site, is_a), t.dims().to_vec(), bytes));
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|(k, shape, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (k.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| ModelError::Adapter {
+                path: weights_path.clone(),
+                reason: format!("cannot lay out the tensors: {e}"),
+            })?;
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(views, Some(metadata), &weights_path).map_err(|e| {
+            ModelError::Adapter {
+                path: weights_path.clone(),
+                reason: format!("cannot write: {e}"),
+            }
+        })?;
+        Ok(())
+    }
+}
+
 /// The PEFT tensor name of one side of a site's pair.
 pub fn peft_key(site: LoraSite, a: bool) -> String {
     format!(

@@ -12,6 +12,7 @@ use crate::kernels::QuantMatrix;
 use crate::kv_cache::KvCache;
 use crate::linear::{FrozenLinear, LoraLinear, LoraSite, Proj};
 use crate::lora::AdapterStack;
+use crate::packed::{Packed, PackedRow};
 use crate::rope::Rope;
 use crate::weights::{Named, WeightSource};
 
@@ -152,6 +153,50 @@ impl Model {
         cache.advance(seq);
         // 4. Final norm.
         self.norm.forward(&x)
+    }
+
+    /// A packed training batch for this model (positions and masks per document).
+    pub fn pack(&self, rows: &[PackedRow]) -> Result<Packed> {
+        Packed::new(rows, &self.rope, self.config.context_length, &self.device)
+    }
+
+    /// Final hidden states [rows, seq, hidden] of a packed batch, with no cache. Differentiable towards
+    /// the adapters' weights when they are trainable variables (the base stays frozen).
+    pub fn forward_packed(&self, packed: &Packed, adapters: &AdapterStack) -> Result<Tensor> {
+        let (rows, seq) = packed.ids.dims2()?;
+        // 1. Embed.
+        let flat = packed.ids.flatten_all()?;
+        let embedded = match &self.embedding {
+            Embedding::Quantized(m) => m.rows_tensor(&flat.to_vec1::<u32>()?)?,
+            Embedding::Dense(table) => table.embedding(&flat)?,
+        };
+        let mut x = embedded.reshape((rows, seq, self.config.hidden_size))?;
+        // 2. The blocks, attention kept inside each document.
+        for block in &self.blocks {
+            x = block.forward_packed(&x, &self.rope, packed, adapters)?;
+        }
+        // 3. Final norm.
+        self.norm.forward(&x)
+    }
+
+    /// Every frozen projection, the output one last (for memory policies such as
+    /// [`crate::FrozenLinear::keep_dense`]).
+    pub fn frozen_linears(&self) -> impl Iterator<Item = &FrozenLinear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                [
+                    &b.attn.q,
+                    &b.attn.k,
+                    &b.attn.v,
+                    &b.attn.o,
+                    &b.mlp.gate,
+                    &b.mlp.up,
+                    &b.mlp.down,
+                ]
+            })
+            .map(|l| l.base())
+            .chain(std::iter::once(&self.output))
     }
 
     /// Logits [.., vocab] of hidden states [.., hidden].

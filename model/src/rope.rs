@@ -38,6 +38,27 @@ impl Rope {
         let sin = self.sin.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
+
+    /// cos and sin [n, head_dim / 2] of the given positions [n] (u32).
+    pub fn tables_at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
+    }
+
+    /// Rotate x: [batch, heads, seq, head_dim] by per-token angles `cos`/`sin` [batch, 1, seq,
+    /// head_dim / 2] (from [`Rope::tables_at`]), with differentiable ops: the rotate-half formula
+    /// written out, since candle's fused RoPE has no backward.
+    pub fn apply_at(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = x.dim(3)? / 2;
+        let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+        let cos = cos.to_dtype(x.dtype())?;
+        let sin = sin.to_dtype(x.dtype())?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[r1, r2], 3)?)
+    }
 }
 
 #[cfg(test)]
@@ -66,6 +87,24 @@ mod tests {
         for (g, w) in y.iter().zip(&want) {
             assert!((f64::from(*g) - w).abs() < 1e-5, "{y:?} vs {want:?}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn per_token_positions_match_the_offset_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 10_000.0, 16, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
+        let want = rope.apply(&x, 5)?;
+        let positions = Tensor::new(&[5u32, 6, 7], &dev)?;
+        let (cos, sin) = rope.tables_at(&positions)?;
+        let got = rope.apply_at(&x, &cos.reshape((1, 1, 3, 4))?, &sin.reshape((1, 1, 3, 4))?)?;
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
 //! `pai-train`: build, train and judge adapters. `pai-train perplexity` (the yardstick the evals
-//! use), `pai-train ingest` and `pai-train dataset stats`.
+//! use), `pai-train ingest`, `watch`, `dataset stats|mix` and `train`.
 
 use std::path::PathBuf;
 
@@ -41,6 +41,8 @@ enum Command {
         #[arg(long)]
         max_runs: Option<usize>,
     },
+    /// Train a LoRA adapter on the night's mix ([train] and [mix] in pai.toml; flags override).
+    Train(Box<TrainArgs>),
     /// The dataset: `stats` (rows and tokens by day, source, kind and split), `mix` (what training reads).
     Dataset {
         #[command(subcommand)]
@@ -72,6 +74,62 @@ enum DatasetCommand {
 enum MixModeArg {
     Continue,
     Cumulative,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The night's day (YYYY-MM-DD; today by default): the mix holds it and earlier days.
+    #[arg(long)]
+    day: Option<String>,
+    /// The base model (the default model when not given).
+    #[arg(long, env = "PAI_MODEL")]
+    model: Option<PathBuf>,
+    /// fresh: a new adapter from the base on every day, recency-weighted; continue: from --from on
+    /// the day plus a replay share.
+    #[arg(long, value_enum)]
+    strategy: Option<StrategyArg>,
+    /// The incumbent adapter (a PEFT directory) that `continue` starts from.
+    #[arg(long)]
+    from: Option<PathBuf>,
+    /// Where the adapter goes (default: $PAI_HOME/runs/<run>/adapter).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue a stopped run from its checkpoint (the newest stopped run when no id is given).
+    #[arg(long, value_name = "RUN")]
+    resume: Option<Option<String>>,
+    /// Projections to adapt, comma-separated (q,k,v,o,gate,up,down).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
+    #[arg(long)]
+    r: Option<usize>,
+    #[arg(long)]
+    alpha: Option<f64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    batch_tokens: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop at a checkpoint after this many seconds and write the adapter so far.
+    #[arg(long)]
+    time_budget: Option<u64>,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StrategyArg {
+    Fresh,
+    Continue,
 }
 
 #[derive(Args)]
@@ -141,6 +199,31 @@ fn main() -> anyhow::Result<()> {
                 max_runs,
             })
         }
+        Command::Train(a) => pai::train::train(pai::train::TrainArgs {
+            day: a.day,
+            model: a.model,
+            from: a.from,
+            out: a.out,
+            resume: a.resume,
+            overrides: pai::train::Overrides {
+                strategy: a.strategy.map(|s| match s {
+                    StrategyArg::Fresh => pai_trainers::Strategy::Fresh,
+                    StrategyArg::Continue => pai_trainers::Strategy::Continue,
+                }),
+                targets: a.targets,
+                r: a.r,
+                alpha: a.alpha,
+                learning_rate: a.lr,
+                max_steps: a.max_steps,
+                epochs: a.epochs,
+                seq_len: a.seq_len,
+                batch_tokens: a.batch_tokens,
+                grad_accum: a.grad_accum,
+                seed: a.seed,
+                time_budget_s: a.time_budget,
+            },
+            json: a.json,
+        }),
         Command::Dataset { command } => match command {
             DatasetCommand::Stats { json } => pai::ingest::dataset_stats(json),
             DatasetCommand::Mix { day, mode, json } => pai::ingest::dataset_mix(

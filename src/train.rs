@@ -1,0 +1,349 @@
+//! `pai-train train`: the command-line edge of pai-trainers. Reads `[train]` and `[mix]` from pai.toml
+//! (flags override), draws the night's mix from the dataset (`fresh`: every day recency-weighted;
+//! `continue`: the day plus a replay share, starting from an incumbent adapter), trains with a progress
+//! bar and Ctrl-C checkpointing, and writes the adapter as a PEFT directory with its `pai.json`.
+//! `--resume` continues a stopped run from its checkpoint with the job it recorded.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use pai_datasets::{training_mix, MixMode, Split, Store};
+use pai_trainers::{DocEncoder, Strategy, TrainConfig, TrainJob, TrainOutcome};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Flags that override `[train]`.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub strategy: Option<Strategy>,
+    pub targets: Option<Vec<String>>,
+    pub r: Option<usize>,
+    pub alpha: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub max_steps: Option<usize>,
+    pub epochs: Option<f64>,
+    pub seq_len: Option<usize>,
+    pub batch_tokens: Option<usize>,
+    pub grad_accum: Option<usize>,
+    pub seed: Option<u64>,
+    pub time_budget_s: Option<u64>,
+}
+
+impl Overrides {
+    fn apply(&self, c: &mut TrainConfig) {
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = self.$f.clone() { c.$f = v; })* };
+        }
+        set!(
+            strategy,
+            r,
+            alpha,
+            learning_rate,
+            epochs,
+            seq_len,
+            batch_tokens,
+            grad_accum,
+            seed
+        );
+        if let Some(t) = &self.targets {
+            c.target_modules = t.clone();
+        }
+        if self.max_steps.is_some() {
+            c.max_steps = self.max_steps;
+        }
+        if self.time_budget_s.is_some() {
+            c.time_budget_s = self.time_budget_s;
+        }
+    }
+}
+
+pub struct TrainArgs {
+    pub day: Option<String>,
+    pub model: Option<PathBuf>,
+    /// The incumbent adapter `continue` starts from.
+    pub from: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub resume: Option<Option<String>>,
+    pub overrides: Overrides,
+    pub json: bool,
+}
+
+/// What a run was asked to do, kept in `runs/<id>/job.json` so `--resume` rebuilds the same job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JobFile {
+    day: String,
+    model: PathBuf,
+    from: Option<PathBuf>,
+    out: PathBuf,
+    config: TrainConfig,
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The newest run with a checkpoint, for `--resume` without an id.
+fn latest_resumable(runs: &Path) -> anyhow::Result<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(runs)
+        .with_context(|| format!("no runs in {}", runs.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("checkpoint").join("state.json").is_file())
+        .filter(|e| !e.path().join("adapter").exists())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .collect();
+    ids.sort();
+    ids.pop()
+        .with_context(|| format!("no stopped run to resume in {}", runs.display()))
+}
+
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let home = crate::pai_home();
+    let runs = home.join("runs");
+    let file_config = crate::ingest::read_config(&home)?;
+
+    // 1. The job: a new one from pai.toml and flags, or the one a stopped run recorded.
+    let (run_id, job, resume) = match &args.resume {
+        Some(id) => {
+            let id = match id {
+                Some(id) => id.clone(),
+                None => latest_resumable(&runs)?,
+            };
+            let path = runs.join(&id).join("job.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("run {id} has no {}", path.display()))?;
+            let job: JobFile = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a job file", path.display()))?;
+            (id, job, true)
+        }
+        None => {
+            let mut config = file_config.train.clone();
+            args.overrides.apply(&mut config);
+            let day = match &args.day {
+                Some(d) => {
+                    chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                        .with_context(|| format!("--day {d:?} is not a date like 2026-11-22"))?;
+                    d.clone()
+                }
+                None => crate::ingest::today(),
+            };
+            let id = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| runs.join(&id).join("adapter"));
+            let job = JobFile {
+                day,
+                model: crate::resolve_model(args.model.clone())?,
+                from: args.from.clone(),
+                out,
+                config,
+            };
+            (id, job, false)
+        }
+    };
+    let run_dir = runs.join(&run_id);
+    let cfg = &job.config;
+    anyhow::ensure!(
+        cfg.strategy == Strategy::Fresh || job.from.is_some(),
+        "train.strategy = continue needs the incumbent adapter: pass --from DIR"
+    );
+
+    // 2. The model, checked against the config before anything is read.
+    let (base, from) = crate::load_model(
+        Some(job.model.clone()),
+        job.from.as_slice(),
+        pai_model::LoadOptions::default(),
+    )?;
+    cfg.validate(base.model.config())?;
+
+    // 3. The mix and the holdout.
+    let store = Store::open(&home.join("dataset"))?;
+    let mode = match cfg.strategy {
+        Strategy::Fresh => MixMode::Cumulative,
+        Strategy::Continue => MixMode::Continue,
+    };
+    let mix = training_mix(&store, &job.day, mode, &file_config.mix, &HashSet::new())?;
+    anyhow::ensure!(
+        !mix.examples.is_empty(),
+        "nothing to train on for {}: the dataset in {} has no train-split example up to that day \
+         (run `pai-train ingest` first)",
+        job.day,
+        store.dir().display()
+    );
+    let mut holdout = Vec::new();
+    for d in store.days()? {
+        if d <= job.day {
+            holdout.extend(
+                store
+                    .read_day(&d)?
+                    .into_iter()
+                    .filter(|e| e.split == Split::Holdout),
+            );
+        }
+    }
+    let encoder = DocEncoder::new(&base.tokenizer);
+    let train_docs = encoder.encode_all(&mix.examples)?;
+    let holdout_docs = encoder.encode_all(&holdout)?;
+    let dataset_hash = {
+        let mut ids: Vec<&str> = mix.examples.iter().map(|e| e.id.as_str()).collect();
+        ids.sort_unstable();
+        let mut h = Sha256::new();
+        for id in ids {
+            h.update(id.as_bytes());
+            h.update(b"\n");
+        }
+        format!("{:x}", h.finalize())
+    };
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if !resume {
+        write_json(&run_dir.join("job.json"), &job)?;
+    }
+
+    // 4. Train, with Ctrl-C (and SIGTERM) stopping at a checkpoint.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::Relaxed) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping at the end of this step (Ctrl-C again to quit now)…");
+        });
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} train [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let pad = base.tokenizer.eos().unwrap_or(0);
+    let outcome = pai_trainers::train(
+        &TrainJob {
+            model: &base.model,
+            config: cfg,
+            train: &train_docs,
+            holdout: &holdout_docs,
+            init: from.first(),
+            base_name: Some(base.name().to_string()),
+            run_dir: &run_dir,
+            resume,
+            stop: &stop,
+            pad,
+        },
+        &mut |m| {
+            bar.set_length(m.total_steps as u64);
+            bar.set_position(m.step as u64);
+            let holdout = m
+                .holdout_loss
+                .map(|l| format!("  holdout {l:.3}"))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "loss {:.3}{holdout}  {:.0} tok/s",
+                m.loss, m.tokens_per_s
+            ));
+        },
+    )?;
+    bar.finish_and_clear();
+    if matches!(outcome.stop, pai_trainers::StopReason::Interrupted) {
+        println!(
+            "stopped at step {}/{}; checkpoint in {}. Continue with: pai-train train --resume {run_id}",
+            outcome.steps,
+            outcome.total_steps,
+            run_dir.join("checkpoint").display()
+        );
+        return Ok(());
+    }
+
+    // 5. The adapter directory, written beside its place and renamed in.
+    let pai_json = serde_json::json!({
+        "base": {
+            "sha256": base.sha256()?,
+            "name": base.name(),
+            "path": base.path(),
+        },
+        "dataset": {
+            "day": job.day,
+            "days": mix.by_day.keys().collect::<Vec<_>>(),
+            "hash": dataset_hash,
+            "examples": mix.examples.len(),
+            "new_tokens": mix.new_tokens,
+            "replay_tokens": mix.replay_tokens,
+            "holdout_examples": holdout.len(),
+        },
+        "training": {
+            "run": run_id,
+            "strategy": cfg.strategy,
+            "config": cfg,
+        },
+        "metrics": metrics_json(&outcome),
+        "parent": job.from,
+        "created": chrono::Local::now().to_rfc3339(),
+    });
+    let out = &job.out;
+    let tmp = out.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("clearing {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    outcome.adapter.save_peft(&tmp)?;
+    write_json(&tmp.join("pai.json"), &pai_json)?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"run": run_id, "adapter": out, "metrics": metrics_json(&outcome)})
+        );
+    } else {
+        print_summary(&outcome, out, &run_dir);
+    }
+    Ok(())
+}
+
+fn metrics_json(o: &TrainOutcome) -> serde_json::Value {
+    serde_json::json!({
+        "stop": o.stop,
+        "steps": o.steps,
+        "total_steps": o.total_steps,
+        "best_step": o.best_step,
+        "initial_holdout_loss": o.initial_holdout,
+        "best_holdout_loss": o.best_holdout,
+        "final_train_loss": o.final_loss,
+        "tokens": o.tokens,
+        "elapsed_s": o.elapsed_s,
+        "trainable_params": o.trainable_params,
+    })
+}
+
+fn print_summary(o: &TrainOutcome, out: &Path, run_dir: &Path) {
+    let holdout = match (o.initial_holdout, o.best_holdout) {
+        (Some(a), Some(b)) => format!(
+            "holdout loss {a:.3} → {b:.3} (perplexity {:.1} → {:.1}, {:+.1}%)",
+            a.exp(),
+            b.exp(),
+            100.0 * (b.exp() / a.exp() - 1.0)
+        ),
+        _ => "no holdout examples to measure on".into(),
+    };
+    println!(
+        "trained {} steps ({:?}) on {} tokens in {:.0}s; {holdout}; best at step {}",
+        o.steps, o.stop, o.tokens, o.elapsed_s, o.best_step
+    );
+    println!("adapter: {}", out.display());
+    println!("metrics: {}", run_dir.join("metrics.jsonl").display());
+}

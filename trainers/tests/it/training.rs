@@ -1,0 +1,216 @@
+//! The loop: it learns, it stops and resumes to the same weights, it refuses bad settings up front,
+//! and what it writes (metrics, the PEFT directory) reads back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::quantized::GgmlDType;
+use pai_model::testing::TinySpec;
+use pai_model::{Adapter, AdapterStack, BaseModel};
+use pai_trainers::{eval_rows, holdout_loss, train, StopReason, TrainConfig, TrainDoc, TrainJob};
+
+use crate::{max_abs_diff, tiny};
+
+/// A small corpus of repeated patterns the random model cannot predict before training.
+fn corpus() -> Vec<TrainDoc> {
+    (0..24u32)
+        .map(|d| TrainDoc {
+            ids: (0..20).map(|i| 10 + (d % 4) * 30 + (i * 3) % 17).collect(),
+            completion_start: 0,
+        })
+        .collect()
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        r: 8,
+        alpha: 16.0,
+        learning_rate: 5e-3,
+        warmup_steps: 2,
+        seq_len: 32,
+        batch_tokens: 64,
+        max_steps: Some(12),
+        eval_every: 4,
+        eval_tokens: 256,
+        checkpoint_every: 5,
+        ..Default::default()
+    }
+}
+
+fn job<'a>(
+    base: &'a BaseModel,
+    cfg: &'a TrainConfig,
+    docs: &'a [TrainDoc],
+    run_dir: &'a std::path::Path,
+    resume: bool,
+    stop: &'a AtomicBool,
+) -> TrainJob<'a> {
+    TrainJob {
+        model: &base.model,
+        config: cfg,
+        train: docs,
+        holdout: docs,
+        init: None,
+        base_name: Some("tiny".into()),
+        run_dir,
+        resume,
+        stop,
+        pad: 0,
+    }
+}
+
+fn weights(adapter: &Adapter) -> Vec<candle_core::Tensor> {
+    adapter
+        .iter()
+        .flat_map(|(_, w)| [w.a.clone(), w.b.clone()])
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = tiny(&dir.path().join("m"), GgmlDType::Q8_0, TinySpec::default());
+    let docs = corpus();
+    let cfg = TrainConfig {
+        max_steps: Some(40),
+        eval_every: 10,
+        ..config()
+    };
+    let stop = AtomicBool::new(false);
+    let run = dir.path().join("run");
+    let mut seen = 0;
+    let out = train(&job(&base, &cfg, &docs, &run, false, &stop), &mut |_| {
+        seen += 1
+    })
+    .expect("train");
+    assert_eq!(out.stop, StopReason::Finished);
+    assert_eq!((out.steps, seen), (40, 40));
+    let (before, after) = (
+        out.initial_holdout.expect("holdout"),
+        out.best_holdout.expect("best"),
+    );
+    assert!(after < 0.5 * before, "holdout loss {before} → {after}");
+    // The shipped adapter is the best one and gives that loss.
+    let rows = eval_rows(&docs, cfg.seq_len, cfg.eval_tokens, 0).expect("rows");
+    let l = holdout_loss(&base.model, Some(&out.adapter), &rows)
+        .expect("loss")
+        .expect("some");
+    assert!((l - after).abs() < 1e-4, "{l} vs {after}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 41, "the base's holdout line and one a step");
+    assert!(lines[40]["holdout_loss"].as_f64().is_some());
+    assert!(lines[5]["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0));
+
+    // Saved as PEFT and loaded back, it computes the same.
+    let peft = dir.path().join("peft");
+    std::fs::create_dir_all(&peft).expect("mkdir");
+    out.adapter.save_peft(&peft).expect("save");
+    let loaded = base.load_adapter(&peft).expect("load");
+    let ids = candle_core::Tensor::new(&[[5u32, 17, 33, 40]], base.model.device()).expect("ids");
+    let run_with = |a: &Adapter| {
+        let list = [a];
+        let mut cache = base.model.new_cache(8);
+        base.model
+            .forward(&ids, &mut cache, &AdapterStack::new(&list))
+            .expect("forward")
+    };
+    assert!(max_abs_diff(&run_with(&out.adapter), &run_with(&loaded)) < 1e-5);
+}
+
+#[test]
+fn a_stopped_run_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = tiny(&dir.path().join("m"), GgmlDType::Q8_0, TinySpec::default());
+    let docs = corpus();
+    let cfg = config();
+
+    let never = AtomicBool::new(false);
+    let straight = train(
+        &job(&base, &cfg, &docs, &dir.path().join("a"), false, &never),
+        &mut |_| {},
+    )
+    .expect("uninterrupted");
+
+    // Stopped after step 7 (between checkpoints at 5 and 10), then resumed.
+    let stop = AtomicBool::new(false);
+    let run = dir.path().join("b");
+    let first = train(&job(&base, &cfg, &docs, &run, false, &stop), &mut |m| {
+        if m.step == 7 {
+            stop.store(true, Ordering::Relaxed);
+        }
+    })
+    .expect("first part");
+    assert_eq!((first.stop, first.steps), (StopReason::Interrupted, 7));
+    let resumed_at = std::cell::Cell::new(0);
+    let second = train(&job(&base, &cfg, &docs, &run, true, &never), &mut |m| {
+        if resumed_at.get() == 0 {
+            resumed_at.set(m.step);
+        }
+    })
+    .expect("resumed");
+    assert_eq!(resumed_at.get(), 8, "the resumed run starts after the stop");
+    assert_eq!(second.steps, 12);
+    for (a, b) in weights(&straight.adapter)
+        .iter()
+        .zip(weights(&second.adapter))
+    {
+        assert_eq!(max_abs_diff(a, &b), 0.0, "resumed weights differ");
+    }
+    assert_eq!(straight.best_holdout, second.best_holdout);
+    // The metrics hold each step once.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    assert_eq!(metrics.lines().count(), 13);
+
+    // A changed configuration is refused.
+    let other = TrainConfig {
+        learning_rate: 1e-3,
+        ..cfg.clone()
+    };
+    let err = train(&job(&base, &other, &docs, &run, true, &never), &mut |_| {})
+        .expect_err("config changed");
+    assert!(
+        err.to_string().contains("different [train] configuration"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_settings_fail_before_any_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = tiny(&dir.path().join("m"), GgmlDType::Q8_0, TinySpec::default());
+    let docs = corpus();
+    let stop = AtomicBool::new(false);
+    let run = dir.path().join("run");
+    let cases = [
+        (TrainConfig { r: 0, ..config() }, "train.r = 0"),
+        (
+            TrainConfig {
+                seq_len: 4096,
+                batch_tokens: 4096,
+                ..config()
+            },
+            "train.seq_len = 4096",
+        ),
+        (
+            TrainConfig {
+                target_modules: vec!["qkv".into()],
+                ..config()
+            },
+            "`qkv` is not a projection",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let err = train(&job(&base, &cfg, &docs, &run, false, &stop), &mut |_| {})
+            .expect_err(want)
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    let err = train(&job(&base, &config(), &[], &run, false, &stop), &mut |_| {})
+        .expect_err("empty")
+        .to_string();
+    assert!(err.contains("nothing to train on"), "{err}");
+    assert!(!run.join("metrics.jsonl").exists(), "no work was done");
+}
