@@ -89,13 +89,22 @@ fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The newest run with a checkpoint, for `--resume` without an id.
+/// Whether a run stopped before its last step (its checkpoint says so).
+fn unfinished(run_dir: &Path) -> bool {
+    let state = run_dir.join("checkpoint").join("state.json");
+    std::fs::read_to_string(state)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| Some(v.get("step")?.as_u64()? < v.get("total_steps")?.as_u64()?))
+        .unwrap_or(false)
+}
+
+/// The newest stopped run, for `--resume` without an id.
 fn latest_resumable(runs: &Path) -> anyhow::Result<String> {
     let mut ids: Vec<String> = std::fs::read_dir(runs)
         .with_context(|| format!("no runs in {}", runs.display()))?
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("checkpoint").join("state.json").is_file())
-        .filter(|e| !e.path().join("adapter").exists())
+        .filter(|e| unfinished(&e.path()))
         .filter_map(|e| e.file_name().to_str().map(String::from))
         .collect();
     ids.sort();
@@ -104,6 +113,7 @@ fn latest_resumable(runs: &Path) -> anyhow::Result<String> {
 }
 
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    crate::keep_freed_memory();
     let home = crate::pai_home();
     let runs = home.join("runs");
     let file_config = crate::ingest::read_config(&home)?;
@@ -133,7 +143,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 }
                 None => crate::ingest::today(),
             };
-            let id = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
+            let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
+            std::fs::create_dir_all(&runs)
+                .with_context(|| format!("creating {}", runs.display()))?;
+            // Claimed by creating its directory, so two runs started in the same second differ.
+            let id = (1..1000)
+                .map(|n| match n {
+                    1 => stamp.clone(),
+                    n => format!("{stamp}-{n}"),
+                })
+                .find(|id| std::fs::create_dir(runs.join(id)).is_ok())
+                .with_context(|| format!("cannot create a run directory in {}", runs.display()))?;
             let out = args
                 .out
                 .clone()

@@ -31,7 +31,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
-pub use linear::{FrozenLinear, LoraLinear, LoraSite, Proj};
+pub use linear::{BackwardCopyKind, FrozenLinear, LoraLinear, LoraSite, Proj};
 pub use lora::{Adapter, AdapterStack, LoraConfig, LoraWeights};
 pub use model::Model;
 pub use packed::{Packed, PackedRow};

@@ -3,10 +3,11 @@
 //!
 //! Training flows through the frozen projection without ever differentiating its weight: when the input
 //! carries a gradient, the fast (quantized) product is wrapped in [`FrozenGrad`], whose backward returns
-//! only `grad·W` with `W` dequantized on the fly or kept dense (see [`FrozenLinear::keep_dense`]).
+//! only `grad·W`, from W dequantized on the fly or from a kept copy (Wᵀ in Q8_0 for the blocks, so
+//! their backward products run on the same int8 kernels as the forward; W in f32 for the output
+//! projection; see [`FrozenLinear::keep_backward_copy`]).
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -109,15 +110,34 @@ pub struct FrozenLinear {
     bias: Option<Tensor>,
     in_dim: usize,
     out_dim: usize,
-    /// The dense f32 copy of a quantized weight that backward passes multiply by, when the trainer's
-    /// memory budget keeps one (shared by clones).
-    dense: Arc<DenseCopy>,
+    /// The copy of a quantized weight that backward passes multiply by, when the trainer's memory
+    /// budget keeps one (shared by clones).
+    backward: Arc<Mutex<KeptCopy>>,
+}
+
+/// Which copy of a quantized weight a backward pass multiplies by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackwardCopyKind {
+    /// Wᵀ in Q8_0 on pai's int8 kernels (CPU; 1.06 bytes a weight): for the blocks' projections,
+    /// whose LoRA gradients it gives to within the forward's own int8 rounding.
+    Int8,
+    /// W in f32 (4 bytes a weight): for the output projection, whose gradient (softmax − one-hot over
+    /// the vocabulary) int8 cannot carry — through an int8 head the default model's LoRA gradients
+    /// turned up to 45–115° from the exact ones.
+    Dense,
 }
 
 #[derive(Debug, Default)]
-struct DenseCopy {
-    keep: AtomicBool,
-    weight: Mutex<Option<Tensor>>,
+struct KeptCopy {
+    kind: Option<BackwardCopyKind>,
+    copy: Option<BackwardCopy>,
+}
+
+#[derive(Debug, Clone)]
+enum BackwardCopy {
+    /// grad·W = grad·(Wᵀ)ᵀ: an ordinary quantized product with Wᵀ as the matrix.
+    Transposed(Arc<QuantMatrix>),
+    Dense(Tensor),
 }
 
 impl FrozenLinear {
@@ -137,7 +157,7 @@ impl FrozenLinear {
             bias,
             in_dim,
             out_dim,
-            dense: Arc::default(),
+            backward: Arc::default(),
         })
     }
 
@@ -149,40 +169,74 @@ impl FrozenLinear {
             bias,
             in_dim,
             out_dim,
-            dense: Arc::default(),
+            backward: Arc::default(),
         })
     }
 
-    /// Keep (or stop keeping) a dense f32 copy of a quantized weight for backward passes, made on the
-    /// first one; stopping frees it. Without it each backward dequantizes the weight again: slower,
-    /// but no resident copy. Returns the bytes the copy takes (0 for weights that are dense already).
-    pub fn keep_dense(&self, keep: bool) -> usize {
+    /// Keep a copy of a quantized weight for backward passes (`None`: keep none and free it), made on
+    /// the first one. Without it each backward dequantizes W again: slower, but nothing resident.
+    /// Returns the bytes the copy takes (0 for dense weights, which need none). `Int8` falls back to
+    /// `Dense` where pai's kernels cannot hold Wᵀ (GPU devices, an output dimension not a multiple of
+    /// 32).
+    pub fn keep_backward_copy(&self, kind: Option<BackwardCopyKind>) -> usize {
         if !self.is_quantized() {
             return 0;
         }
-        self.dense.keep.store(keep, Ordering::Relaxed);
-        if !keep {
-            if let Ok(mut w) = self.dense.weight.lock() {
-                *w = None;
+        let kind = kind.map(|k| match k {
+            BackwardCopyKind::Int8 if !self.int8_transposable() => BackwardCopyKind::Dense,
+            k => k,
+        });
+        if let Ok(mut kept) = self.backward.lock() {
+            if kept.kind != kind {
+                *kept = KeptCopy { kind, copy: None };
             }
         }
-        self.in_dim * self.out_dim * std::mem::size_of::<f32>()
+        let n = self.in_dim * self.out_dim;
+        match kind {
+            None => 0,
+            Some(BackwardCopyKind::Int8) => n * 34 / 32,
+            Some(BackwardCopyKind::Dense) => n * std::mem::size_of::<f32>(),
+        }
     }
 
-    /// W [out, in] in f32 for the backward product: the kept copy, or one made now.
-    fn backward_weight(&self) -> Result<Tensor> {
-        if !self.is_quantized() || !self.dense.keep.load(Ordering::Relaxed) {
-            return self.dense_weight();
-        }
-        let Ok(mut kept) = self.dense.weight.lock() else {
-            return self.dense_weight();
+    fn int8_transposable(&self) -> bool {
+        matches!(self.weight, BaseWeight::Own(_)) && self.out_dim % 32 == 0
+    }
+
+    /// grad·W for grad [.., out] → [.., in]: through the kept copy, or W dequantized now.
+    fn backward_product(&self, grad: &Tensor) -> Result<Tensor> {
+        let copy = match self.backward.lock() {
+            Ok(mut kept) if self.is_quantized() => match (kept.kind, kept.copy.clone()) {
+                (Some(_), Some(copy)) => Some(copy),
+                (Some(kind), None) => {
+                    let copy = self.make_backward_copy(kind)?;
+                    kept.copy = Some(copy.clone());
+                    Some(copy)
+                }
+                (None, _) => None,
+            },
+            _ => None,
         };
-        if let Some(w) = kept.as_ref() {
-            return Ok(w.clone());
+        match copy {
+            Some(BackwardCopy::Transposed(m)) => m.matmul(&grad.contiguous()?),
+            Some(BackwardCopy::Dense(w)) => Ok(grad.broadcast_matmul(&w.to_dtype(grad.dtype())?)?),
+            None => {
+                let w = self.dense_weight()?;
+                Ok(grad.broadcast_matmul(&w.to_dtype(grad.dtype())?)?)
+            }
         }
-        let w = self.dense_weight()?;
-        *kept = Some(w.clone());
-        Ok(w)
+    }
+
+    fn make_backward_copy(&self, kind: BackwardCopyKind) -> Result<BackwardCopy> {
+        let dense = self.dense_weight()?;
+        if kind == BackwardCopyKind::Int8 && self.int8_transposable() {
+            let transposed = dense.t()?.contiguous()?;
+            let q = QTensor::quantize(&transposed, candle_core::quantized::GgmlDType::Q8_0)?;
+            if let Some(m) = QuantMatrix::from_qtensor(&q)? {
+                return Ok(BackwardCopy::Transposed(Arc::new(m)));
+            }
+        }
+        Ok(BackwardCopy::Dense(dense))
     }
 
     pub fn in_dim(&self) -> usize {
@@ -294,8 +348,10 @@ impl CustomOp2 for FrozenGrad {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = self.0.backward_weight().map_err(candle_core::Error::wrap)?;
-        let grad_x = grad.broadcast_matmul(&w.to_dtype(grad.dtype())?)?;
+        let grad_x = self
+            .0
+            .backward_product(grad)
+            .map_err(candle_core::Error::wrap)?;
         Ok((Some(grad_x), None))
     }
 }
@@ -327,5 +383,39 @@ impl LoraLinear {
             y = (y + lora.delta(x)?)?;
         }
         Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Var;
+
+    /// The backward product through the kept Q8_0 copy of Wᵀ matches the one through W dequantized.
+    #[test]
+    fn kept_backward_copy_gives_the_dense_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for (out, inp) in [(192, 576), (576, 576), (1536, 576), (576, 1536)] {
+            let w = Tensor::randn(0f32, 0.1, (out, inp), &dev)?;
+            let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?);
+            let lin = FrozenLinear::from_qtensor(q, None)?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, inp), &dev)?)?;
+            // A heavy-tailed upstream gradient, as a loss gives.
+            let g = (Tensor::randn(0f32, 1.0, (2, 5, out), &dev)?.powf(3.0))?;
+            let grad_of = |keep: bool| -> Result<Tensor> {
+                lin.keep_backward_copy(keep.then_some(BackwardCopyKind::Int8));
+                let y = lin.forward(x.as_tensor())?;
+                let store = (y * &g)?.sum_all()?.backward()?;
+                Ok(store.get(x.as_tensor()).expect("gradient").clone())
+            };
+            let dense = grad_of(false)?;
+            let kept = grad_of(true)?;
+            let cos = ((&dense * &kept)?.sum_all()?.to_scalar::<f32>()?)
+                / (dense.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()
+                    * kept.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt());
+            assert!(cos > 0.9999, "{out}x{inp}: cosine {cos}");
+        }
+        Ok(())
     }
 }

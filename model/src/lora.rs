@@ -306,6 +306,72 @@ impl Adapter {
     }
 }
 
+impl Adapter {
+    /// Write the adapter as llama.cpp's LoRA GGUF (what `convert_lora_to_gguf.py` makes, for
+    /// `llama-cli --lora` and llama-cpp-python's `lora_path`): metadata `general.type = adapter`,
+    /// `adapter.type = lora`, `adapter.lora.alpha`; f32 tensors `blk.N.<proj>.weight.lora_a` [r, in] and
+    /// `.lora_b` [out, r]; q/k `lora_b` rows in GGUF order for the architectures whose GGUF permutes
+    /// them (llama, mistral), the inverse of what loading undoes.
+    pub fn save_gguf(&self, path: &Path, model: &ModelConfig) -> Result<()> {
+        use candle_core::quantized::gguf_file::Value;
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let c = &self.config;
+        if c.use_rslora {
+            return Err(ModelError::Adapter {
+                path: path.to_path_buf(),
+                reason: "llama.cpp's LoRA GGUF has no rsLoRA scaling; export an adapter trained \
+                         without use_rslora (or scale alpha by √r yourself)"
+                    .into(),
+            });
+        }
+        let permuted = model.architecture != crate::Architecture::Qwen2;
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        for (site, w) in self.iter() {
+            let stem = format!("blk.{}.{}.weight", site.layer, site.proj.gguf_name());
+            let heads = match site.proj {
+                Proj::Q if permuted => Some(model.num_heads),
+                Proj::K if permuted => Some(model.num_kv_heads),
+                _ => None,
+            };
+            let b = match heads {
+                Some(h) => {
+                    let order = crate::weights::permute_rows(w.b.dim(0)?, h);
+                    w.b.index_select(&Tensor::new(order.as_slice(), w.b.device())?, 0)?
+                }
+                None => w.b.clone(),
+            };
+            let f32_cpu = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+            tensors.push((
+                format!("{stem}.lora_a"),
+                QTensor::quantize(&f32_cpu(&w.a)?, GgmlDType::F32)?,
+            ));
+            tensors.push((
+                format!("{stem}.lora_b"),
+                QTensor::quantize(&f32_cpu(&b)?, GgmlDType::F32)?,
+            ));
+        }
+        let metadata = [
+            (
+                "general.architecture",
+                Value::String(model.architecture.name().into()),
+            ),
+            ("general.type", Value::String("adapter".into())),
+            ("adapter.type", Value::String("lora".into())),
+            ("adapter.lora.alpha", Value::F32(c.alpha as f32)),
+        ];
+        let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let mut file = std::fs::File::create(path).map_err(|e| ModelError::io(path, e))?;
+        candle_core::quantized::gguf_file::write(&mut file, &meta, &refs).map_err(|source| {
+            ModelError::Gguf {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            }
+        })?;
+        file.sync_all().map_err(|e| ModelError::io(path, e))
+    }
+}
+
 /// The PEFT tensor name of one side of a site's pair.
 pub fn peft_key(site: LoraSite, a: bool) -> String {
     format!(

@@ -163,24 +163,50 @@ impl Model {
     /// Final hidden states [rows, seq, hidden] of a packed batch, with no cache. Differentiable towards
     /// the adapters' weights when they are trainable variables (the base stays frozen).
     pub fn forward_packed(&self, packed: &Packed, adapters: &AdapterStack) -> Result<Tensor> {
+        let mut x = self.embed_packed(packed)?;
+        for layer in 0..self.blocks.len() {
+            x = self.block_packed(layer, &x, packed, adapters)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Step 1 of [`Model::forward_packed`]: the token embeddings [rows, seq, hidden].
+    pub fn embed_packed(&self, packed: &Packed) -> Result<Tensor> {
         let (rows, seq) = packed.ids.dims2()?;
-        // 1. Embed.
         let flat = packed.ids.flatten_all()?;
         let embedded = match &self.embedding {
             Embedding::Quantized(m) => m.rows_tensor(&flat.to_vec1::<u32>()?)?,
             Embedding::Dense(table) => table.embedding(&flat)?,
         };
-        let mut x = embedded.reshape((rows, seq, self.config.hidden_size))?;
-        // 2. The blocks, attention kept inside each document.
-        for block in &self.blocks {
-            x = block.forward_packed(&x, &self.rope, packed, adapters)?;
-        }
-        // 3. Final norm.
-        self.norm.forward(&x)
+        Ok(embedded.reshape((rows, seq, self.config.hidden_size))?)
+    }
+
+    /// Step 2: block `layer` over packed rows (attention kept inside each document). Trainers call
+    /// it layer by layer to recompute one block's graph at a time in the backward pass.
+    pub fn block_packed(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        packed: &Packed,
+        adapters: &AdapterStack,
+    ) -> Result<Tensor> {
+        let block = self
+            .blocks
+            .get(layer)
+            .ok_or_else(|| crate::ModelError::InvalidRequest {
+                field: "layer",
+                reason: format!("{layer} is past the model's {} layers", self.blocks.len()),
+            })?;
+        block.forward_packed(x, &self.rope, packed, adapters)
+    }
+
+    /// Step 3: the final norm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
     }
 
     /// Every frozen projection, the output one last (for memory policies such as
-    /// [`crate::FrozenLinear::keep_dense`]).
+    /// [`crate::FrozenLinear::keep_backward_copy`]).
     pub fn frozen_linears(&self) -> impl Iterator<Item = &FrozenLinear> {
         self.blocks
             .iter()

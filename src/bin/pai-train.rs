@@ -43,6 +43,21 @@ enum Command {
     },
     /// Train a LoRA adapter on the night's mix ([train] and [mix] in pai.toml; flags override).
     Train(Box<TrainArgs>),
+    /// Write an adapter in another format: `gguf` is llama.cpp's LoRA GGUF (`--lora` in llama.cpp,
+    /// `lora_path` in llama-cpp-python).
+    Export {
+        /// The adapter (a PEFT directory).
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Gguf)]
+        format: ExportFormat,
+        /// The file to write (default: adapter.gguf inside the adapter directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The base model the adapter belongs to (the default model when not given).
+        #[arg(long, env = "PAI_MODEL")]
+        model: Option<PathBuf>,
+    },
     /// The dataset: `stats` (rows and tokens by day, source, kind and split), `mix` (what training reads).
     Dataset {
         #[command(subcommand)]
@@ -124,6 +139,11 @@ struct TrainArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Gguf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -224,6 +244,25 @@ fn main() -> anyhow::Result<()> {
             },
             json: a.json,
         }),
+        Command::Export {
+            adapter,
+            format: ExportFormat::Gguf,
+            out,
+            model,
+        } => {
+            let (base, adapters) = pai::load_model(
+                model,
+                std::slice::from_ref(&adapter),
+                pai_model::LoadOptions::default(),
+            )?;
+            let out = out.unwrap_or_else(|| adapter.join("adapter.gguf"));
+            let loaded = adapters.first().context("the adapter did not load")?;
+            loaded
+                .save_gguf(&out, base.model.config())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Command::Dataset { command } => match command {
             DatasetCommand::Stats { json } => pai::ingest::dataset_stats(json),
             DatasetCommand::Mix { day, mode, json } => pai::ingest::dataset_mix(

@@ -13,6 +13,7 @@ pub mod loss;
 pub mod optim;
 pub mod params;
 mod rng;
+pub mod step;
 pub mod trainer;
 
 pub use config::{Strategy, TrainConfig};

@@ -13,15 +13,16 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use pai_model::{Adapter, AdapterStack, Model};
+use pai_model::{Adapter, AdapterStack, BackwardCopyKind, Model};
 
 use crate::checkpoint::{Checkpoint, RunState};
 use crate::config::TrainConfig;
 use crate::data::{Packer, Row, TrainDoc};
 use crate::error::{Result, TrainError};
 use crate::loss::weighted_cross_entropy;
-use crate::optim::{accumulate, clip_grad_norm, learning_rate, AdamW, Grads};
+use crate::optim::{clip_grad_norm, learning_rate, AdamW, Grads};
 use crate::params::LoraParams;
+use crate::step::loss_and_grads;
 
 /// What a run trains on and where it keeps its state.
 pub struct TrainJob<'a> {
@@ -285,13 +286,21 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         tracing::info!(step = state.step, "resumed from checkpoint");
     }
 
-    // 2. Dense copies of the base weights for backward passes, as the memory budget allows.
-    let mut budget = cfg.dense_cache_mib * 1024 * 1024;
-    for linear in model.frozen_linears() {
-        let bytes = linear.keep_dense(false);
-        if bytes > 0 && bytes <= budget {
-            linear.keep_dense(true);
+    // 2. Backward copies of the base weights, as the memory budget allows: the output projection's in
+    // f32 first (int8 cannot carry its gradient), then the blocks' as int8 Wᵀ.
+    let mut budget = cfg.backward_cache_mib * 1024 * 1024;
+    let linears: Vec<_> = model.frozen_linears().collect();
+    for (i, linear) in linears.iter().rev().enumerate() {
+        let kind = if i == 0 {
+            BackwardCopyKind::Dense
+        } else {
+            BackwardCopyKind::Int8
+        };
+        let bytes = linear.keep_backward_copy(Some(kind));
+        if bytes <= budget {
             budget -= bytes;
+        } else {
+            linear.keep_backward_copy(None);
         }
     }
 
@@ -353,14 +362,9 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         let mut loss_sum = 0f64;
         let mut grad_norm = 0.0;
         if counted > 0 {
-            let adapter = params.trainable("train");
-            let list = [&adapter];
-            let stack = AdapterStack::new(&list);
             let mut grads = Grads::new();
             for rows in &micro {
-                let loss = batch_loss(model, rows, &stack, 1.0 / counted as f32)?;
-                loss_sum += f64::from(loss.to_scalar::<f32>()?);
-                accumulate(&mut grads, loss.backward()?, &vars)?;
+                loss_sum += loss_and_grads(model, rows, &params, 1.0 / counted as f32, &mut grads)?;
             }
             if !loss_sum.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -425,7 +429,7 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         checkpoint(&state, &opt, &best)?;
     }
     for linear in model.frozen_linears() {
-        linear.keep_dense(false);
+        linear.keep_backward_copy(None);
     }
 
     // 5. The adapter to ship: the best holdout loss seen.

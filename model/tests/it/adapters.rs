@@ -339,3 +339,93 @@ fn mismatched_adapters_are_refused_naming_the_key() {
         .to_string()
         .contains("adapter_model.bin"));
 }
+
+/// `save_peft` writes what `load_peft` reads (same tensors, same config), and `save_gguf` writes
+/// llama.cpp's LoRA layout: adapter metadata, `blk.N.<proj>.weight.lora_{a,b}`, q/k B rows in GGUF
+/// order (the model's GGUF q/k permutation applied), every other tensor as it is.
+#[test]
+fn saved_adapters_read_back_as_peft_and_as_llama_cpp_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyModel::new(TinySpec::default()).unwrap();
+    let cfg = tiny.config();
+    let weights = known_weights(&cfg, &[Proj::Q, Proj::K, Proj::V, Proj::Down], 11, 0.5);
+    let src = write_peft(
+        &dir.path().join("src"),
+        &weights,
+        &["q_proj", "k_proj", "v_proj", "down_proj"],
+        false,
+    );
+    let adapter =
+        pai_model::Adapter::load_peft(&src, &cfg, None, &Device::Cpu).expect("load source");
+
+    let again = dir.path().join("again");
+    std::fs::create_dir_all(&again).unwrap();
+    adapter.save_peft(&again).expect("save peft");
+    let reread = pai_model::Adapter::load_peft(&again, &cfg, None, &Device::Cpu).expect("reload");
+    assert_eq!(reread.config().r, R);
+    assert_eq!(reread.config().alpha, ALPHA);
+    assert_eq!(
+        reread.config().target_modules,
+        adapter.config().target_modules
+    );
+    for ((s1, w1), (s2, w2)) in adapter.iter().zip(reread.iter()) {
+        assert_eq!(s1, s2);
+        assert_eq!(tensor_diff(&w1.a, &w2.a), 0.0);
+        assert_eq!(tensor_diff(&w1.b, &w2.b), 0.0);
+    }
+
+    let gguf = dir.path().join("adapter.gguf");
+    adapter.save_gguf(&gguf, &cfg).expect("save gguf");
+    let mut f = std::fs::File::open(&gguf).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let meta = |k: &str| content.metadata.get(k).cloned().expect(k);
+    assert_eq!(meta("general.type").to_string().unwrap(), "adapter");
+    assert_eq!(meta("adapter.type").to_string().unwrap(), "lora");
+    assert_eq!(meta("general.architecture").to_string().unwrap(), "llama");
+    assert_eq!(meta("adapter.lora.alpha").to_f32().unwrap(), ALPHA as f32);
+    assert_eq!(content.tensor_infos.len(), weights.len() * 2);
+    for (site, a, b) in &weights {
+        let stem = format!("blk.{}.{}.weight", site.layer, site.proj.gguf_name());
+        let mut read = |suffix: &str| {
+            content
+                .tensor(&mut f, &format!("{stem}.{suffix}"), &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+        };
+        assert_eq!(tensor_diff(&read("lora_a"), a), 0.0, "{stem} A");
+        let want_b = match site.proj {
+            Proj::Q | Proj::K => {
+                let heads = if site.proj == Proj::Q {
+                    cfg.num_heads
+                } else {
+                    cfg.num_kv_heads
+                };
+                let order = pai_model::weights::permute_rows(b.dim(0).unwrap(), heads);
+                b.index_select(&Tensor::new(order.as_slice(), &Device::Cpu).unwrap(), 0)
+                    .unwrap()
+            }
+            _ => b.clone(),
+        };
+        assert_eq!(tensor_diff(&read("lora_b"), &want_b), 0.0, "{stem} B");
+        if matches!(site.proj, Proj::Q | Proj::K) {
+            assert!(
+                tensor_diff(&want_b, b) > 0.0,
+                "{stem}: the permutation moves rows"
+            );
+        }
+    }
+}
+
+fn tensor_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

@@ -29,8 +29,13 @@ fn params_with_random_b(model: &Model, cfg: &TrainConfig, seed: u64) -> LoraPara
         model.device(),
     )
     .expect("init");
-    for s in params.sites() {
-        let b = Tensor::randn(0f32, 0.2, s.b.dims(), model.device()).expect("randn");
+    for (k, s) in params.sites().iter().enumerate() {
+        // Deterministic values in ±0.2 (candle's randn is not seeded on the CPU).
+        let n = s.b.elem_count();
+        let v: Vec<f32> = (0..n)
+            .map(|i| 0.2 * ((i as f32) * 1.7 + (k as f32) * 0.3 + seed as f32).sin())
+            .collect();
+        let b = Tensor::from_vec(v, s.b.dims(), model.device()).expect("tensor");
         s.b.set(&b).expect("set");
     }
     params
@@ -126,7 +131,8 @@ fn lora_gradients_match_finite_differences() {
     let cfg = all_targets();
     let params = params_with_random_b(model, &cfg, 3);
     let grads = loss(model, &params, true).backward().expect("backward");
-    let eps = 1e-2f32;
+    // Large enough steps that f32 rounding of the loss (~1e-4) stays small against the difference.
+    let eps = 4e-2f32;
     let mut checked = 0;
     for s in params
         .sites()
@@ -161,11 +167,13 @@ fn lora_gradients_match_finite_differences() {
                             .expect("scalar"),
                     )
                 };
-                let fd = (at(eps) - at(-eps)) / (2.0 * f64::from(eps));
+                // Central differences at h and h/2, Richardson-extrapolated (the h² error cancels).
+                let central = |h: f32| (at(h) - at(-h)) / (2.0 * f64::from(h));
+                let fd = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
                 var.set(&Tensor::from_vec(original, var.dims(), model.device()).expect("t"))
                     .expect("restore");
                 let an = f64::from(g[idx]);
-                let tol = 2e-2 * an.abs().max(0.05);
+                let tol = 2e-2 * an.abs() + 3e-3;
                 assert!(
                     (fd - an).abs() <= tol,
                     "{:?} {} entry {idx}: finite difference {fd}, analytic {an}",
@@ -223,5 +231,57 @@ fn every_lora_parameter_gets_a_gradient_through_the_quantized_base() {
                 s.site
             );
         }
+    }
+}
+
+/// The checkpointed step (blocks recomputed one at a time in the backward pass) gives the gradients
+/// of the whole graph.
+#[test]
+fn checkpointed_step_gives_the_whole_graph_gradients() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = tiny(dir.path(), GgmlDType::F32, TinySpec::default());
+    let model = &base.model;
+    let params = params_with_random_b(model, &all_targets(), 9);
+    let whole = loss(model, &params, true).backward().expect("backward");
+    let (rows, targets, weights) = rows();
+    let rows: Vec<pai_trainers::Row> = {
+        let mut at = 0;
+        rows.into_iter()
+            .map(|row| {
+                let n = row.ids.len();
+                let r = pai_trainers::Row {
+                    row,
+                    targets: targets[at..at + n].to_vec(),
+                    weights: weights[at..at + n].to_vec(),
+                };
+                at += n;
+                r
+            })
+            .collect()
+    };
+    let mut grads = Vec::new();
+    let value =
+        pai_trainers::step::loss_and_grads(model, &rows, &params, 1.0, &mut grads).expect("step");
+    let want = f64::from(
+        loss(model, &params, false)
+            .to_scalar::<f32>()
+            .expect("loss"),
+    );
+    assert!((value - want).abs() < 1e-3 * want, "{value} vs {want}");
+    for ((name, var), got) in params.named_vars().zip(&grads) {
+        let got = got.as_ref().expect("gradient");
+        let want = whole.get(var.as_tensor()).expect("gradient");
+        let scale = want
+            .abs()
+            .and_then(|t| t.max_keepdim(0))
+            .and_then(|t| t.max_keepdim(1))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("max")[0];
+        let diff = max_abs_diff(got, want);
+        assert!(
+            diff <= 1e-3 * scale.max(1e-3),
+            "{name}: {diff} (largest {scale})"
+        );
     }
 }

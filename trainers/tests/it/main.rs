@@ -4,6 +4,7 @@
 //! one does.
 
 mod gradients;
+mod real;
 mod training;
 
 use std::path::Path;

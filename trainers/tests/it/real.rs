@@ -1,0 +1,133 @@
+//! On the real default model (scripts/fetch-model.sh): the gradient through the quantized base (int8
+//! forward, Q8_0 Wᵀ backward, blocks recomputed) points where the exact f32 gradient of the same
+//! weights dequantized does, and a small step against it lowers the loss.
+
+use std::path::PathBuf;
+
+use pai_model::{BackwardCopyKind, BaseModel, LoadOptions};
+use pai_trainers::step::loss_and_grads;
+use pai_trainers::{LoraParams, Packer, TrainConfig, TrainDoc};
+
+fn default_model() -> PathBuf {
+    let home = std::env::var_os("PAI_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pai")
+        });
+    let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "run scripts/fetch-model.sh first ({} missing)",
+        path.display()
+    );
+    path
+}
+
+fn rows(base: &BaseModel) -> Vec<pai_trainers::Row> {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/perplexity.txt"),
+    )
+    .expect("fixture text");
+    let ids = base.tokenizer.encode(&text, false).expect("encode");
+    let docs: Vec<TrainDoc> = ids
+        .chunks(128)
+        .take(2)
+        .map(|c| TrainDoc {
+            ids: c.to_vec(),
+            completion_start: 0,
+        })
+        .collect();
+    let mut packer = Packer::new(&docs, 128, 0, false, 0).expect("packer");
+    (0..2).filter_map(|_| packer.next_row(true)).collect()
+}
+
+#[test]
+fn quantized_gradient_agrees_with_the_exact_one_on_the_default_model() {
+    let path = default_model();
+    let device = pai_model::Device::Cpu;
+    let quant = BaseModel::load(&path, &device).expect("load");
+    let exact =
+        BaseModel::load_with(&path, &device, LoadOptions { dequantize: true }).expect("load f32");
+    let rows = rows(&quant);
+    let counted: usize = rows.iter().map(|r| r.counted()).sum();
+    let cfg = TrainConfig::default();
+    let params = LoraParams::init(
+        quant.model.config(),
+        cfg.lora(None).expect("lora"),
+        1,
+        &device,
+    )
+    .expect("init");
+    // B away from zero, so A has a gradient too.
+    for (k, s) in params.sites().iter().enumerate() {
+        let n = s.b.elem_count();
+        let v: Vec<f32> = (0..n)
+            .map(|i| 0.01 * ((i as f32) * 0.37 + k as f32).sin())
+            .collect();
+        s.b.set(&candle_core::Tensor::from_vec(v, s.b.dims(), &device).expect("b"))
+            .expect("set");
+    }
+    // As the trainer keeps them: the output projection's copy in f32, the blocks' as int8 Wᵀ.
+    let n_lin = quant.model.frozen_linears().count();
+    for (i, l) in quant.model.frozen_linears().enumerate() {
+        let kind = if i + 1 == n_lin {
+            BackwardCopyKind::Dense
+        } else {
+            BackwardCopyKind::Int8
+        };
+        l.keep_backward_copy(Some(kind));
+    }
+    let norm = 1.0 / counted as f32;
+    let mut gq = Vec::new();
+    let lq = loss_and_grads(&quant.model, &rows, &params, norm, &mut gq).expect("quantized step");
+    let mut ge = Vec::new();
+    let le = loss_and_grads(&exact.model, &rows, &params, norm, &mut ge).expect("exact step");
+    assert!((lq - le).abs() < 0.05 * le, "loss {lq} vs {le}");
+    let mut worst = 1.0f32;
+    for ((name, _), (a, b)) in params.named_vars().zip(gq.iter().zip(&ge)) {
+        let (a, b) = (a.as_ref().expect("grad"), b.as_ref().expect("grad"));
+        let dot = (a * b)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("dot");
+        let n = |t: &candle_core::Tensor| {
+            t.sqr()
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.to_scalar::<f32>())
+                .expect("n")
+                .sqrt()
+        };
+        let cos = dot / (n(a) * n(b));
+        worst = worst.min(cos);
+        assert!(
+            cos > 0.9,
+            "{name}: cosine {cos} between the quantized and the exact gradient"
+        );
+    }
+    eprintln!("loss quantized {lq:.4}, exact {le:.4}; worst gradient cosine {worst:.4}");
+
+    // A small step against the gradient lowers the loss.
+    let total: f32 = ge
+        .iter()
+        .flatten()
+        .map(|g| {
+            g.sqr()
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.to_scalar::<f32>())
+                .expect("n")
+        })
+        .sum::<f32>()
+        .sqrt();
+    for ((_, var), g) in params.named_vars().zip(&gq) {
+        let g = g.as_ref().expect("grad");
+        let moved = (var.as_tensor().detach() - (g * (1e-2 / f64::from(total))).expect("scale"))
+            .expect("step");
+        var.set(&moved).expect("set");
+    }
+    let mut again = Vec::new();
+    let after = loss_and_grads(&quant.model, &rows, &params, norm, &mut again).expect("after");
+    assert!(
+        after < lq,
+        "loss {lq} → {after} after a step against the gradient"
+    );
+}
