@@ -24,4 +24,9 @@ status=0
 cargo test --workspace --locked --lib --bins --tests 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
-exit "$status"
+[ "$status" -eq 0 ] || exit "$status"
+# Interoperability: an adapter pai trains, loaded by PEFT onto the same base, moves the logits as in pai.
+if [ -z "${PAI_SKIP_PEFT_CHECK:-}" ]; then
+  benches/compare/peft_check.sh
+  echo "peft check: passed"
+fi

@@ -707,7 +707,7 @@ fn train_writes_a_peft_adapter_and_resumes_after_ctrl_c() {
     );
 
     // Ctrl-C stops at a checkpoint; --resume finishes the run.
-    let mut child = Command::new(TRAIN)
+    let child = Command::new(TRAIN)
         .args([
             "train",
             "--day",

@@ -19,8 +19,10 @@ VENV="${PAI_PEFT_VENV:-$HOME/.cache/pai-peft-venv}"
 "$VENV/bin/python" -c "import torch, transformers, peft, gguf" 2>/dev/null \
   || "$VENV/bin/pip" install -q torch 'transformers>=4.45' peft gguf sentencepiece accelerate >&2
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pai-target}"
-cargo bench --bench train --no-run >&2
-BIN=$(ls -t "$CARGO_TARGET_DIR"/release/deps/train-* | grep -v '\.d$' | head -1)
+# The dev profile builds every dependency, pai-model and pai-trainers at opt-level 3 (Cargo.toml), so
+# the hot code is the release code; it reuses the test build instead of a second full release build.
+cargo build --profile dev --bench train >&2
+BIN=$(ls -t "$CARGO_TARGET_DIR"/debug/deps/train-* | grep -v '\.d$' | head -1)
 for round in $(seq "$ROUNDS"); do
   echo "# round $round" >&2
   PAI_NUM_THREADS="$THREADS" "$BIN" --steps "$STEPS"

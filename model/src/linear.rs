@@ -200,7 +200,7 @@ impl FrozenLinear {
     }
 
     fn int8_transposable(&self) -> bool {
-        matches!(self.weight, BaseWeight::Own(_)) && self.out_dim % 32 == 0
+        matches!(self.weight, BaseWeight::Own(_)) && self.out_dim.is_multiple_of(32)
     }
 
     /// grad·W for grad [.., out] → [.., in]: through the kept copy, or W dequantized now.

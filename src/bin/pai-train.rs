@@ -43,6 +43,15 @@ enum Command {
     },
     /// Train a LoRA adapter on the night's mix ([train] and [mix] in pai.toml; flags override).
     Train(Box<TrainArgs>),
+    /// Every position's logits for a text, bare and with the adapters, as JSON (for checks against
+    /// other tools: benches/compare/peft_check.py).
+    Logits {
+        #[command(flatten)]
+        model: pai::ModelArgs,
+        /// The text (user text: never parsed for control tokens).
+        #[arg(long)]
+        text: String,
+    },
     /// Write an adapter in another format: `gguf` is llama.cpp's LoRA GGUF (`--lora` in llama.cpp,
     /// `lora_path` in llama-cpp-python).
     Export {
@@ -244,6 +253,30 @@ fn main() -> anyhow::Result<()> {
             },
             json: a.json,
         }),
+        Command::Logits { model, text } => {
+            let (base, adapters) = model.load()?;
+            let ids = base.tokenizer.encode(&text, false)?;
+            anyhow::ensure!(!ids.is_empty(), "--text is empty");
+            let input =
+                candle_core::Tensor::new(ids.as_slice(), base.model.device())?.unsqueeze(0)?;
+            let logits_with = |stack: &AdapterStack| -> anyhow::Result<Vec<Vec<f32>>> {
+                let mut cache = base.model.new_cache(ids.len());
+                Ok(base
+                    .model
+                    .forward(&input, &mut cache, stack)?
+                    .squeeze(0)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec2::<f32>()?)
+            };
+            let refs: Vec<&pai_model::Adapter> = adapters.iter().collect();
+            let out = serde_json::json!({
+                "ids": ids,
+                "base": logits_with(&AdapterStack::NONE)?,
+                "adapted": logits_with(&AdapterStack::new(&refs))?,
+            });
+            println!("{out}");
+            Ok(())
+        }
         Command::Export {
             adapter,
             format: ExportFormat::Gguf,
