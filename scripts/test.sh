@@ -25,8 +25,9 @@ cargo test --workspace --locked --lib --bins --tests 2>&1 | tee "$log" || status
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 [ "$status" -eq 0 ] || exit "$status"
-# Interoperability: an adapter pai trains, loaded by PEFT onto the same base, moves the logits as in pai.
-if [ -z "${PAI_SKIP_PEFT_CHECK:-}" ]; then
-  benches/compare/peft_check.sh
-  echo "peft check: passed"
+# Interoperability: an adapter pai trains, loaded by PEFT onto the same base and exported to llama.cpp's
+# LoRA GGUF, moves the logits as in pai (the reference tools' venv is built once under ~/.cache).
+if [ -z "${PAI_SKIP_INTEROP_CHECK:-}" ]; then
+  benches/compare/interop_check.sh
+  echo "interop check (PEFT, llama.cpp): passed"
 fi

@@ -8,7 +8,7 @@ Given the GGUF, a pai-trained adapter directory and a JSON file of pai's logits 
   * pai's base logits against transformers' (the same f32 weights): max |diff| <= --tol;
   * pai's adapted logits against PEFT's: max |diff| <= --tol;
   * the adapter's effect (adapted - base) agrees: max |diff| <= --tol.
-Exits non-zero on a mismatch. Run it through benches/compare/peft_check.sh.
+Exits non-zero on a mismatch. Run it through benches/compare/interop_check.sh.
 """
 import argparse
 import json

@@ -14,10 +14,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-VENV="${PAI_PEFT_VENV:-$HOME/.cache/pai-peft-venv}"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -c "import torch, transformers, peft, gguf" 2>/dev/null \
-  || "$VENV/bin/pip" install -q torch 'transformers>=4.45' peft gguf sentencepiece accelerate >&2
+# shellcheck disable=SC1091
+source benches/compare/env.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pai-target}"
 # The dev profile builds every dependency, pai-model and pai-trainers at opt-level 3 (Cargo.toml), so
 # the hot code is the release code; it reuses the test build instead of a second full release build.
@@ -26,5 +24,5 @@ BIN=$(ls -t "$CARGO_TARGET_DIR"/debug/deps/train-* | grep -v '\.d$' | head -1)
 for round in $(seq "$ROUNDS"); do
   echo "# round $round" >&2
   PAI_NUM_THREADS="$THREADS" "$BIN" --steps "$STEPS"
-  "$VENV/bin/python" benches/compare/peft_train_speed.py --steps "$STEPS" --threads "$THREADS"
+  python benches/compare/peft_train_speed.py --steps "$STEPS" --threads "$THREADS"
 done

@@ -32,7 +32,7 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
 pub use linear::{BackwardCopyKind, FrozenLinear, LoraLinear, LoraSite, Proj};
-pub use lora::{Adapter, AdapterStack, LoraConfig, LoraWeights};
+pub use lora::{Adapter, AdapterStack, LoraConfig, LoraDropout, LoraWeights};
 pub use model::Model;
 pub use packed::{Packed, PackedRow};
 pub use perplexity::{perplexity, Perplexity};

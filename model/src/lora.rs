@@ -22,12 +22,41 @@ pub fn lora_scale(alpha: f64, r: usize, use_rslora: bool) -> f64 {
     }
 }
 
-/// The low-rank pair of one site: `delta(x) = scale · (x·Aᵀ)·Bᵀ`, A [r, in], B [out, r].
+/// The low-rank pair of one site: `delta(x) = scale · (dropout(x)·Aᵀ)·Bᵀ`, A [r, in], B [out, r].
 #[derive(Debug, Clone)]
 pub struct LoraWeights {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    /// Training only: dropout on the LoRA branch's input, as PEFT's `lora_dropout`.
+    pub dropout: Option<LoraDropout>,
+}
+
+/// Dropout with a mask drawn from a seed, so that a step computed twice (activation checkpointing) or
+/// after a resume drops the same inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraDropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl LoraDropout {
+    /// 0 with probability p, else 1/(1 − p), in `shape`.
+    fn mask(&self, shape: &candle_core::Shape, device: &Device) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
+        let keep = 1.0 / (1.0 - self.p);
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| {
+                if rng.random::<f32>() < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, shape, device)?)
+    }
 }
 
 impl LoraWeights {
@@ -36,6 +65,10 @@ impl LoraWeights {
             x.clone()
         } else {
             x.to_dtype(self.a.dtype())?
+        };
+        let x = match self.dropout {
+            Some(d) if d.p > 0.0 => (&x * d.mask(x.shape(), x.device())?.to_dtype(x.dtype())?)?,
+            _ => x,
         };
         let down = x.broadcast_matmul(&self.a.t()?)?;
         let up = down.broadcast_matmul(&self.b.t()?)?;
@@ -223,6 +256,7 @@ impl Adapter {
                         a,
                         b,
                         scale: config.scale(),
+                        dropout: None,
                     },
                 ));
             }

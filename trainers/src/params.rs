@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 use pai_model::lora::{peft_key, proj_dims};
-use pai_model::{Adapter, LoraConfig, LoraSite, LoraWeights, ModelConfig};
+use pai_model::{Adapter, LoraConfig, LoraDropout, LoraSite, LoraWeights, ModelConfig};
 
 use crate::error::Result;
 use crate::rng::SplitMix;
@@ -105,26 +105,40 @@ impl LoraParams {
     }
 
     /// The adapter a training forward pass uses: its tensors are the variables, so the loss
-    /// differentiates towards them.
-    pub fn trainable(&self, name: &str) -> Adapter {
-        self.adapter_with(name, |v| v.as_tensor().clone())
+    /// differentiates towards them. `dropout_seed` (a training step's) turns on the config's LoRA
+    /// dropout, each site drawing its own mask from it.
+    pub fn trainable(&self, name: &str, dropout_seed: Option<u64>) -> Adapter {
+        self.adapter_with(name, dropout_seed, |v| v.as_tensor().clone())
     }
 
-    /// A snapshot detached from the graph (evaluation, saving): forward passes with it run the fast
-    /// kernels.
-    pub fn frozen(&self, name: &str) -> Adapter {
-        self.adapter_with(name, |v| v.as_tensor().detach())
+    /// The same weights detached from the graph: forward passes with it run the fast kernels. With
+    /// the step's `dropout_seed` it computes what `trainable` does (the checkpointed step's first
+    /// pass); without, it is the adapter as evaluated and saved.
+    pub fn frozen(&self, name: &str, dropout_seed: Option<u64>) -> Adapter {
+        self.adapter_with(name, dropout_seed, |v| v.as_tensor().detach())
     }
 
-    fn adapter_with(&self, name: &str, view: impl Fn(&Var) -> Tensor) -> Adapter {
+    fn adapter_with(
+        &self,
+        name: &str,
+        dropout_seed: Option<u64>,
+        view: impl Fn(&Var) -> Tensor,
+    ) -> Adapter {
         let scale = self.config.scale();
-        let weights = self.sites.iter().map(|s| {
+        let p = self.config.dropout as f32;
+        let weights = self.sites.iter().enumerate().map(|(i, s)| {
+            let dropout = dropout_seed.filter(|_| p > 0.0).map(|seed| LoraDropout {
+                p,
+                seed: SplitMix::new(seed ^ (i as u64).wrapping_mul(0xd6e8_feb8_6659_fd93))
+                    .next_u64(),
+            });
             (
                 s.site,
                 LoraWeights {
                     a: view(&s.a),
                     b: view(&s.b),
                     scale,
+                    dropout,
                 },
             )
         });

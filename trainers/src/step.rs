@@ -16,19 +16,21 @@ use crate::optim::{accumulate, Grads};
 use crate::params::LoraParams;
 
 /// Σ weighted token losses of `rows` (weights times `norm`), and its gradients towards `params`'
-/// variables added into `grads` (in `params.named_vars()` order).
+/// variables added into `grads` (in `params.named_vars()` order). `dropout_seed` draws the LoRA
+/// dropout masks (both passes over a block draw the same ones); `None` applies no dropout.
 pub fn loss_and_grads(
     model: &Model,
     rows: &[Row],
     params: &LoraParams,
     norm: f32,
+    dropout_seed: Option<u64>,
     grads: &mut Grads,
 ) -> Result<f64> {
     let vars: Vec<Var> = params.named_vars().map(|(_, v)| v.clone()).collect();
     let packed_rows: Vec<_> = rows.iter().map(|r| r.row.clone()).collect();
     let packed = model.pack(&packed_rows)?;
-    let frozen = params.frozen("step");
-    let trainable = params.trainable("step");
+    let frozen = params.frozen("step", dropout_seed);
+    let trainable = params.trainable("step", dropout_seed);
     let (frozen_list, trainable_list) = ([&frozen], [&trainable]);
     let (frozen_stack, trainable_stack) = (
         AdapterStack::new(&frozen_list),

@@ -203,13 +203,6 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
     let cfg = job.config;
     let model = job.model;
     cfg.validate(model.config())?;
-    if cfg.dropout > 0.0 {
-        return Err(TrainError::BadConfig {
-            key: "dropout",
-            value: cfg.dropout.to_string(),
-            allowed: "0: pai's trainer applies no LoRA dropout yet".into(),
-        });
-    }
     if job.train.is_empty() {
         return Err(TrainError::EmptyDataset {
             reason: "the training mix has no example".into(),
@@ -306,7 +299,7 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
 
     // 3. The holdout rows, and the base's (or the starting adapter's) loss on them.
     let eval = eval_rows(job.holdout, cfg.seq_len, cfg.eval_tokens, job.pad)?;
-    let initial_holdout = holdout_loss(model, Some(&params.frozen("eval")), &eval)?;
+    let initial_holdout = holdout_loss(model, Some(&params.frozen("eval", None)), &eval)?;
     if !job.resume {
         if let Some(l) = initial_holdout {
             append_metrics(
@@ -363,8 +356,19 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         let mut grad_norm = 0.0;
         if counted > 0 {
             let mut grads = Grads::new();
-            for rows in &micro {
-                loss_sum += loss_and_grads(model, rows, &params, 1.0 / counted as f32, &mut grads)?;
+            for (i, rows) in micro.iter().enumerate() {
+                // Dropout masks are a function of (seed, step, micro-batch): a resumed run draws
+                // what an uninterrupted one did.
+                let dropout_seed = cfg.seed
+                    ^ ((state.step as u64) << 20 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                loss_sum += loss_and_grads(
+                    model,
+                    rows,
+                    &params,
+                    1.0 / counted as f32,
+                    Some(dropout_seed),
+                    &mut grads,
+                )?;
             }
             if !loss_sum.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -398,7 +402,8 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         if !eval.is_empty()
             && ((cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) || last)
         {
-            let l = holdout_loss(model, Some(&params.frozen("eval")), &eval)?.unwrap_or(f64::NAN);
+            let l =
+                holdout_loss(model, Some(&params.frozen("eval", None)), &eval)?.unwrap_or(f64::NAN);
             metrics.holdout_loss = Some(l);
             if state.best_holdout.is_none_or(|b| l < b) {
                 state.best_holdout = Some(l);
@@ -433,10 +438,10 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
     }
 
     // 5. The adapter to ship: the best holdout loss seen.
-    let out = LoraParams::from_adapter(&params.frozen("best"), model.config().num_layers)?;
+    let out = LoraParams::from_adapter(&params.frozen("best", None), model.config().num_layers)?;
     restore(&out, &best, &job.run_dir.join("checkpoint"))?;
     Ok(TrainOutcome {
-        adapter: out.frozen("adapter"),
+        adapter: out.frozen("adapter", None),
         best_step: state.best_step,
         steps: state.step,
         total_steps,

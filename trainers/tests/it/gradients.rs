@@ -72,11 +72,20 @@ fn rows() -> (Vec<PackedRow>, Vec<u32>, Vec<f32>) {
 }
 
 fn loss(model: &Model, params: &LoraParams, trainable: bool) -> Tensor {
+    loss_with_dropout(model, params, trainable, None)
+}
+
+fn loss_with_dropout(
+    model: &Model,
+    params: &LoraParams,
+    trainable: bool,
+    dropout_seed: Option<u64>,
+) -> Tensor {
     let (rows, targets, weights) = rows();
     let adapter = if trainable {
-        params.trainable("t")
+        params.trainable("t", dropout_seed)
     } else {
-        params.frozen("t")
+        params.frozen("t", dropout_seed)
     };
     let list = [&adapter];
     let packed = model.pack(&rows).expect("pack");
@@ -238,11 +247,46 @@ fn every_lora_parameter_gets_a_gradient_through_the_quantized_base() {
 /// of the whole graph.
 #[test]
 fn checkpointed_step_gives_the_whole_graph_gradients() {
+    checkpointed_step_matches(None);
+}
+
+/// With LoRA dropout too: both passes over a block draw the same masks, a seed always draws the same
+/// ones, and they change the loss.
+#[test]
+fn checkpointed_step_with_dropout_gives_the_whole_graph_gradients() {
+    checkpointed_step_matches(Some(77));
+}
+
+fn checkpointed_step_matches(dropout_seed: Option<u64>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = tiny(dir.path(), GgmlDType::F32, TinySpec::default());
     let model = &base.model;
-    let params = params_with_random_b(model, &all_targets(), 9);
-    let whole = loss(model, &params, true).backward().expect("backward");
+    let cfg = TrainConfig {
+        dropout: if dropout_seed.is_some() { 0.2 } else { 0.0 },
+        ..all_targets()
+    };
+    let params = params_with_random_b(model, &cfg, 9);
+    let whole = loss_with_dropout(model, &params, true, dropout_seed)
+        .backward()
+        .expect("backward");
+    if let Some(seed) = dropout_seed {
+        let value = |s| {
+            loss_with_dropout(model, &params, false, s)
+                .to_scalar::<f32>()
+                .expect("loss")
+        };
+        assert_eq!(
+            value(Some(seed)),
+            value(Some(seed)),
+            "same seed, same masks"
+        );
+        assert_ne!(value(Some(seed)), value(None), "dropout drops something");
+        assert_ne!(
+            value(Some(seed)),
+            value(Some(seed + 1)),
+            "another seed, other masks"
+        );
+    }
     let (rows, targets, weights) = rows();
     let rows: Vec<pai_trainers::Row> = {
         let mut at = 0;
@@ -261,9 +305,10 @@ fn checkpointed_step_gives_the_whole_graph_gradients() {
     };
     let mut grads = Vec::new();
     let value =
-        pai_trainers::step::loss_and_grads(model, &rows, &params, 1.0, &mut grads).expect("step");
+        pai_trainers::step::loss_and_grads(model, &rows, &params, 1.0, dropout_seed, &mut grads)
+            .expect("step");
     let want = f64::from(
-        loss(model, &params, false)
+        loss_with_dropout(model, &params, false, dropout_seed)
             .to_scalar::<f32>()
             .expect("loss"),
     );

@@ -79,9 +79,10 @@ fn quantized_gradient_agrees_with_the_exact_one_on_the_default_model() {
     }
     let norm = 1.0 / counted as f32;
     let mut gq = Vec::new();
-    let lq = loss_and_grads(&quant.model, &rows, &params, norm, &mut gq).expect("quantized step");
+    let lq =
+        loss_and_grads(&quant.model, &rows, &params, norm, None, &mut gq).expect("quantized step");
     let mut ge = Vec::new();
-    let le = loss_and_grads(&exact.model, &rows, &params, norm, &mut ge).expect("exact step");
+    let le = loss_and_grads(&exact.model, &rows, &params, norm, None, &mut ge).expect("exact step");
     assert!((lq - le).abs() < 0.05 * le, "loss {lq} vs {le}");
     let mut worst = 1.0f32;
     for ((name, _), (a, b)) in params.named_vars().zip(gq.iter().zip(&ge)) {
@@ -125,7 +126,8 @@ fn quantized_gradient_agrees_with_the_exact_one_on_the_default_model() {
         var.set(&moved).expect("set");
     }
     let mut again = Vec::new();
-    let after = loss_and_grads(&quant.model, &rows, &params, norm, &mut again).expect("after");
+    let after =
+        loss_and_grads(&quant.model, &rows, &params, norm, None, &mut again).expect("after");
     assert!(
         after < lq,
         "loss {lq} → {after} after a step against the gradient"

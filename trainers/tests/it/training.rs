@@ -22,6 +22,8 @@ fn corpus() -> Vec<TrainDoc> {
 
 fn config() -> TrainConfig {
     TrainConfig {
+        // Dropout on, so resuming also has to redraw the same masks.
+        dropout: 0.05,
         r: 8,
         alpha: 16.0,
         learning_rate: 5e-3,
