@@ -92,6 +92,24 @@ impl<'a> DocEncoder<'a> {
     }
 }
 
+/// Documents as rows of `seq_len` can train on them. A document with a prompt (FIM) must keep its
+/// prompt in view of its completion, and a row's continuation of a cut document restarts with no
+/// context: so a prompted document longer than a row is cut to the row, and one whose prompt leaves no
+/// completion token inside the row is dropped (it would train nothing). Plain documents are kept whole
+/// (their later parts still teach, from the start of the row they land in).
+pub fn fit_to_rows(docs: &[TrainDoc], seq_len: usize) -> Vec<TrainDoc> {
+    docs.iter()
+        .filter(|d| d.completion_start == 0 || d.completion_start + 1 < seq_len.min(d.ids.len()))
+        .map(|d| match d.completion_start {
+            0 => d.clone(),
+            _ => TrainDoc {
+                ids: d.ids[..d.ids.len().min(seq_len)].to_vec(),
+                completion_start: d.completion_start,
+            },
+        })
+        .collect()
+}
+
 /// Where a packer is: the epoch, the next document in that epoch's order, and how many of its tokens
 /// earlier rows took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +301,21 @@ mod tests {
         assert_eq!(last.counted(), 0);
         assert!(once.next_row(true).is_none());
         Ok(())
+    }
+
+    #[test]
+    fn prompted_documents_fit_their_rows() {
+        let docs = [
+            doc(&[1; 10], 0), // plain: kept whole
+            doc(&[2; 10], 3), // prompt 3, cut to 6 tokens
+            doc(&[3; 10], 5), // prompt fills the row but for one token: nothing to learn, dropped
+            doc(&[4; 4], 2),  // fits
+        ];
+        let fitted = fit_to_rows(&docs, 6);
+        assert_eq!(fitted.len(), 3);
+        assert_eq!(fitted[0].ids.len(), 10);
+        assert_eq!((fitted[1].ids.len(), fitted[1].completion_start), (6, 3));
+        assert_eq!(fitted[2], docs[3]);
     }
 
     #[test]

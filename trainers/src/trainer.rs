@@ -17,7 +17,7 @@ use pai_model::{Adapter, AdapterStack, BackwardCopyKind, Model};
 
 use crate::checkpoint::{Checkpoint, RunState};
 use crate::config::TrainConfig;
-use crate::data::{Packer, Row, TrainDoc};
+use crate::data::{fit_to_rows, Packer, Row, TrainDoc};
 use crate::error::{Result, TrainError};
 use crate::loss::weighted_cross_entropy;
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, Grads};
@@ -132,7 +132,11 @@ pub fn eval_rows(docs: &[TrainDoc], seq_len: usize, tokens: usize, pad: u32) -> 
     if docs.is_empty() || tokens == 0 {
         return Ok(Vec::new());
     }
-    let mut packer = Packer::new(docs, seq_len, 0, false, pad)?;
+    let docs = fit_to_rows(docs, seq_len);
+    if docs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut packer = Packer::new(&docs, seq_len, 0, false, pad)?;
     let mut rows = Vec::new();
     while rows.len() * seq_len < tokens {
         match packer.next_row(true) {
@@ -224,7 +228,16 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
     };
     let vars: Vec<_> = params.named_vars().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(vars.clone(), cfg)?;
-    let mut packer = Packer::new(job.train, cfg.seq_len, cfg.seed, true, job.pad)?;
+    let train_docs = fit_to_rows(job.train, cfg.seq_len);
+    if train_docs.is_empty() {
+        return Err(TrainError::EmptyDataset {
+            reason: format!(
+                "every example's prompt fills a row of train.seq_len = {} tokens",
+                cfg.seq_len
+            ),
+        });
+    }
+    let mut packer = Packer::new(&train_docs, cfg.seq_len, cfg.seed, true, job.pad)?;
     let step_tokens = cfg.rows() * cfg.seq_len * cfg.grad_accum;
     let total_steps = cfg.max_steps.unwrap_or_else(|| {
         ((cfg.epochs * packer.tokens_per_epoch() as f64) / step_tokens as f64)
