@@ -127,7 +127,8 @@ fn batch_loss(model: &Model, rows: &[Row], adapters: &AdapterStack, norm: f32) -
     weighted_cross_entropy(&logits, &targets, &weights)
 }
 
-/// Fixed evaluation rows: the holdout documents in order, up to `tokens`.
+/// Fixed evaluation rows: up to `tokens` of the holdout documents, drawn in a fixed shuffled order so
+/// that a capped evaluation samples every day and source rather than the first ones.
 pub fn eval_rows(docs: &[TrainDoc], seq_len: usize, tokens: usize, pad: u32) -> Result<Vec<Row>> {
     if docs.is_empty() || tokens == 0 {
         return Ok(Vec::new());
@@ -136,7 +137,8 @@ pub fn eval_rows(docs: &[TrainDoc], seq_len: usize, tokens: usize, pad: u32) -> 
     if docs.is_empty() {
         return Ok(Vec::new());
     }
-    let mut packer = Packer::new(&docs, seq_len, 0, false, pad)?;
+    const EVAL_ORDER_SEED: u64 = 0x6576_616c;
+    let mut packer = Packer::new(&docs, seq_len, EVAL_ORDER_SEED, true, pad)?;
     let mut rows = Vec::new();
     while rows.len() * seq_len < tokens {
         match packer.next_row(true) {

@@ -216,3 +216,20 @@ fn bad_settings_fail_before_any_work() {
     assert!(err.contains("nothing to train on"), "{err}");
     assert!(!run.join("metrics.jsonl").exists(), "no work was done");
 }
+
+/// A capped evaluation samples the whole holdout (every day, every source), not its first documents,
+/// and is the same every time.
+#[test]
+fn capped_evaluation_samples_the_whole_holdout() {
+    let docs: Vec<TrainDoc> = (0..40u32)
+        .map(|d| TrainDoc {
+            ids: vec![if d < 20 { 1 } else { 2 }; 8],
+            completion_start: 0,
+        })
+        .collect();
+    let rows = eval_rows(&docs, 16, 64, 0).expect("rows");
+    assert_eq!(rows.len(), 4);
+    let ids: Vec<u32> = rows.iter().flat_map(|r| r.row.ids.clone()).collect();
+    assert!(ids.contains(&1) && ids.contains(&2), "{ids:?}");
+    assert_eq!(rows, eval_rows(&docs, 16, 64, 0).expect("rows"));
+}
