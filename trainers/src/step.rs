@@ -15,6 +15,22 @@ use crate::loss::weighted_cross_entropy;
 use crate::optim::{accumulate, Grads};
 use crate::params::LoraParams;
 
+/// Σ weighted token losses of `rows` (weights times `norm`) from their final hidden states [rows, seq,
+/// hidden]: the output projection and the fused loss.
+pub(crate) fn head_loss(model: &Model, hidden: &Tensor, rows: &[Row], norm: f32) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    let logits = model.logits(&hidden.reshape((b * t, h))?)?;
+    let targets: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| r.targets.iter().copied())
+        .collect();
+    let weights: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| r.weights.iter().map(|w| w * norm))
+        .collect();
+    weighted_cross_entropy(&logits, &targets, &weights)
+}
+
 /// Σ weighted token losses of `rows` (weights times `norm`), and its gradients towards `params`'
 /// variables added into `grads` (in `params.named_vars()` order). `dropout_seed` draws the LoRA
 /// dropout masks (both passes over a block draw the same ones); `None` applies no dropout.
@@ -49,18 +65,7 @@ pub fn loss_and_grads(
 
     // 2. The head (final norm, output projection, loss) with a graph from the last hidden state.
     let last = Var::from_tensor(&x)?;
-    let hidden = model.final_norm(last.as_tensor())?;
-    let (b, t, h) = hidden.dims3()?;
-    let logits = model.logits(&hidden.reshape((b * t, h))?)?;
-    let targets: Vec<u32> = rows
-        .iter()
-        .flat_map(|r| r.targets.iter().copied())
-        .collect();
-    let weights: Vec<f32> = rows
-        .iter()
-        .flat_map(|r| r.weights.iter().map(|w| w * norm))
-        .collect();
-    let loss = weighted_cross_entropy(&logits, &targets, &weights)?;
+    let loss = head_loss(model, &model.final_norm(last.as_tensor())?, rows, norm)?;
     let value = f64::from(loss.to_scalar::<f32>()?);
     let store = loss.backward()?;
     let mut upstream = match store.get(last.as_tensor()) {

@@ -19,10 +19,9 @@ use crate::checkpoint::{Checkpoint, RunState};
 use crate::config::TrainConfig;
 use crate::data::{fit_to_rows, Packer, Row, TrainDoc};
 use crate::error::{Result, TrainError};
-use crate::loss::weighted_cross_entropy;
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, Grads};
 use crate::params::LoraParams;
-use crate::step::loss_and_grads;
+use crate::step::{head_loss, loss_and_grads};
 
 /// What a run trains on and where it keeps its state.
 pub struct TrainJob<'a> {
@@ -113,18 +112,7 @@ pub fn holdout_loss(model: &Model, adapter: Option<&Adapter>, rows: &[Row]) -> R
 fn batch_loss(model: &Model, rows: &[Row], adapters: &AdapterStack, norm: f32) -> Result<Tensor> {
     let packed_rows: Vec<_> = rows.iter().map(|r| r.row.clone()).collect();
     let packed = model.pack(&packed_rows)?;
-    let hidden = model.forward_packed(&packed, adapters)?;
-    let (b, t, h) = hidden.dims3()?;
-    let logits = model.logits(&hidden.reshape((b * t, h))?)?;
-    let targets: Vec<u32> = rows
-        .iter()
-        .flat_map(|r| r.targets.iter().copied())
-        .collect();
-    let weights: Vec<f32> = rows
-        .iter()
-        .flat_map(|r| r.weights.iter().map(|w| w * norm))
-        .collect();
-    weighted_cross_entropy(&logits, &targets, &weights)
+    head_loss(model, &model.forward_packed(&packed, adapters)?, rows, norm)
 }
 
 /// Fixed evaluation rows: up to `tokens` of the holdout documents, drawn in a fixed shuffled order so
