@@ -1,0 +1,58 @@
+//! End to end: the `pai-serve` and `pai-train` binaries as a user runs them, on the real default model
+//! (installed by scripts/fetch-model.sh) and on a tiny random model written here.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+mod ingest;
+mod model;
+mod train;
+
+use candle_core::quantized::GgmlDType;
+use pai_model::testing::{TinyModel, TinySpec};
+
+pub fn pai_home() -> PathBuf {
+    std::env::var_os("PAI_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pai"))
+}
+
+pub fn run(bin: &str, args: &[&str], stdin: Option<&str>, env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env_remove("PAI_MODEL")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("the binary starts");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    TinyModel::new(TinySpec::default())
+        .unwrap()
+        .write_gguf(&dir.join("tiny.gguf"), GgmlDType::Q8_0)
+        .unwrap()
+}
+
+pub const SERVE: &str = env!("CARGO_BIN_EXE_pai-serve");
+pub const TRAIN: &str = env!("CARGO_BIN_EXE_pai-train");
