@@ -135,15 +135,10 @@ impl Model {
         cache: &mut KvCache,
         adapters: &AdapterStack,
     ) -> Result<Tensor> {
-        let (batch, seq) = ids.dims2()?;
+        let seq = ids.dim(1)?;
         let offset = cache.len();
         // 1. Embed.
-        let flat = ids.flatten_all()?;
-        let embedded = match &self.embedding {
-            Embedding::Quantized(m) => m.rows_tensor(&flat.to_vec1::<u32>()?)?,
-            Embedding::Dense(table) => table.embedding(&flat)?,
-        };
-        let mut x = embedded.reshape((batch, seq, self.config.hidden_size))?;
+        let mut x = self.embed(ids)?;
         // 2. One mask for every layer.
         let mask = attention_mask(seq, offset, self.config.sliding_window, &self.device)?;
         // 3. The blocks.
@@ -172,13 +167,18 @@ impl Model {
 
     /// Step 1 of [`Model::forward_packed`]: the token embeddings [rows, seq, hidden].
     pub fn embed_packed(&self, packed: &Packed) -> Result<Tensor> {
-        let (rows, seq) = packed.ids.dims2()?;
-        let flat = packed.ids.flatten_all()?;
+        self.embed(&packed.ids)
+    }
+
+    /// Token embeddings of ids [batch, seq] (u32): [batch, seq, hidden].
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
         let embedded = match &self.embedding {
             Embedding::Quantized(m) => m.rows_tensor(&flat.to_vec1::<u32>()?)?,
             Embedding::Dense(table) => table.embedding(&flat)?,
         };
-        Ok(embedded.reshape((rows, seq, self.config.hidden_size))?)
+        Ok(embedded.reshape((batch, seq, self.config.hidden_size))?)
     }
 
     /// Step 2: block `layer` over packed rows (attention kept inside each document). Trainers call
