@@ -327,6 +327,7 @@ fn generate(dir: &Path, files: usize, bytes: usize) -> u64 {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    pai::setup_allocator();
     let files: usize = arg("--files")
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);

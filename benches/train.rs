@@ -26,11 +26,12 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// The allocator pai-train runs on, with the same option (see `pai::keep_freed_memory`).
+/// The allocator pai-train runs on, with the same options (see `pai::setup_allocator`, `pai::keep_freed_memory`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    pai::setup_allocator();
     pai::keep_freed_memory();
     let model = arg("--model")
         .map(PathBuf::from)

@@ -1,11 +1,15 @@
-//! The dataset on disk: one parquet file per day, `dataset/day=YYYY-MM-DD/data.parquet`, through polars.
+//! The dataset on disk: parquet files per day, `dataset/day=YYYY-MM-DD/part-NNNNN.parquet`, through
+//! polars (a day written before parts existed has one `data.parquet`, read as its first part).
 //!
-//! Every write goes to a temporary file that is fsynced and renamed into place, so a crash leaves the
-//! previous state whole. `dataset/schema.json` holds the schema version; a dataset written by a newer
-//! pai is refused rather than misread. Retraction (a deleted or newly excluded note leaving the
-//! dataset) rewrites the day files that hold the retracted ids. Pages are LZ4-compressed: about twice
-//! as fast to write as zstd's default on text (ingest writes every byte it reads), read by polars,
-//! pyarrow and every parquet reader since format 2.9.
+//! An append adds new parts and never rewrites old ones, so `pai-train watch` ingesting a few notes
+//! late in the day costs those notes, not the day so far; the new rows are cut into one part per
+//! core, encoded side by side. Every part goes to a temporary file that is fsynced and renamed into
+//! place, so a crash leaves whole parts only; rows a crash left without a journal entry are found
+//! again by the next ingest and dropped as exact duplicates. `dataset/schema.json` holds the schema
+//! version; a dataset written by a newer pai is refused rather than misread. Retraction (a deleted or
+//! newly excluded note leaving the dataset) rewrites the parts that hold the retracted ids. Pages are
+//! LZ4-compressed: about twice as fast to write as zstd's default on text (ingest writes every byte it
+//! reads), read by polars, pyarrow and every parquet reader since format 2.9.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -24,7 +28,10 @@ use crate::minhash::Signature;
 pub const SCHEMA_VERSION: u32 = 3;
 /// The column of stored MinHash signatures; named for the scheme, so older ones are never compared.
 const MINHASH_COLUMN: &str = "minhash_oph";
-const DATA_FILE: &str = "data.parquet";
+/// Text a part holds at most, in bytes (a large append is cut into at least one part per core).
+const PART_BYTES: usize = 256 << 20;
+/// Rows below which an append is one part (fewer, larger files for the many small appends of a day).
+const MIN_PART_ROWS: usize = 1000;
 
 /// One group of `Store::stats`: examples of one day, source, kind and split.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -84,8 +91,30 @@ impl Store {
         &self.dir
     }
 
-    fn day_file(&self, day: &str) -> PathBuf {
-        self.dir.join(format!("day={day}")).join(DATA_FILE)
+    fn day_dir(&self, day: &str) -> PathBuf {
+        self.dir.join(format!("day={day}"))
+    }
+
+    /// The parquet files of one day, in the order they were written (none if the day has none).
+    fn parts(&self, day: &str) -> Result<Vec<PathBuf>> {
+        let dir = self.day_dir(day);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(DatasetError::io("list", &dir, e)),
+        };
+        let mut parts: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| !n.starts_with('.') && n.ends_with(".parquet"))
+            })
+            .collect();
+        // `data.parquet` (before parts) sorts before `part-…`; part numbers are zero-padded.
+        parts.sort();
+        Ok(parts)
     }
 
     /// The days that have a partition, oldest first.
@@ -99,7 +128,7 @@ impl Store {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(day) = name.strip_prefix("day=") {
-                if entry.path().join(DATA_FILE).is_file() {
+                if !self.parts(day)?.is_empty() {
                     days.push(day.to_string());
                 }
             }
@@ -108,22 +137,30 @@ impl Store {
         Ok(days)
     }
 
+    /// Every part of every day, oldest first.
+    fn all_parts(&self) -> Result<Vec<PathBuf>> {
+        let mut all = Vec::new();
+        for day in self.days()? {
+            all.extend(self.parts(&day)?);
+        }
+        Ok(all)
+    }
+
     /// The examples of one day (none if the day has no partition).
     pub fn read_day(&self, day: &str) -> Result<Vec<Example>> {
-        let path = self.day_file(day);
-        if !path.exists() {
-            return Ok(Vec::new());
+        let mut out = Vec::new();
+        for path in self.parts(day)? {
+            let df = read_columns(&path, EXAMPLE_COLUMNS)?;
+            out.extend(from_frame(&df).map_err(|source| DatasetError::Store { path, source })?);
         }
-        let df = read_columns(&path, EXAMPLE_COLUMNS)?;
-        from_frame(&df).map_err(|source| DatasetError::Store { path, source })
+        Ok(out)
     }
 
     /// The MinHash signature of every stored example that has one, except those in `skip`, with its id.
     /// (Files from before schema version 3 have none stored: computed from their text.)
     pub fn signatures(&self, skip: &HashSet<String>) -> Result<Vec<(String, Signature)>> {
         let mut out = Vec::new();
-        for day in self.days()? {
-            let path = self.day_file(&day);
+        for path in self.all_parts()? {
             let mut df = read_columns(&path, &["id", "kind", MINHASH_COLUMN])?;
             if df.column(MINHASH_COLUMN).is_err() {
                 df = read_columns(&path, &["id", "kind", "text"])?;
@@ -165,8 +202,7 @@ impl Store {
     /// The texts of the private examples (for the privacy index).
     pub fn private_texts(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        for day in self.days()? {
-            let path = self.day_file(&day);
+        for path in self.all_parts()? {
             let df = read_columns(&path, &["text", "private"])?;
             let mut collect = || -> PolarsResult<()> {
                 let texts = df.column("text")?.str()?;
@@ -192,58 +228,58 @@ impl Store {
         Ok(all)
     }
 
-    /// Replace one day's partition with `examples` (removing it when empty), atomically.
-    pub fn write_day(&self, day: &str, examples: &[Example]) -> Result<()> {
-        self.write_rows(day, &examples.iter().collect::<Vec<_>>())
-    }
-
-    fn write_rows(&self, day: &str, examples: &[&Example]) -> Result<()> {
-        let path = self.day_file(day);
-        if examples.is_empty() {
-            if path.exists() {
-                std::fs::remove_file(&path).map_err(|e| DatasetError::io("remove", &path, e))?;
-                if let Some(dir) = path.parent() {
-                    let _ = std::fs::remove_dir(dir);
-                    sync_dir(&self.dir);
-                }
-            }
-            return Ok(());
+    /// Replace one day's partition with `examples` (tests build datasets this way; ingest appends).
+    #[cfg(test)]
+    pub(crate) fn write_day(&self, day: &str, examples: &[Example]) -> Result<()> {
+        for part in self.parts(day)? {
+            std::fs::remove_file(&part).map_err(|e| DatasetError::io("remove", &part, e))?;
         }
-        let mut df = to_frame(examples).map_err(|source| DatasetError::Store {
-            path: path.clone(),
-            source,
-        })?;
-        let dir = path.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(dir).map_err(|e| DatasetError::io("create", dir, e))?;
-        let tmp = dir.join(format!(".{DATA_FILE}.tmp-{}", std::process::id()));
-        let file = std::fs::File::create(&tmp).map_err(|e| DatasetError::io("create", &tmp, e))?;
-        ParquetWriter::new(&file)
-            .with_compression(ParquetCompression::Lz4Raw)
-            .finish(&mut df)
-            .map_err(|source| DatasetError::Store {
-                path: tmp.clone(),
-                source,
-            })?;
-        file.sync_all()
-            .map_err(|e| DatasetError::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| DatasetError::io("rename into place", &path, e))?;
-        sync_dir(dir);
-        Ok(())
+        self.append(day, examples)
     }
 
-    /// Add examples to a day's partition (ids already in it are not added twice).
+    /// Add examples to a day as new parts (ids already in the day are not added twice).
     pub fn append(&self, day: &str, examples: &[Example]) -> Result<()> {
         if examples.is_empty() {
             return Ok(());
         }
-        let old = self.read_day(day)?;
-        let mut have: HashSet<&str> = old.iter().map(|e| e.id.as_str()).collect();
-        let rows: Vec<&Example> = old
+        let parts = self.parts(day)?;
+        let mut have: HashSet<String> = HashSet::new();
+        for part in &parts {
+            have.extend(read_ids(part)?);
+        }
+        let mut seen: HashSet<&str> = HashSet::new();
+        let rows: Vec<&Example> = examples
             .iter()
-            .chain(examples.iter().filter(|e| have.insert(&e.id)))
+            .filter(|e| !have.contains(&e.id) && seen.insert(&e.id))
             .collect();
-        self.write_rows(day, &rows)
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let dir = self.day_dir(day);
+        std::fs::create_dir_all(&dir).map_err(|e| DatasetError::io("create", &dir, e))?;
+        let first = parts
+            .iter()
+            .filter_map(|p| part_number(p))
+            .max()
+            .map_or(0, |n| n + 1);
+        let chunks = cut_into_parts(&rows);
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = chunks
+                .iter()
+                .enumerate()
+                .map(|(k, chunk)| {
+                    let path = dir.join(format!("part-{:05}.parquet", first + k));
+                    scope.spawn(move || write_part(&path, chunk))
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        sync_dir(&dir);
+        sync_dir(&self.dir);
+        results.into_iter().collect()
     }
 
     /// Remove the examples with these ids from every day; returns how many rows left.
@@ -253,13 +289,31 @@ impl Store {
         }
         let mut removed = 0;
         for day in self.days()? {
-            let rows = self.read_day(&day)?;
-            let kept: Vec<&Example> = rows.iter().filter(|e| !ids.contains(&e.id)).collect();
-            if kept.len() != rows.len() {
+            let dir = self.day_dir(&day);
+            for part in self.parts(&day)? {
+                if !read_ids(&part)?.iter().any(|id| ids.contains(id)) {
+                    continue;
+                }
+                let df = read_columns(&part, EXAMPLE_COLUMNS)?;
+                let rows = from_frame(&df).map_err(|source| DatasetError::Store {
+                    path: part.clone(),
+                    source,
+                })?;
+                let kept: Vec<&Example> = rows.iter().filter(|e| !ids.contains(&e.id)).collect();
                 removed += rows.len() - kept.len();
-                self.write_rows(&day, &kept)?;
+                if kept.is_empty() {
+                    std::fs::remove_file(&part)
+                        .map_err(|e| DatasetError::io("remove", &part, e))?;
+                } else {
+                    write_part(&part, &kept)?;
+                }
             }
+            if self.parts(&day)?.is_empty() {
+                let _ = std::fs::remove_dir(&dir);
+            }
+            sync_dir(&dir);
         }
+        sync_dir(&self.dir);
         Ok(removed)
     }
 
@@ -267,45 +321,46 @@ impl Store {
     pub fn stats(&self) -> Result<Vec<StatsRow>> {
         let mut groups: BTreeMap<(String, String, String, String), StatsRow> = BTreeMap::new();
         for day in self.days()? {
-            let path = self.day_file(&day);
-            let columns = [
-                "source",
-                "kind",
-                "split",
-                "n_tokens",
-                "redactions",
-                "private",
-            ];
-            let df = read_columns(&path, &columns)?;
-            let mut add = || -> PolarsResult<()> {
-                let (source, kind, split) = (
-                    df.column("source")?.str()?,
-                    df.column("kind")?.str()?,
-                    df.column("split")?.str()?,
-                );
-                let (tokens, redactions) = (
-                    df.column("n_tokens")?.u32()?,
-                    df.column("redactions")?.u32()?,
-                );
-                let private = df.column("private")?.bool()?;
-                for i in 0..df.height() {
-                    let text = |c: &StringChunked| c.get(i).unwrap_or_default().to_string();
-                    let key = (day.clone(), text(source), text(kind), text(split));
-                    let row = groups.entry(key.clone()).or_insert_with(|| StatsRow {
-                        day: key.0,
-                        source: key.1,
-                        kind: key.2,
-                        split: key.3,
-                        ..StatsRow::default()
-                    });
-                    row.examples += 1;
-                    row.tokens += u64::from(tokens.get(i).unwrap_or(0));
-                    row.redactions += u64::from(redactions.get(i).unwrap_or(0));
-                    row.private += u64::from(private.get(i).unwrap_or(false));
-                }
-                Ok(())
-            };
-            add().map_err(|source| DatasetError::Store { path, source })?;
+            for path in self.parts(&day)? {
+                let columns = [
+                    "source",
+                    "kind",
+                    "split",
+                    "n_tokens",
+                    "redactions",
+                    "private",
+                ];
+                let df = read_columns(&path, &columns)?;
+                let mut add = || -> PolarsResult<()> {
+                    let (source, kind, split) = (
+                        df.column("source")?.str()?,
+                        df.column("kind")?.str()?,
+                        df.column("split")?.str()?,
+                    );
+                    let (tokens, redactions) = (
+                        df.column("n_tokens")?.u32()?,
+                        df.column("redactions")?.u32()?,
+                    );
+                    let private = df.column("private")?.bool()?;
+                    for i in 0..df.height() {
+                        let text = |c: &StringChunked| c.get(i).unwrap_or_default().to_string();
+                        let key = (day.clone(), text(source), text(kind), text(split));
+                        let row = groups.entry(key.clone()).or_insert_with(|| StatsRow {
+                            day: key.0,
+                            source: key.1,
+                            kind: key.2,
+                            split: key.3,
+                            ..StatsRow::default()
+                        });
+                        row.examples += 1;
+                        row.tokens += u64::from(tokens.get(i).unwrap_or(0));
+                        row.redactions += u64::from(redactions.get(i).unwrap_or(0));
+                        row.private += u64::from(private.get(i).unwrap_or(false));
+                    }
+                    Ok(())
+                };
+                add().map_err(|source| DatasetError::Store { path, source })?;
+            }
         }
         Ok(groups.into_values().collect())
     }
@@ -314,18 +369,77 @@ impl Store {
     pub fn ids(&self) -> Result<BTreeMap<String, String>> {
         let mut ids = BTreeMap::new();
         for day in self.days()? {
-            let path = self.day_file(&day);
-            let df = read_columns(&path, &["id"])?;
-            let column = df
-                .column("id")
-                .and_then(|c| c.str().cloned())
-                .map_err(|source| DatasetError::Store { path, source })?;
-            for id in column.iter().flatten() {
-                ids.insert(id.to_string(), day.clone());
+            for path in self.parts(&day)? {
+                for id in read_ids(&path)? {
+                    ids.insert(id, day.clone());
+                }
             }
         }
         Ok(ids)
     }
+}
+
+/// Write `examples` to the part file `path` (replacing it if there): a temporary file beside it,
+/// fsynced, renamed into place. The caller syncs the directory.
+fn write_part(path: &Path, examples: &[&Example]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("part");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut df = to_frame(examples).map_err(|source| DatasetError::Store {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file = std::fs::File::create(&tmp).map_err(|e| DatasetError::io("create", &tmp, e))?;
+    // One part a thread: polars' own column parallelism would only contend with the other parts.
+    ParquetWriter::new(&file)
+        .with_compression(ParquetCompression::Lz4Raw)
+        .set_parallel(false)
+        .finish(&mut df)
+        .map_err(|source| DatasetError::Store {
+            path: tmp.clone(),
+            source,
+        })?;
+    file.sync_all()
+        .map_err(|e| DatasetError::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| DatasetError::io("rename into place", path, e))
+}
+
+/// Cut an append's rows into parts of equal row counts (the cost of encoding a part goes with its rows
+/// more than its bytes: polars dictionary-encodes a string column with repeats, such as the texts FIM
+/// examples share with their code): one per core, encoded side by side; more when a part would pass
+/// `PART_BYTES` of text; one for a small append.
+fn cut_into_parts<'a>(rows: &'a [&'a Example]) -> Vec<&'a [&'a Example]> {
+    let bytes: usize = rows.iter().map(|e| e.text.len() + e.context.len()).sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let count = bytes
+        .div_ceil(PART_BYTES)
+        .max(cores)
+        .min(rows.len().div_ceil(MIN_PART_ROWS))
+        .max(1);
+    rows.chunks(rows.len().div_ceil(count).max(1)).collect()
+}
+
+/// The number of a `part-NNNNN.parquet` file.
+fn part_number(path: &Path) -> Option<usize> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("part-")?
+        .strip_suffix(".parquet")?
+        .parse()
+        .ok()
+}
+
+/// The ids in one part file (reading only that column).
+fn read_ids(path: &Path) -> Result<Vec<String>> {
+    let df = read_columns(path, &["id"])?;
+    let column = df
+        .column("id")
+        .and_then(|c| c.str().cloned())
+        .map_err(|source| DatasetError::Store {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(column.iter().flatten().map(str::to_string).collect())
 }
 
 /// The columns an `Example` is read from.
@@ -552,6 +666,53 @@ mod tests {
         let gone = store.retract(&HashSet::from([a.id.clone()])).unwrap();
         assert_eq!(gone, 1);
         assert_eq!(store.days().unwrap(), ["2026-01-02"]);
+    }
+
+    #[test]
+    fn appends_add_parts_and_retraction_rewrites_only_the_parts_it_touches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let day = "2026-01-03";
+        let first: Vec<Example> = (0..2500).map(|i| example(&format!("a{i}"), day)).collect();
+        store.append(day, &first).unwrap();
+        let after_first = store.parts(day).unwrap();
+        assert!(!after_first.is_empty());
+        // A later append the same day writes new parts after the old ones and leaves those alone.
+        let mtimes: Vec<_> = after_first
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+            .collect();
+        let second = vec![example("late", day), first[0].clone()];
+        store.append(day, &second).unwrap();
+        let parts = store.parts(day).unwrap();
+        assert_eq!(parts.len(), after_first.len() + 1);
+        for (p, t) in after_first.iter().zip(&mtimes) {
+            assert_eq!(std::fs::metadata(p).unwrap().modified().unwrap(), *t);
+        }
+        let read = store.read_day(day).unwrap();
+        assert_eq!(read.len(), 2501, "the repeated id is not added twice");
+        assert_eq!(read[..2500], first[..]);
+        assert_eq!(read[2500].text, "late");
+        // Retracting the late example removes its part; the others stay as they were.
+        let gone = store
+            .retract(&HashSet::from([read[2500].id.clone()]))
+            .unwrap();
+        assert_eq!(gone, 1);
+        assert_eq!(store.parts(day).unwrap(), after_first);
+        // A day written before parts (one data.parquet) reads as its first part.
+        let legacy = store.day_dir("2026-01-04").join("data.parquet");
+        std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
+        write_part(&legacy, &[&example("old", "2026-01-04")]).unwrap();
+        store
+            .append("2026-01-04", &[example("new", "2026-01-04")])
+            .unwrap();
+        let texts: Vec<String> = store
+            .read_day("2026-01-04")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(texts, ["old", "new"]);
     }
 
     #[test]

@@ -201,6 +201,7 @@ struct PerplexityArgs {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    pai::setup_allocator();
     pai::init_logging();
     match Cli::parse().command {
         Command::Perplexity(args) => run_perplexity(args),

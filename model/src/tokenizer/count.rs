@@ -7,7 +7,10 @@
 //! (none of the regex's alternatives crosses from a non-space into a space), and BPE never merges across
 //! pre-tokens. So the count of a text is the sum of the counts of its "words" (see `words`: at most one
 //! whitespace character and the non-whitespace run after it, or a run of whitespace alone), and words
-//! repeat (Zipf), so a cache of word counts answers most of them without tokenizing. Misses are counted by the real tokenizer.
+//! repeat (Zipf), so a cache of word counts answers most of them without tokenizing. A miss goes
+//! straight to the BPE model (`count_word`): an ASCII word is pre-tokenized by `gpt2_split`, any other
+//! by the tokenizer's own pre-tokenizer; `encode` (about 9 µs a word, most of it the pre-tokenizer's
+//! regex and bookkeeping) only for a word that holds an added token.
 //!
 //! Other tokenizers (SentencePiece, llama3/qwen2 splits, whose punctuation can absorb newlines) are
 //! counted by `encode` as before: `WordCounts::for_tokenizer` returns `None` for them.
@@ -19,6 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 
+use super::gpt2_split::{byte_level_char, pretokens, DigitSplit};
+use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
 /// Entries a thread keeps for one tokenizer before it starts over (~16 MiB at most).
 const CAPACITY: usize = 256 * 1024;
 /// Tokenizers a thread keeps caches for at once (the oldest is dropped).
@@ -28,6 +34,10 @@ const TOKENIZERS_PER_THREAD: usize = 4;
 /// counts every word of every file several times). `id` tells this tokenizer's caches apart.
 pub(crate) struct WordCounts {
     id: u64,
+    /// The non-special added tokens of the plain encoder: `encode` cuts them out before the
+    /// pre-tokenizer, so a word that contains one is counted by `encode`.
+    added: Vec<String>,
+    digits: DigitSplit,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -40,6 +50,24 @@ struct ThreadCache {
 
 thread_local! {
     static CACHES: RefCell<Vec<ThreadCache>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How the `Digits` steps before the byte-level split cut numbers.
+fn digit_split(pre: &PreTokenizerWrapper) -> DigitSplit {
+    let PreTokenizerWrapper::Sequence(seq) = pre else {
+        return DigitSplit::None;
+    };
+    let digits = seq.as_ref().iter().filter_map(|p| match p {
+        PreTokenizerWrapper::Digits(d) => Some(d.individual_digits),
+        _ => None,
+    });
+    digits.fold(DigitSplit::None, |split, individual| {
+        if individual || split == DigitSplit::Individual {
+            DigitSplit::Individual
+        } else {
+            DigitSplit::Runs
+        }
+    })
 }
 
 /// Whether this pre-tokenizer only ever splits as the GPT-2 regex does (optionally digits first).
@@ -70,7 +98,45 @@ impl WordCounts {
                 .all(|t| !t.content.chars().any(char::is_whitespace));
         additive.then(|| Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            added: plain
+                .get_added_tokens_decoder()
+                .values()
+                .map(|t| t.content.clone())
+                .filter(|c| !c.is_empty())
+                .collect(),
+            digits: plain
+                .get_pre_tokenizer()
+                .map_or(DigitSplit::None, digit_split),
         })
+    }
+
+    /// Tokens `plain.encode(word, false)` gives, by its pre-tokenizer and model alone (`None` when
+    /// the word holds an added token, or the tokenizer fails: the caller then encodes).
+    pub(crate) fn count_word(&self, plain: &tokenizers::Tokenizer, word: &str) -> Option<usize> {
+        if self.added.iter().any(|a| word.contains(a.as_str())) {
+            return None;
+        }
+        let model = plain.get_model();
+        if word.is_ascii() {
+            let (mut n, mut failed) = (0, false);
+            let mut mapped = String::with_capacity(word.len() * 2);
+            pretokens(word.as_bytes(), self.digits, |piece| {
+                mapped.clear();
+                mapped.extend(piece.iter().map(|&b| byte_level_char(b)));
+                match model.tokenize(&mapped) {
+                    Ok(tokens) => n += tokens.len(),
+                    Err(_) => failed = true,
+                }
+            });
+            return (!failed).then_some(n);
+        }
+        let mut pieces = PreTokenizedString::from(word);
+        plain.get_pre_tokenizer()?.pre_tokenize(&mut pieces).ok()?;
+        let mut n = 0;
+        for (piece, _, _) in pieces.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            n += model.tokenize(piece).ok()?.len();
+        }
+        Some(n)
     }
 
     /// Tokens in `text`, counting each word not seen before with `count_word`.

@@ -10,6 +10,7 @@
 
 mod count;
 mod gguf;
+mod gpt2_split;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -174,8 +175,12 @@ impl Tokenizer {
     /// that is exact for this tokenizer (byte-level BPE with the GPT-2 split), else by encoding.
     pub fn count(&self, text: &str) -> Result<usize> {
         if let Some(words) = &self.word_counts {
-            if let Some(n) = words.count(text, |w| self.encode(w, false).ok().map(|ids| ids.len()))
-            {
+            let count_word = |w: &str| {
+                words
+                    .count_word(&self.plain, w)
+                    .or_else(|| self.encode(w, false).ok().map(|ids| ids.len()))
+            };
+            if let Some(n) = words.count(text, count_word) {
                 return Ok(n);
             }
         }

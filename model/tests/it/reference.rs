@@ -449,6 +449,33 @@ fn fast_token_count_equals_encode_length() {
             "{text:?}"
         );
     }
+    // ASCII words take pai's own GPT-2 split (tokenizer/gpt2_split.rs) on a cache miss: every ASCII
+    // character, the regex's special ones (apostrophe, contraction letters, space, digits) often.
+    let special = b"''''    \n\t\r\x0b\x0csstrevmlld0123456789";
+    for _ in 0..20_000 {
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let len = 1 + (next() % 16) as usize;
+        let text: String = (0..len)
+            .map(|_| {
+                let r = next();
+                if r % 2 == 0 {
+                    char::from(special[(r >> 8) as usize % special.len()])
+                } else {
+                    char::from(((r >> 8) % 128) as u8)
+                }
+            })
+            .collect();
+        assert_eq!(
+            tok.count(&text).unwrap(),
+            tok.encode(&text, false).unwrap().len(),
+            "{text:?}"
+        );
+    }
     // Every line alone, too: ingest counts pieces cut anywhere.
     for text in &texts {
         for line in text.split_inclusive('\n') {
