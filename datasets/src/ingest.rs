@@ -7,21 +7,20 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::code::{split_items, Language};
 use crate::error::{DatasetError, Result};
-use crate::example::{content_id, pack, Budget, Example, Kind, Split};
-use crate::fim::{fim_example, FimSettings};
+use crate::example::{content_id, Budget, Example, Kind};
+use crate::file_examples::{file_examples, FileExamples};
+use crate::fim::FimSettings;
 use crate::journal::{Deletion, FileEntry, Journal};
-use crate::minhash::{NearDupIndex, Signature};
-use crate::notes::{parse, NoteFormat};
+use crate::minhash::NearDupIndex;
 use crate::privacy_index::PrivacyIndex;
-use crate::scrub::{scrub, PiiPolicy};
-use crate::source::{Privacy, Source, SourceKind};
+use crate::scrub::PiiPolicy;
+use crate::source::Source;
 use crate::store::Store;
 use crate::walk::{read_text, walk, FoundFile, SkipReason};
 
@@ -50,9 +49,6 @@ impl Default for IngestSettings {
         }
     }
 }
-
-/// Tokens a FIM example adds to its code: the three markers, one token each.
-const FIM_MARKER_TOKENS: u32 = 3;
 
 /// What one run is asked to do.
 pub struct IngestOptions<'a> {
@@ -94,6 +90,10 @@ pub struct IngestSummary {
     pub dry_run: bool,
 }
 
+/// Text (bytes) of new examples held before they are written out as parts of the day: memory stays
+/// bounded whatever the size of the run, and the parquet encoding overlaps the reading of later files.
+const FLUSH_BYTES: usize = 96 << 20;
+
 /// Run an ingest.
 pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
     let store = Store::open(&opts.home.join("dataset"))?;
@@ -102,10 +102,10 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let mut journals = Vec::with_capacity(opts.sources.len());
-    let mut new_examples: Vec<Example> = Vec::new();
-    let mut seen_now: HashSet<String> = HashSet::new();
-    let mut retract_candidates: HashSet<String> = HashSet::new();
+    // Every source's journal and walk first: the examples that may leave the dataset in this run
+    // (those of files changed or gone) are then known before any file is read.
+    let mut walked = Vec::with_capacity(opts.sources.len());
+    let mut may_leave: HashSet<String> = HashSet::new();
     for source in opts.sources {
         let mut journal = Journal::load(opts.home, &source.name)?;
         match &journal.root {
@@ -122,18 +122,47 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
             _ => {}
         }
         journal.root = Some(source.root.clone());
+        let found = walk(source);
+        for (r, n) in &found.skipped {
+            *summary.skipped.entry(*r).or_default() += n;
+        }
+        summary.files_seen += found.files.len();
+        may_leave.extend(changed_or_gone(&journal, &found.files));
+        walked.push((source, journal, found));
+    }
+    let mut dedup = Dedup {
+        existing: &existing,
+        seen_now: HashSet::new(),
+        near: NearDups::NotLoaded {
+            store: &store,
+            may_leave,
+            threshold: opts.settings.near_duplicate_threshold,
+        },
+    };
+    let mut sink = Sink {
+        store: &store,
+        day: &opts.day,
+        dry_run: opts.dry_run,
+        buffered: Vec::new(),
+        bytes: 0,
+        any_private: false,
+    };
+    let mut journals = Vec::with_capacity(walked.len());
+    let mut retract_candidates: HashSet<String> = HashSet::new();
+    for (source, mut journal, found) in walked {
         ingest_source(
             opts,
             source,
             &mut journal,
-            &existing,
-            &mut seen_now,
-            &mut new_examples,
+            &found.files,
+            &mut dedup,
+            &mut sink,
             &mut retract_candidates,
             &mut summary,
-        );
+        )?;
         journals.push((source.name.clone(), journal));
     }
+    sink.flush()?;
     // Ids still produced by some file of some source stay; the rest leave the dataset. Journals of
     // sources not in this run count too (a source left out of one run is not a deletion).
     let mut referenced: HashSet<String> = HashSet::new();
@@ -153,16 +182,10 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
         .filter(|id| !referenced.contains(id) && existing.contains(id))
         .collect();
     summary.examples_retracted = retract.len();
-    let new_examples = drop_near_duplicates(&store, new_examples, &retract, opts, &mut summary)?;
-    for e in &new_examples {
-        *summary.examples_added.entry(e.kind).or_default() += 1;
-        summary.tokens_added += e.n_tokens as usize;
-    }
     if !opts.dry_run {
-        store.append(&opts.day, &new_examples)?;
         store.retract(&retract)?;
         let index_path = PrivacyIndex::path(opts.home);
-        if new_examples.iter().any(|e| e.private) || !retract.is_empty() || !index_path.exists() {
+        if sink.any_private || !retract.is_empty() || !index_path.exists() {
             let texts = store.private_texts()?;
             let index = PrivacyIndex::build(texts.iter().map(String::as_str));
             index.save(&index_path)?;
@@ -175,53 +198,136 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
     Ok(summary)
 }
 
-/// Drop the new examples that nearly duplicate one in the dataset (other than those being retracted)
-/// or an earlier new one, and the FIM examples of dropped code.
-fn drop_near_duplicates(
-    store: &Store,
-    new_examples: Vec<Example>,
-    retract: &HashSet<String>,
-    opts: &IngestOptions,
-    summary: &mut IngestSummary,
-) -> Result<Vec<Example>> {
-    let threshold = opts.settings.near_duplicate_threshold;
-    if threshold > 1.0 || new_examples.is_empty() {
-        return Ok(new_examples);
-    }
-    let mut index = NearDupIndex::new(threshold);
-    for (id, signature) in store.signatures(retract)? {
-        index.insert(id, signature);
-    }
-    let mut dropped: HashSet<String> = HashSet::new();
-    let mut dropped_from: Vec<(String, String)> = Vec::new();
-    let mut kept = Vec::with_capacity(new_examples.len());
-    for e in new_examples {
-        if e.kind == Kind::Fim {
-            kept.push(e);
-            continue;
+/// The example ids of journal entries whose file is gone or changed size or mtime.
+fn changed_or_gone(journal: &Journal, files: &[FoundFile]) -> Vec<String> {
+    let now: HashMap<&str, (u64, u128)> = files
+        .iter()
+        .map(|f| (f.relative.as_str(), (f.size, f.mtime_ns)))
+        .collect();
+    journal
+        .files
+        .iter()
+        .filter(|(path, e)| now.get(path.as_str()) != Some(&(e.size, e.mtime_ns)))
+        .flat_map(|(_, e)| e.examples.iter().cloned())
+        .collect()
+}
+
+/// What decides whether a new example is new: its id against the dataset and the run so far, its
+/// MinHash signature against those of both (in file order, so the first of two near-copies stays).
+struct Dedup<'a> {
+    existing: &'a HashSet<String>,
+    seen_now: HashSet<String>,
+    near: NearDups<'a>,
+}
+
+/// The near-duplicate index, read from the dataset when the first new example needs it (a run with
+/// nothing new never reads the signatures).
+enum NearDups<'a> {
+    NotLoaded {
+        store: &'a Store,
+        /// Examples of files changed or gone, left out: an edited note is not a near-copy of its own
+        /// old version.
+        may_leave: HashSet<String>,
+        threshold: f64,
+    },
+    Loaded(NearDupIndex<String>),
+    Off,
+}
+
+impl NearDups<'_> {
+    fn index(&mut self) -> Result<Option<&mut NearDupIndex<String>>> {
+        if let NearDups::NotLoaded {
+            store,
+            may_leave,
+            threshold,
+        } = self
+        {
+            *self = if *threshold > 1.0 {
+                NearDups::Off
+            } else {
+                let mut index = NearDupIndex::new(*threshold);
+                for (id, signature) in store.signatures(may_leave)? {
+                    index.insert(id, signature);
+                }
+                NearDups::Loaded(index)
+            };
         }
-        if let Some(signature) = &e.minhash {
-            if let Some((like, similarity)) = index.find(signature) {
-                tracing::debug!(path = %e.path, like = %like, similarity, "near-duplicate dropped");
-                summary.near_duplicates += 1;
-                dropped_from.push((e.source.clone(), e.path.clone()));
-                dropped.insert(e.id);
+        Ok(match self {
+            NearDups::Loaded(index) => Some(index),
+            _ => None,
+        })
+    }
+}
+
+impl Dedup<'_> {
+    /// The examples of one file that are new, counting the others in `summary`. A FIM example goes
+    /// with its code example (same text): it is dropped when that is a near-duplicate.
+    fn keep(
+        &mut self,
+        examples: Vec<Example>,
+        summary: &mut IngestSummary,
+    ) -> Result<Vec<Example>> {
+        let mut kept = Vec::with_capacity(examples.len());
+        let mut dropped: Vec<String> = Vec::new();
+        for e in examples {
+            if self.existing.contains(&e.id) || !self.seen_now.insert(e.id.clone()) {
+                summary.duplicates += 1;
                 continue;
             }
-            index.insert(e.id.clone(), (**signature).clone());
+            if let (Some(signature), false) = (&e.minhash, e.kind == Kind::Fim) {
+                if let Some(index) = self.near.index()? {
+                    if let Some((like, similarity)) = index.find(signature) {
+                        tracing::debug!(path = %e.path, like = %like, similarity, "near-duplicate dropped");
+                        summary.near_duplicates += 1;
+                        dropped.push(e.id);
+                        continue;
+                    }
+                    index.insert(e.id.clone(), (**signature).clone());
+                }
+            }
+            kept.push(e);
         }
-        kept.push(e);
+        if !dropped.is_empty() {
+            kept.retain(|e| e.kind != Kind::Fim || !dropped.contains(&content_id(&e.text)));
+        }
+        Ok(kept)
     }
-    // A FIM example's text is its code example's text (hashed only for files that lost one).
-    if !dropped.is_empty() {
-        let paths: HashSet<(String, String)> = dropped_from.into_iter().collect();
-        kept.retain(|e| {
-            e.kind != Kind::Fim
-                || !paths.contains(&(e.source.clone(), e.path.clone()))
-                || !dropped.contains(&content_id(&e.text))
-        });
+}
+
+/// New examples on their way to the day's parts: written out every `FLUSH_BYTES` of text and at the
+/// end. Rows written before a crash have no journal entry yet; the next run makes them again and
+/// finds them already there (exact duplicates), so nothing is lost or doubled.
+struct Sink<'a> {
+    store: &'a Store,
+    day: &'a str,
+    dry_run: bool,
+    buffered: Vec<Example>,
+    bytes: usize,
+    /// Whether a private example was added (the privacy index is then rebuilt).
+    any_private: bool,
+}
+
+impl Sink<'_> {
+    fn push(&mut self, e: Example, summary: &mut IngestSummary) -> Result<()> {
+        *summary.examples_added.entry(e.kind).or_default() += 1;
+        summary.tokens_added += e.n_tokens as usize;
+        self.any_private |= e.private;
+        self.bytes += e.text.len() + e.context.len();
+        self.buffered.push(e);
+        if self.bytes >= FLUSH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
     }
-    Ok(kept)
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.dry_run && !self.buffered.is_empty() {
+            self.store.append_new(self.day, &self.buffered)?;
+        }
+        self.buffered.clear();
+        self.bytes = 0;
+        Ok(())
+    }
 }
 
 fn other_journals(home: &Path, sources: &[Source]) -> Result<Vec<Journal>> {
@@ -241,23 +347,20 @@ fn other_journals(home: &Path, sources: &[Source]) -> Result<Vec<Journal>> {
     Ok(out)
 }
 
+/// One source's files against its journal: each file's result, in file order, updates the journal
+/// and sends its new examples on; what vanished is recorded as deleted.
 #[allow(clippy::too_many_arguments)]
 fn ingest_source(
     opts: &IngestOptions,
     source: &Source,
     journal: &mut Journal,
-    existing: &HashSet<String>,
-    seen_now: &mut HashSet<String>,
-    new_examples: &mut Vec<Example>,
+    files: &[FoundFile],
+    dedup: &mut Dedup,
+    sink: &mut Sink,
     retract: &mut HashSet<String>,
     summary: &mut IngestSummary,
-) {
-    let found = walk(source);
-    for (r, n) in &found.skipped {
-        *summary.skipped.entry(*r).or_default() += n;
-    }
-    summary.files_seen += found.files.len();
-    let present: HashSet<&str> = found.files.iter().map(|f| f.relative.as_str()).collect();
+) -> Result<()> {
+    let present: HashSet<&str> = files.iter().map(|f| f.relative.as_str()).collect();
     // Files in the journal that are gone from disk: by content hash, for recognising moves.
     let mut vanished: HashMap<String, String> = journal
         .files
@@ -265,14 +368,24 @@ fn ingest_source(
         .filter(|(p, _)| !present.contains(p.as_str()))
         .map(|(p, e)| (e.hash.clone(), p.clone()))
         .collect();
-    let total = found.files.len();
+    let total = files.len();
     let vanished_hashes: HashSet<String> = vanished.keys().cloned().collect();
-    let mut processed = process_files(opts, source, journal, &found.files, &vanished_hashes);
-    for (file, done) in found.files.iter().zip(processed.iter_mut()) {
+    // What the workers need of the journal, copied: the journal itself changes as results arrive.
+    let before: Vec<Option<(u64, u128, String)>> = files
+        .iter()
+        .map(|f| {
+            journal
+                .files
+                .get(&f.relative)
+                .map(|o| (o.size, o.mtime_ns, o.hash.clone()))
+        })
+        .collect();
+    process_files(opts, source, &before, files, &vanished_hashes, |i, done| {
+        let file = &files[i];
         let old = journal.files.get(&file.relative).cloned();
-        let Some(done) = done.take() else {
+        let Some(done) = done else {
             summary.files_unchanged += 1;
-            continue;
+            return Ok(());
         };
         let (text_len, hash, examples) = match done {
             Ok(read) => read,
@@ -287,7 +400,7 @@ fn ingest_source(
                         retract.extend(o.examples);
                     }
                 }
-                continue;
+                return Ok(());
             }
         };
         summary.bytes_read += text_len as u64;
@@ -304,7 +417,7 @@ fn ingest_source(
                 journal
                     .files
                     .insert(file.relative.clone(), entry(o.examples.clone()));
-                continue;
+                return Ok(());
             }
         } else if let Some(from) = vanished.remove(&hash) {
             // Moved or renamed: same content, same examples.
@@ -314,22 +427,22 @@ fn ingest_source(
                     .files
                     .insert(file.relative.clone(), entry(o.examples));
             }
-            continue;
+            return Ok(());
         }
         if old.is_some() {
             summary.files_changed += 1;
         } else {
             summary.files_new += 1;
         }
-        // Made in the parallel pass unless the content matched a vanished file there (a second copy
-        // of a moved file).
+        // Made by the workers unless the content matched a vanished file there (a second copy of a
+        // moved file).
         let (examples, excluded, redactions) = match examples {
             Some(made) => made,
             None => match read_text(file, source.kind) {
                 Ok(text) => file_examples(opts, source, &file.relative, &text),
                 Err(reason) => {
                     *summary.skipped.entry(reason).or_default() += 1;
-                    continue;
+                    return Ok(());
                 }
             },
         };
@@ -341,17 +454,15 @@ fn ingest_source(
         }
         let ids: Vec<String> = examples.iter().map(|e| e.id.clone()).collect();
         if let Some(o) = old {
-            retract.extend(o.examples.into_iter().filter(|id| !ids.contains(id)));
-        }
-        for example in examples {
-            if existing.contains(&example.id) || !seen_now.insert(example.id.clone()) {
-                summary.duplicates += 1;
-                continue;
-            }
-            new_examples.push(example);
+            let now: HashSet<&String> = ids.iter().collect();
+            retract.extend(o.examples.into_iter().filter(|id| !now.contains(id)));
         }
         journal.files.insert(file.relative.clone(), entry(ids));
-    }
+        for e in dedup.keep(examples, summary)? {
+            sink.push(e, summary)?;
+        }
+        Ok(())
+    })?;
     (opts.progress)(total, total);
     // What vanished and was not found elsewhere was deleted.
     for (hash, path) in vanished {
@@ -365,28 +476,35 @@ fn ingest_source(
             });
         }
     }
+    Ok(())
 }
 
-type FileExamples = (Vec<Example>, bool, BTreeMap<String, usize>);
-/// What the parallel pass made of one file that needed reading: its length, content hash, and its
-/// examples unless the content is known (unchanged, or a moved file's).
+/// What the workers made of one file that needed reading: its length, content hash, and its examples
+/// unless the content is known (unchanged, or a moved file's).
 type Processed = std::result::Result<(usize, String, Option<FileExamples>), SkipReason>;
 
 /// Read, hash and split, on every core, the files whose size or mtime differ from the journal's
-/// (`None` for the others). This is where an ingest spends its time: tokenizing and scrubbing.
+/// (`before`, per file), handing each result to `consume` in file order as it is ready (`None` for a
+/// file that needed no reading). The workers do what an ingest spends its time on (tokenizing,
+/// scrubbing, signing) while this thread keeps the journal, dedups and writes. The first error from
+/// `consume` stops the run.
 fn process_files(
     opts: &IngestOptions,
     source: &Source,
-    journal: &Journal,
+    before: &[Option<(u64, u128, String)>],
     files: &[FoundFile],
     vanished: &HashSet<String>,
-) -> Vec<Option<Processed>> {
+    mut consume: impl FnMut(usize, Option<Processed>) -> Result<()>,
+) -> Result<()> {
     let total = files.len();
-    let next = AtomicUsize::new(0);
-    let done = AtomicUsize::new(0);
-    let one = |file: &FoundFile| -> Option<Processed> {
-        let old = journal.files.get(&file.relative);
-        if old.is_some_and(|o| o.size == file.size && o.mtime_ns == file.mtime_ns) {
+    let (next, done, stop) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicBool::new(false),
+    );
+    let one = |i: usize, file: &FoundFile| -> Option<Processed> {
+        let old = before[i].as_ref();
+        if old.is_some_and(|(size, mtime, _)| *size == file.size && *mtime == file.mtime_ns) {
             return None;
         }
         let text = match read_text(file, source.kind) {
@@ -395,167 +513,49 @@ fn process_files(
         };
         let hash = hex(&Sha256::digest(text.as_bytes()));
         let known =
-            old.is_some_and(|o| o.hash == hash) || (old.is_none() && vanished.contains(&hash));
+            old.is_some_and(|(_, _, h)| *h == hash) || (old.is_none() && vanished.contains(&hash));
         let examples = (!known).then(|| file_examples(opts, source, &file.relative, &text));
         Some(Ok((text.len(), hash, examples)))
     };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(total.max(1));
-    let mut results: Vec<Option<Processed>> = Vec::with_capacity(total);
-    results.resize_with(total, || None);
-    let parts: Vec<Vec<(usize, Option<Processed>)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(file) = files.get(i) else { break };
-                        mine.push((i, one(file)));
-                        (opts.progress)(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Option<Processed>)>();
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (next, done, stop, one) = (&next, &done, &stop, &one);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(file) = files.get(i) else { break };
+                    let result = one(i, file);
+                    (opts.progress)(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                    if tx.send((i, result)).is_err() {
+                        break;
                     }
-                    mine
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
-    for (i, r) in parts.into_iter().flatten() {
-        results[i] = r;
-    }
-    results
-}
-
-/// The examples of one file's text, whether its frontmatter excludes it, and the secrets and PII
-/// removed. The whole file is scrubbed before it is split, so no secret can straddle two examples.
-fn file_examples(
-    opts: &IngestOptions,
-    source: &Source,
-    relative: &str,
-    text: &str,
-) -> FileExamples {
-    let scrubbed = scrub(text, opts.settings.pii);
-    let text = scrubbed.text.as_str();
-    let count = opts.count_tokens;
-    let budget = opts.settings.budget;
-    let (kind, privacy, pieces): (Kind, Privacy, Vec<(String, String)>) = match source.kind {
-        SourceKind::Notes => {
-            let ext = relative.rsplit('.').next().unwrap_or("");
-            let note = parse(text, NoteFormat::from_extension(ext));
-            let privacy = source.privacy.max(note.frontmatter.privacy);
-            if privacy == Privacy::Exclude {
-                return (Vec::new(), true, BTreeMap::new());
-            }
-            let title = note.frontmatter.title.clone().unwrap_or_else(|| {
-                let stem = relative.rsplit('/').next().unwrap_or(relative);
-                stem.rsplit_once('.').map_or(stem, |(s, _)| s).to_string()
+                }
             });
-            let tags = note
-                .tags
-                .iter()
-                .map(|t| format!("#{t}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            // Sections under one heading path pack together; each packed text gets its context.
-            let mut out = Vec::new();
-            for s in &note.sections {
-                let mut path = vec![title.clone()];
-                path.extend(s.headings.iter().cloned());
-                let context = if tags.is_empty() {
-                    path.join(" > ")
-                } else {
-                    format!("{} [{tags}]", path.join(" > "))
-                };
-                for (body, tokens) in pack(std::slice::from_ref(&s.body), budget, count) {
-                    out.push((context.clone(), body, tokens));
+        }
+        drop(tx);
+        // Results arrive in any order; they are consumed in file order.
+        let mut waiting: BTreeMap<usize, Option<Processed>> = BTreeMap::new();
+        let mut at = 0;
+        let mut outcome = Ok(());
+        for (i, result) in rx {
+            waiting.insert(i, result);
+            while let Some(result) = waiting.remove(&at) {
+                if outcome.is_ok() {
+                    outcome = consume(at, result);
+                    if outcome.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
                 }
+                at += 1;
             }
-            (Kind::Note, privacy, merge_short(out, budget))
         }
-        SourceKind::Code => {
-            if source.privacy == Privacy::Exclude {
-                return (Vec::new(), true, BTreeMap::new());
-            }
-            let Some(lang) = Language::from_path(Path::new(relative)) else {
-                return (Vec::new(), false, BTreeMap::new());
-            };
-            let lines: Vec<&str> = text.lines().collect();
-            let items: Vec<String> = split_items(text, lang)
-                .into_iter()
-                .map(|it| lines[it.start..it.end].join("\n"))
-                .collect();
-            let context = format!("{relative} ({})", lang.name());
-            let header = format!("{} {relative}\n", lang.line_comment());
-            let packed = pack(&items, budget, count)
-                .into_iter()
-                .map(|(body, _)| (context.clone(), format!("{header}{body}")))
-                .collect();
-            (Kind::Code, source.privacy, packed)
-        }
-    };
-    let mut examples: Vec<Example> = pieces
-        .into_iter()
-        .map(|(context, body)| {
-            let text = match kind {
-                Kind::Note => format!("# {context}\n\n{body}"),
-                _ => body,
-            };
-            let id = content_id(&text);
-            let redactions = text.matches("<SECRET:").count() + text.matches("<PII:").count();
-            Example {
-                split: Split::of(&id, opts.settings.holdout_fraction),
-                id,
-                day: opts.day.clone(),
-                source: source.name.clone(),
-                path: relative.to_string(),
-                kind,
-                context,
-                n_tokens: count(&text) as u32,
-                redactions: redactions as u32,
-                private: privacy == Privacy::Private,
-                fim: None,
-                minhash: Signature::of(&text).map(Box::new),
-                text,
-            }
-        })
-        .collect();
-    let fims: Vec<Example> = examples
-        .iter()
-        .filter_map(|e| fim_example(e, opts.settings.fim, FIM_MARKER_TOKENS))
-        .collect();
-    examples.extend(fims);
-    (examples, false, scrubbed.redactions)
-}
-
-/// Short note sections merge with the next section of the same note (their contexts joined), by the
-/// token counts `pack` gave them.
-fn merge_short(pieces: Vec<(String, String, usize)>, budget: Budget) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String, usize)> = Vec::new();
-    for (context, body, t) in pieces {
-        match out.last_mut() {
-            Some((c, b, n)) if *n < budget.min_tokens && *n + t <= budget.max_tokens => {
-                if *c != context {
-                    b.push_str(&format!(
-                        "\n\n## {}\n\n",
-                        context.rsplit(" > ").next().unwrap_or(&context)
-                    ));
-                } else {
-                    b.push_str("\n\n");
-                }
-                b.push_str(&body);
-                *n += t;
-            }
-            _ => out.push((context, body, t)),
-        }
-    }
-    out.into_iter().map(|(c, b, _)| (c, b)).collect()
+        outcome
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {

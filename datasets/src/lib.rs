@@ -12,7 +12,9 @@
 pub mod code;
 mod error;
 pub mod example;
+mod file_examples;
 pub mod fim;
+mod frame;
 pub mod ingest;
 pub mod journal;
 pub mod minhash;

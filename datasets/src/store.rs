@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 
 use crate::error::{DatasetError, Result};
-use crate::example::{Example, Kind, Split};
-use crate::fim::{FimMode, FimSpan};
+use crate::example::{Example, Kind};
+use crate::frame::{from_frame, read_columns, to_frame, EXAMPLE_COLUMNS, MINHASH_COLUMN};
 use crate::journal::{sync_dir, write_atomic};
 use crate::minhash::Signature;
 
@@ -26,8 +26,6 @@ use crate::minhash::Signature;
 /// having no FIM examples); 3: `minhash_oph`, one-permutation signatures (`minhash::Signature`). A file
 /// without the current signature column has its signatures computed from the text when asked for.
 pub const SCHEMA_VERSION: u32 = 3;
-/// The column of stored MinHash signatures; named for the scheme, so older ones are never compared.
-const MINHASH_COLUMN: &str = "minhash_oph";
 /// Text a part holds at most, in bytes (a large append is cut into at least one part per core).
 const PART_BYTES: usize = 256 << 20;
 /// Rows below which an append is one part (fewer, larger files for the many small appends of a day).
@@ -239,25 +237,30 @@ impl Store {
 
     /// Add examples to a day as new parts (ids already in the day are not added twice).
     pub fn append(&self, day: &str, examples: &[Example]) -> Result<()> {
+        let mut have: HashSet<String> = HashSet::new();
+        for part in self.parts(day)? {
+            have.extend(read_ids(&part)?);
+        }
+        let mut seen: HashSet<&str> = HashSet::new();
+        let rows: Vec<Example> = examples
+            .iter()
+            .filter(|e| !have.contains(&e.id) && seen.insert(&e.id))
+            .cloned()
+            .collect();
+        self.append_new(day, &rows)
+    }
+
+    /// Add examples the caller knows are in no part of the day yet (ingest dedups against the whole
+    /// dataset before it writes) as new parts, without reading the day's ids.
+    pub fn append_new(&self, day: &str, examples: &[Example]) -> Result<()> {
         if examples.is_empty() {
             return Ok(());
         }
-        let parts = self.parts(day)?;
-        let mut have: HashSet<String> = HashSet::new();
-        for part in &parts {
-            have.extend(read_ids(part)?);
-        }
-        let mut seen: HashSet<&str> = HashSet::new();
-        let rows: Vec<&Example> = examples
-            .iter()
-            .filter(|e| !have.contains(&e.id) && seen.insert(&e.id))
-            .collect();
-        if rows.is_empty() {
-            return Ok(());
-        }
+        let rows: Vec<&Example> = examples.iter().collect();
         let dir = self.day_dir(day);
         std::fs::create_dir_all(&dir).map_err(|e| DatasetError::io("create", &dir, e))?;
-        let first = parts
+        let first = self
+            .parts(day)?
             .iter()
             .filter_map(|p| part_number(p))
             .max()
@@ -442,188 +445,10 @@ fn read_ids(path: &Path) -> Result<Vec<String>> {
     Ok(column.iter().flatten().map(str::to_string).collect())
 }
 
-/// The columns an `Example` is read from.
-const EXAMPLE_COLUMNS: &[&str] = &[
-    "id",
-    "day",
-    "source",
-    "path",
-    "kind",
-    "context",
-    "text",
-    "n_tokens",
-    "split",
-    "redactions",
-    "private",
-    "fim_mode",
-    "fim_start",
-    "fim_end",
-    MINHASH_COLUMN,
-];
-
-/// Read those of `wanted` that the file has (files of older schema versions lack the newer columns).
-fn read_columns(path: &Path, wanted: &[&str]) -> Result<DataFrame> {
-    let file = std::fs::File::open(path).map_err(|e| DatasetError::io("open", path, e))?;
-    let read = || -> PolarsResult<DataFrame> {
-        let mut reader = ParquetReader::new(file);
-        let schema = reader.schema()?;
-        let present = wanted
-            .iter()
-            .filter(|c| schema.contains(c))
-            .map(|c| c.to_string())
-            .collect();
-        reader.with_columns(Some(present)).finish()
-    };
-    read().map_err(|source| DatasetError::Store {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn to_frame(examples: &[&Example]) -> PolarsResult<DataFrame> {
-    let s = |name: &str, f: &dyn Fn(&Example) -> &str| -> Column {
-        Column::new(
-            name.into(),
-            examples.iter().map(|e| f(e)).collect::<Vec<&str>>(),
-        )
-    };
-    DataFrame::new_infer_height(vec![
-        s("id", &|e| &e.id),
-        s("day", &|e| &e.day),
-        s("source", &|e| &e.source),
-        s("path", &|e| &e.path),
-        s("kind", &|e| e.kind.as_str()),
-        s("context", &|e| &e.context),
-        s("text", &|e| &e.text),
-        Column::new(
-            "n_tokens".into(),
-            examples.iter().map(|e| e.n_tokens).collect::<Vec<u32>>(),
-        ),
-        s("split", &|e| e.split.as_str()),
-        Column::new(
-            "redactions".into(),
-            examples.iter().map(|e| e.redactions).collect::<Vec<u32>>(),
-        ),
-        Column::new(
-            "private".into(),
-            examples.iter().map(|e| e.private).collect::<Vec<bool>>(),
-        ),
-        s("fim_mode", &|e| e.fim.map_or("", |f| f.mode.as_str())),
-        Column::new(
-            "fim_start".into(),
-            examples
-                .iter()
-                .map(|e| e.fim.map_or(0, |f| f.start))
-                .collect::<Vec<u32>>(),
-        ),
-        Column::new(
-            "fim_end".into(),
-            examples
-                .iter()
-                .map(|e| e.fim.map_or(0, |f| f.end))
-                .collect::<Vec<u32>>(),
-        ),
-        Column::new(MINHASH_COLUMN.into(), signatures(examples)),
-    ])
-}
-
-/// The stored MinHash signature of each example (empty for FIM examples, which repeat a code example
-/// by design, and for texts too short to shingle).
-fn signatures(examples: &[&Example]) -> Vec<Vec<u8>> {
-    examples
-        .iter()
-        .map(|e| match e.kind {
-            Kind::Fim => Vec::new(),
-            _ => e
-                .minhash
-                .as_deref()
-                .map(Signature::to_bytes)
-                .or_else(|| Signature::of(&e.text).map(|s| s.to_bytes()))
-                .unwrap_or_default(),
-        })
-        .collect()
-}
-
-fn from_frame(df: &DataFrame) -> PolarsResult<Vec<Example>> {
-    let s = |n: &str| -> PolarsResult<Vec<String>> {
-        Ok(df
-            .column(n)?
-            .str()?
-            .iter()
-            .map(|v| v.unwrap_or_default().to_string())
-            .collect())
-    };
-    let u = |n: &str| -> PolarsResult<Vec<u32>> {
-        Ok(df
-            .column(n)?
-            .u32()?
-            .iter()
-            .map(|v| v.unwrap_or(0))
-            .collect())
-    };
-    let bad = |what: &str, v: &str| {
-        PolarsError::ComputeError(format!("unknown {what} {v:?} in the dataset").into())
-    };
-    let (id, day, source, path) = (s("id")?, s("day")?, s("source")?, s("path")?);
-    let (kind, context, text, split) = (s("kind")?, s("context")?, s("text")?, s("split")?);
-    let (n_tokens, redactions) = (u("n_tokens")?, u("redactions")?);
-    let private: Vec<bool> = df
-        .column("private")?
-        .bool()?
-        .iter()
-        .map(|v| v.unwrap_or(false))
-        .collect();
-    let fim_mode = df.column("fim_mode").ok().map(|c| c.str()).transpose()?;
-    let fim_start = df.column("fim_start").ok().map(|c| c.u32()).transpose()?;
-    let fim_end = df.column("fim_end").ok().map(|c| c.u32()).transpose()?;
-    let minhash = df
-        .column(MINHASH_COLUMN)
-        .ok()
-        .map(|c| c.binary())
-        .transpose()?;
-    let mut out = Vec::with_capacity(df.height());
-    for i in 0..df.height() {
-        let fim = match (fim_mode, fim_start, fim_end) {
-            (Some(m), Some(s), Some(e)) => match m.get(i).unwrap_or_default() {
-                "" => None,
-                mode => Some(FimSpan {
-                    mode: FimMode::parse(mode).ok_or_else(|| bad("FIM mode", mode))?,
-                    start: s.get(i).unwrap_or(0),
-                    end: e.get(i).unwrap_or(0),
-                }),
-            },
-            _ => None,
-        };
-        out.push(Example {
-            id: id[i].clone(),
-            day: day[i].clone(),
-            source: source[i].clone(),
-            path: path[i].clone(),
-            kind: Kind::parse(&kind[i]).ok_or_else(|| bad("kind", &kind[i]))?,
-            context: context[i].clone(),
-            text: text[i].clone(),
-            n_tokens: n_tokens[i],
-            split: match split[i].as_str() {
-                "train" => Split::Train,
-                "holdout" => Split::Holdout,
-                other => return Err(bad("split", other)),
-            },
-            redactions: redactions[i],
-            private: private[i],
-            fim,
-            minhash: minhash
-                .and_then(|m| m.get(i))
-                .and_then(Signature::from_bytes)
-                .map(Box::new),
-        });
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::example::content_id;
+    use crate::example::{content_id, Split};
 
     fn example(text: &str, day: &str) -> Example {
         let id = content_id(text);

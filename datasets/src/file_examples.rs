@@ -1,0 +1,146 @@
+//! One file's text → its examples: scrubbed whole, then split (notes by heading, code by top-level
+//! item), packed to the token budget, counted, signed for near-dup detection, plus the FIM examples
+//! of its code. What ingest's workers run for every new or changed file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::code::{split_items, Language};
+use crate::example::{content_id, pack, Budget, Example, Kind, Split};
+use crate::fim::fim_example;
+use crate::ingest::IngestOptions;
+use crate::minhash::Signature;
+use crate::notes::{parse, NoteFormat};
+use crate::scrub::scrub;
+use crate::source::{Privacy, Source, SourceKind};
+
+/// Tokens a FIM example adds to its code: the three markers, one token each.
+const FIM_MARKER_TOKENS: u32 = 3;
+
+/// A file's examples, whether its frontmatter excludes it, and the redactions by kind.
+pub(crate) type FileExamples = (Vec<Example>, bool, BTreeMap<String, usize>);
+
+/// The examples of one file's text, whether its frontmatter excludes it, and the secrets and PII
+/// removed. The whole file is scrubbed before it is split, so no secret can straddle two examples.
+pub(crate) fn file_examples(
+    opts: &IngestOptions,
+    source: &Source,
+    relative: &str,
+    text: &str,
+) -> FileExamples {
+    let scrubbed = scrub(text, opts.settings.pii);
+    let text = scrubbed.text.as_str();
+    let count = opts.count_tokens;
+    let budget = opts.settings.budget;
+    let (kind, privacy, pieces): (Kind, Privacy, Vec<(String, String)>) = match source.kind {
+        SourceKind::Notes => {
+            let ext = relative.rsplit('.').next().unwrap_or("");
+            let note = parse(text, NoteFormat::from_extension(ext));
+            let privacy = source.privacy.max(note.frontmatter.privacy);
+            if privacy == Privacy::Exclude {
+                return (Vec::new(), true, BTreeMap::new());
+            }
+            let title = note.frontmatter.title.clone().unwrap_or_else(|| {
+                let stem = relative.rsplit('/').next().unwrap_or(relative);
+                stem.rsplit_once('.').map_or(stem, |(s, _)| s).to_string()
+            });
+            let tags = note
+                .tags
+                .iter()
+                .map(|t| format!("#{t}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            // Sections under one heading path pack together; each packed text gets its context.
+            let mut out = Vec::new();
+            for s in &note.sections {
+                let mut path = vec![title.clone()];
+                path.extend(s.headings.iter().cloned());
+                let context = if tags.is_empty() {
+                    path.join(" > ")
+                } else {
+                    format!("{} [{tags}]", path.join(" > "))
+                };
+                for (body, tokens) in pack(std::slice::from_ref(&s.body), budget, count) {
+                    out.push((context.clone(), body, tokens));
+                }
+            }
+            (Kind::Note, privacy, merge_short(out, budget))
+        }
+        SourceKind::Code => {
+            if source.privacy == Privacy::Exclude {
+                return (Vec::new(), true, BTreeMap::new());
+            }
+            let Some(lang) = Language::from_path(Path::new(relative)) else {
+                return (Vec::new(), false, BTreeMap::new());
+            };
+            let lines: Vec<&str> = text.lines().collect();
+            let items: Vec<String> = split_items(text, lang)
+                .into_iter()
+                .map(|it| lines[it.start..it.end].join("\n"))
+                .collect();
+            let context = format!("{relative} ({})", lang.name());
+            let header = format!("{} {relative}\n", lang.line_comment());
+            let packed = pack(&items, budget, count)
+                .into_iter()
+                .map(|(body, _)| (context.clone(), format!("{header}{body}")))
+                .collect();
+            (Kind::Code, source.privacy, packed)
+        }
+    };
+    let mut examples: Vec<Example> = pieces
+        .into_iter()
+        .map(|(context, body)| {
+            let text = match kind {
+                Kind::Note => format!("# {context}\n\n{body}"),
+                _ => body,
+            };
+            let id = content_id(&text);
+            let redactions = text.matches("<SECRET:").count() + text.matches("<PII:").count();
+            Example {
+                split: Split::of(&id, opts.settings.holdout_fraction),
+                id,
+                day: opts.day.clone(),
+                source: source.name.clone(),
+                path: relative.to_string(),
+                kind,
+                context,
+                n_tokens: count(&text) as u32,
+                redactions: redactions as u32,
+                private: privacy == Privacy::Private,
+                fim: None,
+                minhash: Signature::of(&text).map(Box::new),
+                text,
+            }
+        })
+        .collect();
+    let fims: Vec<Example> = examples
+        .iter()
+        .filter_map(|e| fim_example(e, opts.settings.fim, FIM_MARKER_TOKENS))
+        .collect();
+    examples.extend(fims);
+    (examples, false, scrubbed.redactions)
+}
+
+/// Short note sections merge with the next section of the same note (their contexts joined), by the
+/// token counts `pack` gave them.
+fn merge_short(pieces: Vec<(String, String, usize)>, budget: Budget) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String, usize)> = Vec::new();
+    for (context, body, t) in pieces {
+        match out.last_mut() {
+            Some((c, b, n)) if *n < budget.min_tokens && *n + t <= budget.max_tokens => {
+                if *c != context {
+                    b.push_str(&format!(
+                        "\n\n## {}\n\n",
+                        context.rsplit(" > ").next().unwrap_or(&context)
+                    ));
+                } else {
+                    b.push_str("\n\n");
+                }
+                b.push_str(&body);
+                *n += t;
+            }
+            _ => out.push((context, body, t)),
+        }
+    }
+    out.into_iter().map(|(c, b, _)| (c, b)).collect()
+}
