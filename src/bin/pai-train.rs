@@ -32,7 +32,7 @@ enum Command {
         #[arg(long = "source", value_name = "DIR[:notes|code]")]
         sources: Vec<String>,
         /// The model whose tokenizer counts tokens (the default model when not given).
-        #[arg(long)]
+        #[arg(long, env = "PAI_MODEL")]
         model: Option<PathBuf>,
         /// Seconds without changes before an ingest runs.
         #[arg(long, default_value_t = 5.0)]
@@ -173,7 +173,7 @@ struct IngestArgs {
     #[arg(long)]
     dry_run: bool,
     /// The model whose tokenizer counts tokens (the default model when not given).
-    #[arg(long)]
+    #[arg(long, env = "PAI_MODEL")]
     model: Option<PathBuf>,
     /// Print the summary as one JSON object.
     #[arg(long)]
