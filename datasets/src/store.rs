@@ -407,19 +407,34 @@ fn write_part(path: &Path, examples: &[&Example]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| DatasetError::io("rename into place", path, e))
 }
 
-/// Cut an append's rows into parts of equal row counts (the cost of encoding a part goes with its rows
-/// more than its bytes: polars dictionary-encodes a string column with repeats, such as the texts FIM
-/// examples share with their code): one per core, encoded side by side; more when a part would pass
-/// `PART_BYTES` of text; one for a small append.
-fn cut_into_parts<'a>(rows: &'a [&'a Example]) -> Vec<&'a [&'a Example]> {
-    let bytes: usize = rows.iter().map(|e| e.text.len() + e.context.len()).sum();
+/// Cut an append's rows into parts: about one per core, encoded side by side (more when a part would
+/// pass `PART_BYTES` of text, one for a small append), of equal row counts (encoding cost goes with
+/// rows more than bytes). FIM rows go to parts of their own: each repeats its code row's text, and a
+/// text column with repeats makes polars dictionary-encode it, a hash of every text (half the write
+/// time of a mixed part).
+fn cut_into_parts<'a>(rows: &'a [&'a Example]) -> Vec<Vec<&'a Example>> {
+    let (plain, fim): (Vec<&Example>, Vec<&Example>) =
+        rows.iter().partition(|e| e.kind != Kind::Fim);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let count = bytes
-        .div_ceil(PART_BYTES)
-        .max(cores)
-        .min(rows.len().div_ceil(MIN_PART_ROWS))
-        .max(1);
-    rows.chunks(rows.len().div_ceil(count).max(1)).collect()
+    let mut out = Vec::new();
+    for group in [plain, fim] {
+        if group.is_empty() {
+            continue;
+        }
+        let bytes: usize = group.iter().map(|e| e.text.len() + e.context.len()).sum();
+        let share = (cores * group.len()).div_ceil(rows.len());
+        let count = bytes
+            .div_ceil(PART_BYTES)
+            .max(share)
+            .min(group.len().div_ceil(MIN_PART_ROWS))
+            .max(1);
+        out.extend(
+            group
+                .chunks(group.len().div_ceil(count))
+                .map(<[&Example]>::to_vec),
+        );
+    }
+    out
 }
 
 /// The number of a `part-NNNNN.parquet` file.
