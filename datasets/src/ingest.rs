@@ -36,6 +36,10 @@ pub struct IngestSettings {
     /// of one already in the dataset or earlier in the run, and is dropped. Above 1 turns it off.
     pub near_duplicate_threshold: f64,
     pub fim: FimSettings,
+    /// Megabytes of new examples' text held in memory before they are written out as parts of the
+    /// day: memory stays bounded whatever the size of the run, and the parquet encoding overlaps the
+    /// reading of later files. Smaller means less memory and more part files.
+    pub part_mb: usize,
 }
 
 impl Default for IngestSettings {
@@ -46,6 +50,7 @@ impl Default for IngestSettings {
             pii: PiiPolicy::default(),
             near_duplicate_threshold: 0.8,
             fim: FimSettings::default(),
+            part_mb: 96,
         }
     }
 }
@@ -89,10 +94,6 @@ pub struct IngestSummary {
     pub redactions: BTreeMap<String, usize>,
     pub dry_run: bool,
 }
-
-/// Text (bytes) of new examples held before they are written out as parts of the day: memory stays
-/// bounded whatever the size of the run, and the parquet encoding overlaps the reading of later files.
-const FLUSH_BYTES: usize = 96 << 20;
 
 /// Run an ingest.
 pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
@@ -145,6 +146,7 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
         dry_run: opts.dry_run,
         buffered: Vec::new(),
         bytes: 0,
+        flush_bytes: opts.settings.part_mb << 20,
         any_private: false,
     };
     let mut journals = Vec::with_capacity(walked.len());
@@ -294,7 +296,7 @@ impl Dedup<'_> {
     }
 }
 
-/// New examples on their way to the day's parts: written out every `FLUSH_BYTES` of text and at the
+/// New examples on their way to the day's parts: written out every `part_mb` of text and at the
 /// end. Rows written before a crash have no journal entry yet; the next run makes them again and
 /// finds them already there (exact duplicates), so nothing is lost or doubled.
 struct Sink<'a> {
@@ -303,6 +305,7 @@ struct Sink<'a> {
     dry_run: bool,
     buffered: Vec<Example>,
     bytes: usize,
+    flush_bytes: usize,
     /// Whether a private example was added (the privacy index is then rebuilt).
     any_private: bool,
 }
@@ -314,7 +317,7 @@ impl Sink<'_> {
         self.any_private |= e.private;
         self.bytes += e.text.len() + e.context.len();
         self.buffered.push(e);
-        if self.bytes >= FLUSH_BYTES {
+        if self.bytes >= self.flush_bytes {
             self.flush()?;
         }
         Ok(())
