@@ -11,7 +11,21 @@ use crate::fim::{FimMode, FimSpan};
 use crate::minhash::Signature;
 
 /// The column of stored MinHash signatures; named for the scheme, so older ones are never compared.
-pub(crate) const MINHASH_COLUMN: &str = "minhash_oph";
+pub(crate) const MINHASH_COLUMN: &str = "minhash_oph16";
+/// Schema version 3's column: the same signatures in 32 bits a bin (read as their low halves).
+pub(crate) const WIDE_MINHASH_COLUMN: &str = "minhash_oph";
+
+/// The stored signatures of a frame read with `MINHASH_COLUMN` and `WIDE_MINHASH_COLUMN` asked for:
+/// whichever the file has, `None` for a file from before either.
+pub(crate) fn stored_signatures(df: &DataFrame) -> PolarsResult<Option<BinaryChunked>> {
+    match df
+        .column(MINHASH_COLUMN)
+        .or_else(|_| df.column(WIDE_MINHASH_COLUMN))
+    {
+        Ok(c) => Ok(Some(c.binary()?.clone())),
+        Err(_) => Ok(None),
+    }
+}
 
 /// The columns an `Example` is read from.
 pub(crate) const EXAMPLE_COLUMNS: &[&str] = &[
@@ -30,6 +44,7 @@ pub(crate) const EXAMPLE_COLUMNS: &[&str] = &[
     "fim_start",
     "fim_end",
     MINHASH_COLUMN,
+    WIDE_MINHASH_COLUMN,
 ];
 
 /// Read those of `wanted` that the file has (files of older schema versions lack the newer columns).
@@ -147,11 +162,7 @@ pub(crate) fn from_frame(df: &DataFrame) -> PolarsResult<Vec<Example>> {
     let fim_mode = df.column("fim_mode").ok().map(|c| c.str()).transpose()?;
     let fim_start = df.column("fim_start").ok().map(|c| c.u32()).transpose()?;
     let fim_end = df.column("fim_end").ok().map(|c| c.u32()).transpose()?;
-    let minhash = df
-        .column(MINHASH_COLUMN)
-        .ok()
-        .map(|c| c.binary())
-        .transpose()?;
+    let minhash = stored_signatures(df)?;
     let mut out = Vec::with_capacity(df.height());
     for i in 0..df.height() {
         let fim = match (fim_mode, fim_start, fim_end) {
@@ -183,6 +194,7 @@ pub(crate) fn from_frame(df: &DataFrame) -> PolarsResult<Vec<Example>> {
             private: private[i],
             fim,
             minhash: minhash
+                .as_ref()
                 .and_then(|m| m.get(i))
                 .and_then(Signature::from_bytes)
                 .map(Box::new),

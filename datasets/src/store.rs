@@ -18,14 +18,19 @@ use polars::prelude::*;
 
 use crate::error::{DatasetError, Result};
 use crate::example::{Example, Kind};
-use crate::frame::{from_frame, read_columns, to_frame, EXAMPLE_COLUMNS, MINHASH_COLUMN};
+use crate::frame::{
+    from_frame, read_columns, stored_signatures, to_frame, EXAMPLE_COLUMNS, MINHASH_COLUMN,
+    WIDE_MINHASH_COLUMN,
+};
 use crate::journal::{sync_dir, write_atomic};
 use crate::minhash::Signature;
 
 /// 1: the first; 2: `fim_mode`/`fim_start`/`fim_end` and `minhash` (version 1 files are read as
-/// having no FIM examples); 3: `minhash_oph`, one-permutation signatures (`minhash::Signature`). A file
-/// without the current signature column has its signatures computed from the text when asked for.
-pub const SCHEMA_VERSION: u32 = 3;
+/// having no FIM examples); 3: `minhash_oph`, one-permutation signatures (`minhash::Signature`);
+/// 4: `minhash_oph16`, the same in 16 bits a bin (a version 3 part's are read as their low halves).
+/// A file without either signature column has its signatures computed from the text when asked for.
+/// Opening an older dataset records the current version, since what is written next is in it.
+pub const SCHEMA_VERSION: u32 = 4;
 /// Text a part holds at most, in bytes (a large append is cut into at least one part per core).
 const PART_BYTES: usize = 256 << 20;
 /// Rows below which an append is one part (fewer, larger files for the many small appends of a day).
@@ -70,6 +75,12 @@ impl Store {
                         found,
                         supported: SCHEMA_VERSION,
                     });
+                }
+                if found < SCHEMA_VERSION {
+                    write_atomic(
+                        &schema,
+                        format!("{{\"version\": {SCHEMA_VERSION}}}\n").as_bytes(),
+                    )?;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -159,17 +170,14 @@ impl Store {
     pub fn signatures(&self, skip: &HashSet<String>) -> Result<Vec<(String, Signature)>> {
         let mut out = Vec::new();
         for path in self.all_parts()? {
-            let mut df = read_columns(&path, &["id", "kind", MINHASH_COLUMN])?;
-            if df.column(MINHASH_COLUMN).is_err() {
+            let mut df = read_columns(&path, &["id", "kind", MINHASH_COLUMN, WIDE_MINHASH_COLUMN])?;
+            if stored_signatures(&df).ok().flatten().is_none() {
                 df = read_columns(&path, &["id", "kind", "text"])?;
             }
             let mut collect = || -> PolarsResult<()> {
                 let ids = df.column("id")?.str()?;
                 let kinds = df.column("kind")?.str()?;
-                let stored = match df.column(MINHASH_COLUMN) {
-                    Ok(c) => Some(c.binary()?.clone()),
-                    Err(_) => None,
-                };
+                let stored = stored_signatures(&df)?;
                 let texts = match df.column("text") {
                     Ok(c) => Some(c.str()?.clone()),
                     Err(_) => None,
