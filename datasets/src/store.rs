@@ -35,6 +35,9 @@ pub const SCHEMA_VERSION: u32 = 4;
 const PART_BYTES: usize = 256 << 20;
 /// Rows below which an append is one part (fewer, larger files for the many small appends of a day).
 const MIN_PART_ROWS: usize = 1000;
+/// Parts a day may hold before its small ones (under `SMALL_PART_BYTES` on disk) are merged.
+const MAX_PARTS: usize = 16;
+const SMALL_PART_BYTES: u64 = 8 << 20;
 
 /// One group of `Store::stats`: examples of one day, source, kind and split.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -158,9 +161,12 @@ impl Store {
     /// The examples of one day (none if the day has no partition).
     pub fn read_day(&self, day: &str) -> Result<Vec<Example>> {
         let mut out = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
         for path in self.parts(day)? {
             let df = read_columns(&path, EXAMPLE_COLUMNS)?;
-            out.extend(from_frame(&df).map_err(|source| DatasetError::Store { path, source })?);
+            let rows = from_frame(&df).map_err(|source| DatasetError::Store { path, source })?;
+            // A compaction cut short by a crash can leave a row in two parts: the first counts.
+            out.extend(rows.into_iter().filter(|e| seen.insert(e.id.clone())));
         }
         Ok(out)
     }
@@ -264,7 +270,12 @@ impl Store {
         if examples.is_empty() {
             return Ok(());
         }
-        let rows: Vec<&Example> = examples.iter().collect();
+        self.write_parts(day, &examples.iter().collect::<Vec<_>>())?;
+        self.compact(day)
+    }
+
+    /// Write rows as new parts of a day, numbered after the last.
+    fn write_parts(&self, day: &str, rows: &[&Example]) -> Result<()> {
         let dir = self.day_dir(day);
         std::fs::create_dir_all(&dir).map_err(|e| DatasetError::io("create", &dir, e))?;
         let first = self
@@ -273,7 +284,7 @@ impl Store {
             .filter_map(|p| part_number(p))
             .max()
             .map_or(0, |n| n + 1);
-        let chunks = cut_into_parts(&rows);
+        let chunks = cut_into_parts(rows);
         let results: Vec<Result<()>> = std::thread::scope(|scope| {
             let workers: Vec<_> = chunks
                 .iter()
@@ -291,6 +302,47 @@ impl Store {
         sync_dir(&dir);
         sync_dir(&self.dir);
         results.into_iter().collect()
+    }
+
+    /// Merge a day's small parts once it has more than `MAX_PARTS` (every `watch` ingest adds one or
+    /// two): their rows are written as new parts, then the small ones removed. A crash in between
+    /// leaves rows in two parts; reads keep the first, and the next compaction drops the copies.
+    fn compact(&self, day: &str) -> Result<()> {
+        let parts = self.parts(day)?;
+        if parts.len() <= MAX_PARTS {
+            return Ok(());
+        }
+        let (small, large): (Vec<PathBuf>, Vec<PathBuf>) = parts
+            .into_iter()
+            .partition(|p| std::fs::metadata(p).is_ok_and(|m| m.len() < SMALL_PART_BYTES));
+        if small.len() < 2 {
+            return Ok(());
+        }
+        let mut have: HashSet<String> = HashSet::new();
+        for part in &large {
+            have.extend(read_ids(part)?);
+        }
+        let mut rows = Vec::new();
+        for part in &small {
+            let df = read_columns(part, EXAMPLE_COLUMNS)?;
+            let read = from_frame(&df).map_err(|source| DatasetError::Store {
+                path: part.clone(),
+                source,
+            })?;
+            rows.extend(read.into_iter().filter(|e| have.insert(e.id.clone())));
+        }
+        tracing::debug!(
+            day,
+            parts = small.len(),
+            rows = rows.len(),
+            "merging small parts"
+        );
+        self.write_parts(day, &rows.iter().collect::<Vec<_>>())?;
+        for part in &small {
+            std::fs::remove_file(part).map_err(|e| DatasetError::io("remove", part, e))?;
+        }
+        sync_dir(&self.day_dir(day));
+        Ok(())
     }
 
     /// Remove the examples with these ids from every day; returns how many rows left.
@@ -561,6 +613,33 @@ mod tests {
             .map(|e| e.text)
             .collect();
         assert_eq!(texts, ["old", "new"]);
+    }
+
+    #[test]
+    fn many_small_appends_are_merged_and_a_row_left_twice_reads_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let day = "2026-01-05";
+        let mut all = Vec::new();
+        for batch in 0..30 {
+            let rows: Vec<Example> = (0..3)
+                .map(|i| example(&format!("b{batch} r{i}"), day))
+                .collect();
+            store.append_new(day, &rows).unwrap();
+            all.extend(rows);
+        }
+        let parts = store.parts(day).unwrap();
+        assert!(parts.len() <= MAX_PARTS, "{} parts", parts.len());
+        let ids = |rows: &[Example]| {
+            let mut v: Vec<String> = rows.iter().map(|e| e.id.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&store.read_day(day).unwrap()), ids(&all));
+        // What a compaction cut short by a crash leaves: the same rows in a second part.
+        let again: Vec<&Example> = all[..5].iter().collect();
+        write_part(&store.day_dir(day).join("part-99999.parquet"), &again).unwrap();
+        assert_eq!(ids(&store.read_day(day).unwrap()), ids(&all));
     }
 
     #[test]
