@@ -256,21 +256,25 @@ impl Store {
             have.extend(read_ids(&part)?);
         }
         let mut seen: HashSet<&str> = HashSet::new();
-        let rows: Vec<Example> = examples
+        let rows: Vec<&Example> = examples
             .iter()
             .filter(|e| !have.contains(&e.id) && seen.insert(&e.id))
-            .cloned()
             .collect();
-        self.append_new(day, &rows)
+        self.add_rows(day, &rows)
     }
 
     /// Add examples the caller knows are in no part of the day yet (ingest dedups against the whole
     /// dataset before it writes) as new parts, without reading the day's ids.
     pub fn append_new(&self, day: &str, examples: &[Example]) -> Result<()> {
-        if examples.is_empty() {
+        self.add_rows(day, &examples.iter().collect::<Vec<_>>())
+    }
+
+    /// New parts for `rows`, then the day's small parts merged if there are too many.
+    fn add_rows(&self, day: &str, rows: &[&Example]) -> Result<()> {
+        if rows.is_empty() {
             return Ok(());
         }
-        self.write_parts(day, &examples.iter().collect::<Vec<_>>())?;
+        self.write_parts(day, rows)?;
         self.compact(day)
     }
 
