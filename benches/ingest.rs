@@ -351,7 +351,6 @@ fn main() {
         eprintln!("{e}\n(run scripts/fetch-model.sh, or pass --model PATH)");
         std::process::exit(1)
     });
-    let count = |t: &str| tokenizer.count(t).unwrap_or(0);
     let sources = resolve_sources(&[
         SourceConfig::from_arg(&format!("{}:notes", tree.join("notes").display())).expect("notes"),
         SourceConfig::from_arg(&format!("{}:code", tree.join("code").display())).expect("code"),
@@ -366,7 +365,7 @@ fn main() {
             day: "2026-11-22".into(),
             settings: IngestSettings::default(),
             dry_run: false,
-            count_tokens: &count,
+            count_tokens: &tokenizer,
             progress: &|_, _| {},
         })
         .expect("ingest");

@@ -107,7 +107,6 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         settings,
         tokenizer,
     } = prepare(&home, &args.sources, args.model)?;
-    let count = |t: &str| tokenizer.count(t).unwrap_or(0);
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} ingest {bar:30} {pos}/{len} files {elapsed}")
@@ -124,7 +123,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         day: day.clone(),
         settings,
         dry_run: args.dry_run,
-        count_tokens: &count,
+        count_tokens: &tokenizer,
         progress: &progress,
     })?;
     bar.finish_and_clear();

@@ -84,7 +84,6 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
         changed.sort_unstable();
         let sources: Vec<Source> = changed.iter().map(|&i| setup.sources[i].clone()).collect();
         let day = crate::ingest::today();
-        let count = |t: &str| setup.tokenizer.count(t).unwrap_or(0);
         let started = Instant::now();
         let summary = run(&IngestOptions {
             home: &home,
@@ -92,7 +91,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<()> {
             day: day.clone(),
             settings: setup.settings.clone(),
             dry_run: false,
-            count_tokens: &count,
+            count_tokens: &setup.tokenizer,
             progress: &|_, _| {},
         });
         match summary {

@@ -122,37 +122,60 @@ impl Default for Budget {
     }
 }
 
+/// Token counts in the model's tokens. Examples are joins of pieces already counted (paragraphs,
+/// sections, code items, a context line), so a join's count is asked for from its parts' counts.
+pub trait CountTokens: Sync {
+    fn count(&self, text: &str) -> usize;
+
+    /// Tokens in `a + sep + b`, given the counts of `a` and `b`. By default, by counting the join.
+    fn count_join(&self, a: &str, a_tokens: usize, sep: &str, b: &str, b_tokens: usize) -> usize {
+        let _ = (a_tokens, b_tokens);
+        self.count(&[a, sep, b].concat())
+    }
+}
+
+/// The model's tokenizer, whose joins cost only the words around the seam (`Tokenizer::count_join`).
+impl CountTokens for pai_model::Tokenizer {
+    fn count(&self, text: &str) -> usize {
+        pai_model::Tokenizer::count(self, text).unwrap_or(0)
+    }
+
+    fn count_join(&self, a: &str, a_tokens: usize, sep: &str, b: &str, b_tokens: usize) -> usize {
+        pai_model::Tokenizer::count_join(self, a, a_tokens, sep, b, b_tokens).unwrap_or(0)
+    }
+}
+
 /// Merge short pieces and split long ones so that every result is within the budget (as far as a
-/// single line allows; a line longer than the budget is cut by characters). Each result comes with
-/// its token count: exact for a piece passed through whole, the sum of its parts' counts for a merged
-/// or split one (the separators' few tokens aside), so callers need not count again to pack further.
-pub fn pack(
-    pieces: &[String],
-    budget: Budget,
-    count: &dyn Fn(&str) -> usize,
-) -> Vec<(String, usize)> {
+/// single line allows; a line longer than the budget is cut by characters). Pieces lose their
+/// leading and trailing blank lines and join with a blank line. Each result comes with its exact
+/// token count (from its parts' counts), so callers need not count again.
+pub fn pack(pieces: &[String], budget: Budget, counter: &dyn CountTokens) -> Vec<(String, usize)> {
     let mut out: Vec<(String, usize)> = Vec::new();
     let mut pending = String::new();
     let mut pending_tokens = 0;
     for piece in pieces {
-        let t = count(piece);
+        let piece = piece.trim_matches('\n');
+        let t = counter.count(piece);
         if t > budget.max_tokens {
             if !pending.is_empty() {
                 out.push((std::mem::take(&mut pending), pending_tokens));
                 pending_tokens = 0;
             }
-            out.extend(split_long(piece, budget.max_tokens, count));
+            out.extend(split_long(piece, budget.max_tokens, counter));
             continue;
         }
         if !pending.is_empty() && pending_tokens + t > budget.max_tokens {
             out.push((std::mem::take(&mut pending), pending_tokens));
             pending_tokens = 0;
         }
-        if !pending.is_empty() {
+        if pending.is_empty() {
+            pending.push_str(piece);
+            pending_tokens = t;
+        } else {
+            pending_tokens = counter.count_join(&pending, pending_tokens, "\n\n", piece, t);
             pending.push_str("\n\n");
+            pending.push_str(piece);
         }
-        pending.push_str(piece.trim_matches('\n'));
-        pending_tokens += t;
         if pending_tokens >= budget.min_tokens {
             out.push((std::mem::take(&mut pending), pending_tokens));
             pending_tokens = 0;
@@ -162,9 +185,9 @@ pub fn pack(
         // A short tail joins the previous example when it fits there.
         match out.last_mut() {
             Some((last, n)) if *n + pending_tokens <= budget.max_tokens => {
+                *n = counter.count_join(last, *n, "\n\n", &pending, pending_tokens);
                 last.push_str("\n\n");
                 last.push_str(&pending);
-                *n += pending_tokens;
             }
             _ => out.push((pending, pending_tokens)),
         }
@@ -174,7 +197,7 @@ pub fn pack(
 
 /// Split at blank lines, then at lines, then at spaces, then by characters, each part within `max`
 /// tokens, with its token count (as `pack`'s).
-fn split_long(text: &str, max: usize, count: &dyn Fn(&str) -> usize) -> Vec<(String, usize)> {
+fn split_long(text: &str, max: usize, counter: &dyn CountTokens) -> Vec<(String, usize)> {
     let (units, sep): (Vec<&str>, &str) = if text.contains("\n\n") {
         (
             text.split("\n\n")
@@ -189,12 +212,12 @@ fn split_long(text: &str, max: usize, count: &dyn Fn(&str) -> usize) -> Vec<(Str
     } else {
         // One enormous word: cut by characters, in proportion to the token count.
         let chars: Vec<char> = text.chars().collect();
-        let per = (chars.len() * max / count(text).max(1)).max(1);
+        let per = (chars.len() * max / counter.count(text).max(1)).max(1);
         return chars
             .chunks(per)
             .map(|c| {
                 let part: String = c.iter().collect();
-                let n = count(&part);
+                let n = counter.count(&part);
                 (part, n)
             })
             .collect();
@@ -203,24 +226,27 @@ fn split_long(text: &str, max: usize, count: &dyn Fn(&str) -> usize) -> Vec<(Str
     let mut cur = String::new();
     let mut cur_t = 0;
     for u in units {
-        let t = count(u);
+        let t = counter.count(u);
         if t > max {
             if !cur.is_empty() {
                 out.push((std::mem::take(&mut cur), cur_t));
                 cur_t = 0;
             }
-            out.extend(split_long(u, max, count));
+            out.extend(split_long(u, max, counter));
             continue;
         }
         if !cur.is_empty() && cur_t + t > max {
             out.push((std::mem::take(&mut cur), cur_t));
             cur_t = 0;
         }
-        if !cur.is_empty() {
+        if cur.is_empty() {
+            cur.push_str(u);
+            cur_t = t;
+        } else {
+            cur_t = counter.count_join(&cur, cur_t, sep, u, t);
             cur.push_str(sep);
+            cur.push_str(u);
         }
-        cur.push_str(u);
-        cur_t += t;
     }
     if !cur.is_empty() {
         out.push((cur, cur_t));
@@ -234,6 +260,15 @@ mod tests {
 
     fn words(s: &str) -> usize {
         s.split_whitespace().count()
+    }
+
+    /// Counts words; joins by counting the join.
+    pub(crate) struct Words;
+
+    impl CountTokens for Words {
+        fn count(&self, text: &str) -> usize {
+            words(text)
+        }
     }
 
     #[test]
@@ -254,10 +289,10 @@ mod tests {
             long,
             "tail".into(),
         ];
-        let out = pack(&pieces, budget, &words);
+        let out = pack(&pieces, budget, &Words);
         assert!(out.iter().all(|(e, _)| words(e) <= 12), "{out:#?}");
         assert_eq!(out[0].0, "one two\n\nthree four five six");
-        // Counts come along (word counts here are exactly additive).
+        // Counts come along.
         assert!(out.iter().all(|(e, n)| words(e) == *n), "{out:#?}");
         let out: Vec<String> = out.into_iter().map(|(e, _)| e).collect();
         // Nothing lost.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::code::{split_items, Language};
-use crate::example::{content_id, pack, Budget, Example, Kind, Split};
+use crate::example::{content_id, pack, Budget, CountTokens, Example, Kind, Split};
 use crate::fim::fim_example;
 use crate::ingest::IngestOptions;
 use crate::minhash::Signature;
@@ -30,9 +30,10 @@ pub(crate) fn file_examples(
 ) -> FileExamples {
     let scrubbed = scrub(text, opts.settings.pii);
     let text = scrubbed.text.as_str();
-    let count = opts.count_tokens;
+    let counter = opts.count_tokens;
     let budget = opts.settings.budget;
-    let (kind, privacy, pieces): (Kind, Privacy, Vec<(String, String)>) = match source.kind {
+    // Each example's context, text and token count.
+    let (kind, privacy, pieces): (Kind, Privacy, Vec<(String, String, usize)>) = match source.kind {
         SourceKind::Notes => {
             let ext = relative.rsplit('.').next().unwrap_or("");
             let note = parse(text, NoteFormat::from_extension(ext));
@@ -60,11 +61,19 @@ pub(crate) fn file_examples(
                 } else {
                     format!("{} [{tags}]", path.join(" > "))
                 };
-                for (body, tokens) in pack(std::slice::from_ref(&s.body), budget, count) {
+                for (body, tokens) in pack(std::slice::from_ref(&s.body), budget, counter) {
                     out.push((context.clone(), body, tokens));
                 }
             }
-            (Kind::Note, privacy, merge_short(out, budget))
+            let titled = merge_short(out, budget, counter)
+                .into_iter()
+                .map(|(context, body, n)| {
+                    let title = format!("# {context}");
+                    let n = counter.count_join(&title, counter.count(&title), "\n\n", &body, n);
+                    (context, format!("{title}\n\n{body}"), n)
+                })
+                .collect();
+            (Kind::Note, privacy, titled)
         }
         SourceKind::Code => {
             if source.privacy == Privacy::Exclude {
@@ -79,21 +88,21 @@ pub(crate) fn file_examples(
                 .map(|it| lines[it.start..it.end].join("\n"))
                 .collect();
             let context = format!("{relative} ({})", lang.name());
-            let header = format!("{} {relative}\n", lang.line_comment());
-            let packed = pack(&items, budget, count)
+            let header = format!("{} {relative}", lang.line_comment());
+            let header_tokens = counter.count(&header);
+            let packed = pack(&items, budget, counter)
                 .into_iter()
-                .map(|(body, _)| (context.clone(), format!("{header}{body}")))
+                .map(|(body, n)| {
+                    let n = counter.count_join(&header, header_tokens, "\n", &body, n);
+                    (context.clone(), format!("{header}\n{body}"), n)
+                })
                 .collect();
             (Kind::Code, source.privacy, packed)
         }
     };
     let mut examples: Vec<Example> = pieces
         .into_iter()
-        .map(|(context, body)| {
-            let text = match kind {
-                Kind::Note => format!("# {context}\n\n{body}"),
-                _ => body,
-            };
+        .map(|(context, text, n_tokens)| {
             let id = content_id(&text);
             let redactions = text.matches("<SECRET:").count() + text.matches("<PII:").count();
             Example {
@@ -104,7 +113,7 @@ pub(crate) fn file_examples(
                 path: relative.to_string(),
                 kind,
                 context,
-                n_tokens: count(&text) as u32,
+                n_tokens: n_tokens as u32,
                 redactions: redactions as u32,
                 private: privacy == Privacy::Private,
                 fim: None,
@@ -121,26 +130,31 @@ pub(crate) fn file_examples(
     (examples, false, scrubbed.redactions)
 }
 
-/// Short note sections merge with the next section of the same note (their contexts joined), by the
-/// token counts `pack` gave them.
-fn merge_short(pieces: Vec<(String, String, usize)>, budget: Budget) -> Vec<(String, String)> {
+/// Short note sections merge with the next section of the same note (the next one's heading kept
+/// in the text), by the token counts `pack` gave them.
+fn merge_short(
+    pieces: Vec<(String, String, usize)>,
+    budget: Budget,
+    counter: &dyn CountTokens,
+) -> Vec<(String, String, usize)> {
     let mut out: Vec<(String, String, usize)> = Vec::new();
     for (context, body, t) in pieces {
         match out.last_mut() {
             Some((c, b, n)) if *n < budget.min_tokens && *n + t <= budget.max_tokens => {
-                if *c != context {
-                    b.push_str(&format!(
+                let sep = if *c != context {
+                    format!(
                         "\n\n## {}\n\n",
                         context.rsplit(" > ").next().unwrap_or(&context)
-                    ));
+                    )
                 } else {
-                    b.push_str("\n\n");
-                }
+                    "\n\n".to_string()
+                };
+                *n = counter.count_join(b, *n, &sep, &body, t);
+                b.push_str(&sep);
                 b.push_str(&body);
-                *n += t;
             }
             _ => out.push((context, body, t)),
         }
     }
-    out.into_iter().map(|(c, b, _)| (c, b)).collect()
+    out
 }

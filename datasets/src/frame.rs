@@ -10,18 +10,15 @@ use crate::example::{Example, Kind, Split};
 use crate::fim::{FimMode, FimSpan};
 use crate::minhash::Signature;
 
-/// The column of stored MinHash signatures; named for the scheme, so older ones are never compared.
-pub(crate) const MINHASH_COLUMN: &str = "minhash_oph16";
-/// Schema version 3's column: the same signatures in 32 bits a bin (read as their low halves).
-pub(crate) const WIDE_MINHASH_COLUMN: &str = "minhash_oph";
+/// The column of stored MinHash signatures, named for the word and shingle hashing that made them (schema
+/// version 5), so signatures hashed otherwise (the columns `minhash_oph` of version 3 and
+/// `minhash_oph16` of version 4) are never compared with new ones: their texts are signed again.
+pub(crate) const MINHASH_COLUMN: &str = "minhash_lane16";
 
-/// The stored signatures of a frame read with `MINHASH_COLUMN` and `WIDE_MINHASH_COLUMN` asked for:
-/// whichever the file has, `None` for a file from before either.
+/// The stored signatures of a frame read with `MINHASH_COLUMN` asked for, `None` for a file from
+/// before it.
 pub(crate) fn stored_signatures(df: &DataFrame) -> PolarsResult<Option<BinaryChunked>> {
-    match df
-        .column(MINHASH_COLUMN)
-        .or_else(|_| df.column(WIDE_MINHASH_COLUMN))
-    {
+    match df.column(MINHASH_COLUMN) {
         Ok(c) => Ok(Some(c.binary()?.clone())),
         Err(_) => Ok(None),
     }
@@ -44,7 +41,6 @@ pub(crate) const EXAMPLE_COLUMNS: &[&str] = &[
     "fim_start",
     "fim_end",
     MINHASH_COLUMN,
-    WIDE_MINHASH_COLUMN,
 ];
 
 /// Read those of `wanted` that the file has (files of older schema versions lack the newer columns).

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{DatasetError, Result};
-use crate::example::{content_id, Budget, Example, Kind};
+use crate::example::{content_id, Budget, CountTokens, Example, Kind};
 use crate::file_examples::{file_examples, FileExamples};
 use crate::fim::FimSettings;
 use crate::journal::{Deletion, FileEntry, Journal};
@@ -65,8 +65,8 @@ pub struct IngestOptions<'a> {
     pub settings: IngestSettings,
     /// Count, read and report, but write nothing.
     pub dry_run: bool,
-    /// Token count of a text (the model's tokenizer).
-    pub count_tokens: &'a (dyn Fn(&str) -> usize + Sync),
+    /// Token counts (the model's tokenizer).
+    pub count_tokens: &'a dyn CountTokens,
     /// Called after each file with (files done, files in all).
     pub progress: &'a (dyn Fn(usize, usize) + Sync),
 }
@@ -187,7 +187,7 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
     if !opts.dry_run {
         store.retract(&retract)?;
         let index_path = PrivacyIndex::path(opts.home);
-        if sink.any_private || !retract.is_empty() || !index_path.exists() {
+        if sink.any_private || !retract.is_empty() || !PrivacyIndex::is_current(&index_path) {
             let texts = store.private_texts()?;
             let index = PrivacyIndex::build(texts.iter().map(String::as_str));
             index.save(&index_path)?;

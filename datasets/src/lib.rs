@@ -27,7 +27,7 @@ pub mod store;
 pub mod walk;
 
 pub use error::{DatasetError, Result};
-pub use example::{Budget, Example, Kind, Split};
+pub use example::{Budget, CountTokens, Example, Kind, Split};
 pub use fim::{FimMode, FimSettings, FimSpan, FimTokens};
 pub use ingest::{IngestOptions, IngestSettings, IngestSummary};
 pub use mix::{training_mix, Mix, MixMode, MixSettings};

@@ -8,8 +8,9 @@
 //! costs 2 bytes per private word. It is rebuilt from the dataset after an ingest that added or removed
 //! anything private, so a note deleted or made public leaves it at the next ingest.
 //!
-//! File: `$PAI_HOME/index/private.bin`: the magic `PAIPRIV1`, shingle words (u32), sampling modulus
-//! (u32), count (u64), then the sorted hashes (u64), all little-endian; written atomically.
+//! File: `$PAI_HOME/index/private.bin`: the magic `PAIPRIV2` (1 was the FNV word hashes), shingle
+//! words (u32), sampling modulus (u32), count (u64), then the sorted hashes (u64), all little-endian;
+//! written atomically. Ingest rebuilds a file in another format or with other settings.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,7 @@ use crate::error::{DatasetError, Result};
 use crate::journal::write_atomic;
 use crate::minhash::{shingles, word_hashes};
 
-const MAGIC: &[u8; 8] = b"PAIPRIV1";
+const MAGIC: &[u8; 8] = b"PAIPRIV2";
 pub const SHINGLE_WORDS: usize = 8;
 pub const SAMPLE_MODULUS: u64 = 4;
 
@@ -89,11 +90,25 @@ impl PrivacyIndex {
         m
     }
 
+    /// Whether the file at `path` is an index in this format with these settings (its header only).
+    pub fn is_current(path: &Path) -> bool {
+        let mut header = [0u8; 16];
+        std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
+            .is_ok_and(|()| header[..8] == *MAGIC && header[8..16] == Self::settings())
+    }
+
+    fn settings() -> [u8; 8] {
+        let mut s = [0u8; 8];
+        s[..4].copy_from_slice(&(SHINGLE_WORDS as u32).to_le_bytes());
+        s[4..].copy_from_slice(&(SAMPLE_MODULUS as u32).to_le_bytes());
+        s
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut bytes = Vec::with_capacity(24 + 8 * self.hashes.len());
         bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&(SHINGLE_WORDS as u32).to_le_bytes());
-        bytes.extend_from_slice(&(SAMPLE_MODULUS as u32).to_le_bytes());
+        bytes.extend_from_slice(&Self::settings());
         bytes.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
         for h in &self.hashes {
             bytes.extend_from_slice(&h.to_le_bytes());
@@ -111,7 +126,10 @@ impl PrivacyIndex {
             reason: reason.to_string(),
         };
         if bytes.len() < 24 || &bytes[..8] != MAGIC {
-            return Err(bad("not a pai privacy index (no PAIPRIV1 header)"));
+            return Err(bad(
+                "not a pai privacy index of this version (no PAIPRIV2 header); the next ingest \
+                 rebuilds it",
+            ));
         }
         let u32_at =
             |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
@@ -172,6 +190,13 @@ mod tests {
         let index = PrivacyIndex::build([PRIVATE]);
         index.save(&path).unwrap();
         assert_eq!(PrivacyIndex::load(&path).unwrap(), index);
+        assert!(PrivacyIndex::is_current(&path));
+        let mut old = std::fs::read(&path).unwrap();
+        old[7] = b'1';
+        std::fs::write(&path, &old).unwrap();
+        assert!(!PrivacyIndex::is_current(&path));
+        assert!(PrivacyIndex::load(&path).is_err());
+        index.save(&path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let e = PrivacyIndex::load(&path).unwrap_err().to_string();

@@ -20,17 +20,17 @@ use crate::error::{DatasetError, Result};
 use crate::example::{Example, Kind};
 use crate::frame::{
     from_frame, read_columns, stored_signatures, to_frame, EXAMPLE_COLUMNS, MINHASH_COLUMN,
-    WIDE_MINHASH_COLUMN,
 };
 use crate::journal::{sync_dir, write_atomic};
 use crate::minhash::Signature;
 
 /// 1: the first; 2: `fim_mode`/`fim_start`/`fim_end` and `minhash` (version 1 files are read as
 /// having no FIM examples); 3: `minhash_oph`, one-permutation signatures (`minhash::Signature`);
-/// 4: `minhash_oph16`, the same in 16 bits a bin (a version 3 part's are read as their low halves).
-/// A file without either signature column has its signatures computed from the text when asked for.
+/// 4: `minhash_oph16`, the same in 16 bits a bin; 5: `minhash_lane16`, the same with faster word and
+/// shingle hashes. A file without the current signature column has its signatures computed from the
+/// text when asked for.
 /// Opening an older dataset records the current version, since what is written next is in it.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 /// Text a part holds at most, in bytes (a large append is cut into at least one part per core).
 const PART_BYTES: usize = 256 << 20;
 /// Rows below which an append is one part (fewer, larger files for the many small appends of a day).
@@ -172,11 +172,11 @@ impl Store {
     }
 
     /// The MinHash signature of every stored example that has one, except those in `skip`, with its id.
-    /// (Files from before schema version 3 have none stored: computed from their text.)
+    /// (Files from before schema version 5 have none stored: computed from their text.)
     pub fn signatures(&self, skip: &HashSet<String>) -> Result<Vec<(String, Signature)>> {
         let mut out = Vec::new();
         for path in self.all_parts()? {
-            let mut df = read_columns(&path, &["id", "kind", MINHASH_COLUMN, WIDE_MINHASH_COLUMN])?;
+            let mut df = read_columns(&path, &["id", "kind", MINHASH_COLUMN])?;
             if stored_signatures(&df).ok().flatten().is_none() {
                 df = read_columns(&path, &["id", "kind", "text"])?;
             }

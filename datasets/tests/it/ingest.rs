@@ -4,10 +4,15 @@
 use std::path::Path;
 
 use pai_datasets::ingest::{run, IngestOptions, IngestSettings, IngestSummary};
-use pai_datasets::{resolve_sources, Example, Kind, SourceConfig, Store};
+use pai_datasets::{resolve_sources, CountTokens, Example, Kind, SourceConfig, Store};
 
-fn words(s: &str) -> usize {
-    s.split_whitespace().count()
+/// Counts words (joins by counting the join).
+struct Words;
+
+impl CountTokens for Words {
+    fn count(&self, s: &str) -> usize {
+        s.split_whitespace().count()
+    }
 }
 
 fn write(root: &Path, rel: &str, text: &str) {
@@ -36,6 +41,15 @@ impl World {
     }
 
     fn ingest_with(&self, day: &str, tune: impl FnOnce(&mut IngestSettings)) -> IngestSummary {
+        self.ingest_counted(day, &Words, tune)
+    }
+
+    fn ingest_counted(
+        &self,
+        day: &str,
+        counter: &dyn CountTokens,
+        tune: impl FnOnce(&mut IngestSettings),
+    ) -> IngestSummary {
         let configs = [
             SourceConfig::from_arg(&format!("{}:notes", self.notes.path().display())).unwrap(),
             SourceConfig::from_arg(&format!("{}:code", self.code.path().display())).unwrap(),
@@ -53,7 +67,7 @@ impl World {
             day: day.into(),
             settings,
             dry_run: false,
-            count_tokens: &words,
+            count_tokens: counter,
             progress: &|_, _| {},
         })
         .unwrap()
@@ -367,7 +381,7 @@ fn a_second_directory_under_a_taken_source_name_is_refused_but_a_moved_one_is_fo
             day: "2026-03-01".into(),
             settings: IngestSettings::default(),
             dry_run: false,
-            count_tokens: &words,
+            count_tokens: &Words,
             progress: &|_, _| {},
         })
     };
@@ -381,4 +395,58 @@ fn a_second_directory_under_a_taken_source_name_is_refused_but_a_moved_one_is_fo
     std::fs::remove_dir_all(trees.path().join("a")).unwrap();
     let s = ingest(&trees.path().join("b/src")).unwrap();
     assert_eq!((s.files_unchanged, s.files_new), (1, 0), "{s:#?}");
+}
+
+/// Examples are counted from their parts' counts (`CountTokens::count_join`); with the real
+/// tokenizer every stored count is the count of the stored text. Notes and code here are pai's own
+/// documents and sources: headings, tables, long sections split at paragraphs and lines, code items
+/// packed with a header.
+#[test]
+fn stored_token_counts_are_the_real_tokenizers_counts_of_the_text() {
+    let home = std::env::var_os("PAI_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".pai"));
+    let model = std::env::var_os("PAI_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        model.is_file(),
+        "the default model is not at {}: run scripts/fetch-model.sh (or set PAI_MODEL)",
+        model.display()
+    );
+    let tokenizer = pai_model::Tokenizer::from_model_path(&model).unwrap();
+    assert!(tokenizer.counts_by_words());
+    let w = World::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for doc in ["README.md", "ARCHITECTURE.md", "BENCHMARKS.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        write(w.notes.path(), doc, &text);
+    }
+    for src in [
+        "datasets/src/example.rs",
+        "datasets/src/scrub.rs",
+        "benches/compare/peft_check.py",
+    ] {
+        let text = std::fs::read_to_string(root.join(src)).unwrap();
+        write(w.code.path(), src, &text);
+    }
+    let summary = w.ingest_counted("2026-12-02", &tokenizer, |s| {
+        s.budget.max_tokens = 200;
+        s.budget.min_tokens = 40;
+    });
+    let examples = w.dataset();
+    assert!(examples.len() > 40, "{summary:?}");
+    let mut checked = 0;
+    for e in examples.iter().filter(|e| e.kind != Kind::Fim) {
+        assert_eq!(
+            e.n_tokens as usize,
+            tokenizer.count(&e.text).unwrap(),
+            "{} ({:?}): {:?}",
+            e.path,
+            e.kind,
+            e.text.chars().take(120).collect::<String>()
+        );
+        checked += 1;
+    }
+    assert!(checked > 40);
 }

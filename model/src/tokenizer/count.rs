@@ -184,6 +184,32 @@ impl WordCounts {
     }
 }
 
+/// Where `a + sep + b` may be counted in three pieces, given the counts of `a` and `b`: `a` from its
+/// last seam on, and `b` up to its first. A seam is a whitespace character right after a
+/// non-whitespace one: `words` always cuts there and looks no further back than the last one, so the
+/// words of a text are the words of its pieces between seams, whatever surrounds them. The join then
+/// counts `a[..tail] + (a[tail..] + sep + b[..head]) + b[head..]`, and the outer pieces' counts are
+/// those of `a` and `b` less their counted inner ends.
+pub(crate) fn seams(a: &str, b: &str) -> (usize, usize) {
+    let is_seam = |text: &str, (i, c): (usize, char)| {
+        c.is_whitespace()
+            && text[..i]
+                .chars()
+                .next_back()
+                .is_some_and(|p| !p.is_whitespace())
+    };
+    let tail = a
+        .char_indices()
+        .rev()
+        .find(|&ic| is_seam(a, ic))
+        .map_or(0, |(i, _)| i);
+    let head = b
+        .char_indices()
+        .find(|&ic| is_seam(b, ic))
+        .map_or(b.len(), |(i, _)| i);
+    (tail, head)
+}
+
 /// The text cut at pre-token boundaries that do not depend on the regex's choices: before every
 /// whitespace character that follows a non-whitespace one, and before the last character of a run of
 /// two or more whitespace characters that a non-digit follows (the regex's `\s+(?!\S)` leaves that

@@ -187,6 +187,27 @@ impl Tokenizer {
         self.encode(text, false).map(|ids| ids.len())
     }
 
+    /// How many tokens `a + sep + b` has, given the counts of `a` and `b` (as `count` gives them): by
+    /// counting only the words around the seam where the word counts make that exact, else by
+    /// counting the joined text. Ingest builds examples by joining pieces it has already counted.
+    pub fn count_join(
+        &self,
+        a: &str,
+        a_tokens: usize,
+        sep: &str,
+        b: &str,
+        b_tokens: usize,
+    ) -> Result<usize> {
+        if self.word_counts.is_none() {
+            return self.count(&[a, sep, b].concat());
+        }
+        let (tail, head) = count::seams(a, b);
+        let (tail, head) = (&a[tail..], &b[..head]);
+        let inner = self.count(&[tail, sep, head].concat())?;
+        let outer = (a_tokens + b_tokens).saturating_sub(self.count(tail)? + self.count(head)?);
+        Ok(outer + inner)
+    }
+
     /// Whether `count` sums cached word counts (rather than encoding every text).
     pub fn counts_by_words(&self) -> bool {
         self.word_counts.is_some()

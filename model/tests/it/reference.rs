@@ -487,3 +487,70 @@ fn fast_token_count_equals_encode_length() {
         }
     }
 }
+
+/// Ingest counts an example from its parts' counts (`count_join`): equal to counting the joined text,
+/// for every separator ingest uses and for parts that start or end in whitespace, digits or words.
+#[test]
+fn joined_counts_equal_the_count_of_the_join() {
+    let base = default_model();
+    let tok = &base.tokenizer;
+    let alphabet: Vec<char> =
+        " \t\n\r\u{a0}\u{3000}\u{85}0123456789\u{663}'sdlmtvreAbZé日🙂.,;:(){}#\"_|"
+            .chars()
+            .collect();
+    let separators = [
+        "\n\n",
+        "\n",
+        " ",
+        "",
+        "\n\n## Next\n\n",
+        "\t",
+        "  ",
+        "\u{a0}",
+        "9",
+    ];
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let random_text = |next: &mut dyn FnMut() -> u64| {
+        let len = (next() % 40) as usize;
+        let mut text = String::new();
+        while text.chars().count() < len {
+            let c = alphabet[(next() % alphabet.len() as u64) as usize];
+            for _ in 0..1 + next() % 3 {
+                text.push(c);
+            }
+        }
+        text
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let file = std::fs::read_to_string(root.join("model/src/tokenizer/mod.rs")).unwrap();
+    let lines: Vec<&str> = file.lines().collect();
+    for round in 0..4000 {
+        let (a, b) = if round % 2 == 0 {
+            (random_text(&mut next), random_text(&mut next))
+        } else {
+            // Runs of real source lines, as code items and paragraphs are.
+            let at = |n: u64| (n % lines.len() as u64) as usize;
+            let (i, j) = (at(next()), at(next()));
+            let k = (next() % 6) as usize;
+            (
+                lines[i..(i + k).min(lines.len())].join("\n"),
+                lines[j..(j + k).min(lines.len())].join("\n"),
+            )
+        };
+        let sep = separators[(next() % separators.len() as u64) as usize];
+        let (ca, cb) = (tok.count(&a).unwrap(), tok.count(&b).unwrap());
+        let joined = format!("{a}{sep}{b}");
+        let want = tok.encode(&joined, false).unwrap().len();
+        assert_eq!(
+            tok.count_join(&a, ca, sep, &b, cb).unwrap(),
+            want,
+            "{a:?} + {sep:?} + {b:?}"
+        );
+    }
+}
