@@ -99,8 +99,18 @@ pub struct Example {
 
 /// sha256 hex of a text.
 pub fn content_id(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Lowercase hex of bytes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// Example size limits, in tokens.
@@ -298,6 +308,15 @@ mod tests {
         // Nothing lost.
         let total: usize = pieces.iter().map(|p| words(p)).sum();
         assert_eq!(out.iter().map(|e| words(e)).sum::<usize>(), total);
+    }
+
+    #[test]
+    fn ids_are_sha256_hex() {
+        assert_eq!(
+            content_id(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(hex(&[0, 9, 10, 255]), "00090aff");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! makes the next run redo the same examples, which exact dedup then drops — never a journal that
 //! claims examples the dataset does not have.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use hashbrown::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{DatasetError, Result};
-use crate::example::{content_id, Budget, CountTokens, Example, Kind};
+use crate::example::{content_id, hex, Budget, CountTokens, Example, Kind};
 use crate::file_examples::{file_examples, FileExamples};
 use crate::fim::FimSettings;
 use crate::journal::{Deletion, FileEntry, Journal};
@@ -561,6 +563,3 @@ fn process_files(
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}

@@ -11,7 +11,9 @@
 //! LZ4-compressed: about twice as fast to write as zstd's default on text (ingest writes every byte it
 //! reads), read by polars, pyarrow and every parquet reader since format 2.9.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+
+use hashbrown::HashSet;
 use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
