@@ -163,21 +163,27 @@ pub fn fim_example(code: &Example, settings: FimSettings, extra_tokens: u32) -> 
     if code.kind != Kind::Code || draw.unit() >= settings.rate {
         return None;
     }
-    let bounds: Vec<usize> = code
-        .text
-        .char_indices()
-        .map(|(i, _)| i)
-        .chain(std::iter::once(code.text.len()))
-        .collect();
-    if bounds.len() < 16 {
+    // Cut points are character boundaries, the end included: the k-th is byte k in ASCII text (most
+    // code), found by walking the characters otherwise.
+    let text = code.text.as_str();
+    let n = text.chars().count() + 1;
+    if n < 16 {
         return None;
     }
-    let n = bounds.len() as u64;
-    let (a, b) = (draw.next() % n, draw.next() % n);
+    let ascii = text.is_ascii();
+    let boundary = |k: usize| -> u32 {
+        let byte = if ascii {
+            k
+        } else {
+            text.char_indices().nth(k).map_or(text.len(), |(i, _)| i)
+        };
+        byte as u32
+    };
+    let (a, b) = (draw.next() % n as u64, draw.next() % n as u64);
     let (mut start, mut end) = (a.min(b) as usize, a.max(b) as usize);
     if start == end {
         // An empty middle teaches nothing; take one character.
-        if end + 1 < bounds.len() {
+        if end + 1 < n {
             end += 1;
         } else {
             start -= 1;
@@ -190,8 +196,8 @@ pub fn fim_example(code: &Example, settings: FimSettings, extra_tokens: u32) -> 
     };
     let span = FimSpan {
         mode,
-        start: bounds[start] as u32,
-        end: bounds[end] as u32,
+        start: boundary(start),
+        end: boundary(end),
     };
     Some(Example {
         id: content_id(&format!(
