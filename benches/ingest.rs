@@ -327,7 +327,9 @@ fn generate(dir: &Path, files: usize, bytes: usize) -> u64 {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // As `pai-train ingest` runs.
     pai::setup_allocator();
+    pai::keep_freed_memory();
     let files: usize = arg("--files")
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);

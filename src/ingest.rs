@@ -107,6 +107,8 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         settings,
         tokenizer,
     } = prepare(&home, &args.sources, args.model)?;
+    // A one-shot run: its memory is bounded by `[ingest] part_mb` and returned when it exits.
+    crate::keep_freed_memory();
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} ingest {bar:30} {pos}/{len} files {elapsed}")

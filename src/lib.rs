@@ -124,7 +124,9 @@ pub fn setup_allocator() {
 /// Keep the pages mimalloc frees instead of handing them back to the OS. A training step allocates and
 /// frees the same few hundred MB of tensors every step; returned pages come back zeroed by the kernel,
 /// which took 13–30% of a step (perf: `clear_page_erms`) and a quarter of its speed. Peak RSS is what
-/// the step needs either way. (`MIMALLOC_PURGE_DELAY=-1` does the same from the environment.)
+/// the step needs either way. (`MIMALLOC_PURGE_DELAY=-1` does the same from the environment.) A
+/// one-shot ingest too: system time 1.2 → 0.8–0.9 s of a 200 MB ingest, peak RSS 0.70 → 0.77–0.82
+/// GB. Not for `watch`, which runs for days.
 pub fn keep_freed_memory() {
     // SAFETY: as above; -1 never purges.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };

@@ -562,4 +562,3 @@ fn process_files(
         outcome
     })
 }
-
