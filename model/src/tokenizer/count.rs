@@ -25,7 +25,8 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use super::gpt2_split::{byte_level_char, pretokens, DigitSplit};
 use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
-/// Entries a thread keeps for one tokenizer before it starts over (~16 MiB at most).
+/// Entries a thread keeps in each of its two tables for one tokenizer before it starts that table
+/// over (~24 MiB at most).
 const CAPACITY: usize = 256 * 1024;
 /// Tokenizers a thread keeps caches for at once (the oldest is dropped).
 const TOKENIZERS_PER_THREAD: usize = 4;
@@ -42,10 +43,41 @@ pub(crate) struct WordCounts {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// Words of up to `SHORT` bytes (nearly all of them) are kept inline as their bytes and length in
+/// one `u128`, so a lookup compares two integers instead of following a pointer to compare strings;
+/// longer ones keep their text.
 struct ThreadCache {
     id: u64,
     hasher: DefaultHashBuilder,
-    table: HashTable<(Box<str>, u32)>,
+    short: HashTable<(u128, u32)>,
+    long: HashTable<(Box<str>, u32)>,
+}
+
+const SHORT: usize = 15;
+
+/// The inline key of a word of at most `SHORT` bytes starting at `at` in `bytes`: its bytes
+/// (little-endian, zero above) and its length in the top byte.
+#[inline]
+fn short_key(bytes: &[u8], at: usize, len: usize) -> u128 {
+    let word = if at + 16 <= bytes.len() {
+        let mut lane = [0u8; 16];
+        lane.copy_from_slice(&bytes[at..at + 16]);
+        u128::from_le_bytes(lane) & u128::MAX.checked_shr(128 - 8 * len as u32).unwrap_or(0)
+    } else {
+        let mut lane = [0u8; 16];
+        lane[..len].copy_from_slice(&bytes[at..at + len]);
+        u128::from_le_bytes(lane)
+    };
+    word | (len as u128) << 120
+}
+
+/// A hash of an inline key: the two halves' folded product (as foldhash does), good in its high bits
+/// (hashbrown's tags) and low ones (its buckets).
+#[inline]
+fn short_hash(key: u128) -> u64 {
+    let (lo, hi) = (key as u64, (key >> 64) as u64);
+    let product = u128::from(lo ^ 0x243F_6A88_85A3_08D3) * u128::from(hi ^ 0x1319_8A2E_0370_7344);
+    (product as u64) ^ (product >> 64) as u64
 }
 
 thread_local! {
@@ -155,26 +187,50 @@ impl WordCounts {
                     caches.push(ThreadCache {
                         id: self.id,
                         hasher: DefaultHashBuilder::default(),
-                        table: HashTable::new(),
+                        short: HashTable::new(),
+                        long: HashTable::new(),
                     });
                     caches.len() - 1
                 }
             };
-            let ThreadCache { hasher, table, .. } = &mut caches[at];
+            let ThreadCache {
+                hasher,
+                short,
+                long,
+                ..
+            } = &mut caches[at];
+            let bytes = text.as_bytes();
             let mut total = 0usize;
             for word in words(text) {
-                let hash = hasher.hash_one(word);
-                let n = match table.find(hash, |(w, _)| **w == *word) {
-                    Some(&(_, n)) => n as usize,
-                    None => {
-                        let n = count_word(word)?;
-                        if table.len() >= CAPACITY {
-                            table.clear();
+                let n = if word.len() <= SHORT {
+                    let start = word.as_ptr() as usize - text.as_ptr() as usize;
+                    let key = short_key(bytes, start, word.len());
+                    let hash = short_hash(key);
+                    match short.find(hash, |&(k, _)| k == key) {
+                        Some(&(_, n)) => n as usize,
+                        None => {
+                            let n = count_word(word)?;
+                            if short.len() >= CAPACITY {
+                                short.clear();
+                            }
+                            short.insert_unique(hash, (key, n as u32), |&(k, _)| short_hash(k));
+                            n
                         }
-                        table.insert_unique(hash, (word.into(), n as u32), |(w, _)| {
-                            hasher.hash_one(&**w)
-                        });
-                        n
+                    }
+                } else {
+                    let hash = hasher.hash_one(word);
+                    match long.find(hash, |(w, _)| **w == *word) {
+                        Some(&(_, n)) => n as usize,
+                        None => {
+                            let n = count_word(word)?;
+                            if long.len() >= CAPACITY {
+                                long.clear();
+                            }
+                            long.insert_unique(hash, (word.into(), n as u32), |(w, _)| {
+                                hasher.hash_one(&**w)
+                            });
+                            n
+                        }
                     }
                 };
                 total += n;
