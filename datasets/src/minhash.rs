@@ -384,7 +384,7 @@ mod tests {
             }
             let mut state = WORD_SEED;
             let chunks = word.chunks(8).collect::<Vec<_>>();
-            let (last, full) = if word.len() % 8 == 0 {
+            let (last, full) = if word.len().is_multiple_of(8) {
                 (&[][..], &chunks[..])
             } else {
                 (chunks[chunks.len() - 1], &chunks[..chunks.len() - 1])
