@@ -1,6 +1,7 @@
 //! Shared front-end pieces of the `pai-train` and `pai-serve` binaries: where pai keeps its files, how a
 //! model argument is resolved, logging setup. The binaries stay thin; the work lives in the crates.
 
+pub mod adapters;
 pub mod bench;
 pub mod ingest;
 pub mod train;

@@ -1,7 +1,8 @@
 //! `pai-train train`: the command-line edge of pai-trainers. Reads `[train]` and `[mix]` from pai.toml
 //! (flags override), draws the night's mix from the dataset (`fresh`: every day recency-weighted;
 //! `continue`: the day plus a replay share, starting from an incumbent adapter), trains with a progress
-//! bar and Ctrl-C checkpointing, and writes the adapter as a PEFT directory with its `pai.json`.
+//! bar and Ctrl-C checkpointing, and writes the adapter as a PEFT directory with its `pai.json`, added
+//! to the registry as the next version of its name (not served until promoted), or to `--out`.
 //! `--resume` continues a stopped run from its checkpoint with the job it recorded.
 
 use std::collections::HashSet;
@@ -64,8 +65,12 @@ impl Overrides {
 pub struct TrainArgs {
     pub day: Option<String>,
     pub model: Option<PathBuf>,
-    /// The incumbent adapter `continue` starts from.
-    pub from: Option<PathBuf>,
+    /// The incumbent adapter `continue` starts from: a registered one (`name`, its current version,
+    /// or `name@vN`) or a PEFT directory.
+    pub from: Option<String>,
+    /// The registry name the adapter is added under.
+    pub name: String,
+    /// A directory to write the adapter to instead of the registry.
     pub out: Option<PathBuf>,
     pub resume: Option<Option<String>>,
     pub overrides: Overrides,
@@ -77,8 +82,15 @@ pub struct TrainArgs {
 struct JobFile {
     day: String,
     model: PathBuf,
+    /// The directory of the adapter `continue` starts from.
     from: Option<PathBuf>,
+    /// How `from` was named (`personal@v2`, or the directory): the new adapter's parent.
+    #[serde(default)]
+    parent: Option<String>,
     out: PathBuf,
+    /// The registry name the adapter is added under (none with `--out`).
+    #[serde(default)]
+    register: Option<String>,
     config: TrainConfig,
 }
 
@@ -158,11 +170,27 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .out
                 .clone()
                 .unwrap_or_else(|| runs.join(&id).join("adapter"));
+            let register = match &args.out {
+                Some(_) => None,
+                None => {
+                    pai_adapters::check_name(&args.name)?;
+                    Some(args.name.clone())
+                }
+            };
+            let (from, parent) = match &args.from {
+                Some(spec) => {
+                    let (dir, parent) = crate::adapters::locate(&home, spec)?;
+                    (Some(dir), Some(parent))
+                }
+                None => (None, None),
+            };
             let job = JobFile {
                 day,
                 model: crate::resolve_model(args.model.clone())?,
-                from: args.from.clone(),
+                from,
+                parent,
                 out,
+                register,
                 config,
             };
             (id, job, false)
@@ -172,7 +200,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = &job.config;
     anyhow::ensure!(
         cfg.strategy == Strategy::Fresh || job.from.is_some(),
-        "train.strategy = continue needs the incumbent adapter: pass --from DIR"
+        "train.strategy = continue needs the incumbent adapter: pass --from NAME[@vN] or --from DIR"
     );
 
     // 2. The model, checked against the config before anything is read.
@@ -286,31 +314,35 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    // 5. The adapter directory, written beside its place and renamed in.
-    let pai_json = serde_json::json!({
-        "base": {
-            "sha256": base.sha256()?,
-            "name": base.name(),
-            "path": base.path(),
+    // 5. The adapter directory, written beside its place and renamed in; then registered.
+    let meta = pai_adapters::AdapterMeta {
+        base: pai_adapters::BaseFingerprint {
+            sha256: base.sha256()?.to_string(),
+            name: Some(base.name().to_string()),
+            path: Some(base.path().to_path_buf()),
         },
-        "dataset": {
-            "day": job.day,
-            "days": mix.by_day.keys().collect::<Vec<_>>(),
-            "hash": dataset_hash,
-            "examples": mix.examples.len(),
-            "new_tokens": mix.new_tokens,
-            "replay_tokens": mix.replay_tokens,
-            "holdout_examples": holdout.len(),
-        },
-        "training": {
+        dataset: Some(pai_adapters::DatasetInfo {
+            day: job.day.clone(),
+            days: mix.by_day.keys().cloned().collect(),
+            hash: dataset_hash,
+            examples: mix.examples.len() as u64,
+            new_tokens: mix.new_tokens as u64,
+            replay_tokens: mix.replay_tokens as u64,
+            holdout_examples: holdout.len() as u64,
+        }),
+        training: Some(serde_json::json!({
             "run": run_id,
             "strategy": cfg.strategy,
             "config": cfg,
-        },
-        "metrics": metrics_json(&outcome),
-        "parent": job.from,
-        "created": chrono::Local::now().to_rfc3339(),
-    });
+        })),
+        metrics: Some(metrics_json(&outcome)),
+        parent: job
+            .parent
+            .clone()
+            .or_else(|| job.from.as_ref().map(|p| p.display().to_string())),
+        created: chrono::Local::now().to_rfc3339(),
+        ..Default::default()
+    };
     let out = &job.out;
     let tmp = out.with_extension("tmp");
     if tmp.exists() {
@@ -318,19 +350,43 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     outcome.adapter.save_peft(&tmp)?;
-    write_json(&tmp.join("pai.json"), &pai_json)?;
+    std::fs::write(tmp.join(pai_adapters::meta::META_FILE), meta.to_json())
+        .with_context(|| format!("writing {}", tmp.join("pai.json").display()))?;
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
     }
     std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    let registered = match &job.register {
+        Some(name) => {
+            let version = pai_adapters::Registry::new(&home).add(name, out, meta)?;
+            Some((name.clone(), version))
+        }
+        None => None,
+    };
 
     if args.json {
+        let (name, version) = registered
+            .as_ref()
+            .map(|(n, v)| (Some(n.clone()), Some(v.to_string())))
+            .unwrap_or_default();
         println!(
             "{}",
-            serde_json::json!({"run": run_id, "adapter": out, "metrics": metrics_json(&outcome)})
+            serde_json::json!({
+                "run": run_id,
+                "adapter": out,
+                "name": name,
+                "version": version,
+                "metrics": metrics_json(&outcome),
+            })
         );
     } else {
         print_summary(&outcome, out, &run_dir);
+        if let Some((name, version)) = registered {
+            println!(
+                "registered as {name}@{version} (not served until promoted: pai-train promote \
+                 {name}@{version})"
+            );
+        }
     }
     Ok(())
 }

@@ -52,6 +52,25 @@ enum Command {
         #[arg(long)]
         text: String,
     },
+    /// The adapter registry: list, show, gc, import.
+    Adapters {
+        #[command(subcommand)]
+        command: AdaptersCommand,
+    },
+    /// Serve a registered version: NAME (its newest version) or NAME@vN. pai-serve follows.
+    Promote {
+        #[arg(value_name = "NAME[@vN]")]
+        adapter: String,
+        /// Why, for the history.
+        #[arg(long, default_value = "promoted by hand")]
+        reason: String,
+    },
+    /// Serve the version the current one replaced, or the one named with --to.
+    Rollback {
+        name: String,
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+    },
     /// Write an adapter in another format: `gguf` is llama.cpp's LoRA GGUF (`--lora` in llama.cpp,
     /// `lora_path` in llama-cpp-python).
     Export {
@@ -71,6 +90,39 @@ enum Command {
     Dataset {
         #[command(subcommand)]
         command: DatasetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdaptersCommand {
+    /// Every adapter name with its versions and the one served.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// NAME: its versions and history; NAME@vN: that version's pai.json.
+    Show {
+        #[arg(value_name = "NAME[@vN]")]
+        adapter: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove old versions: all but the newest N, never the current one, the one it replaced or its
+    /// parent.
+    Gc {
+        /// One adapter (all of them when not given).
+        name: Option<String>,
+        #[arg(long)]
+        keep: usize,
+    },
+    /// Register an adapter made elsewhere (a PEFT directory), after loading it onto the base.
+    Import {
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// The base model (the default model when not given).
+        #[arg(long, env = "PAI_MODEL")]
+        model: Option<PathBuf>,
     },
 }
 
@@ -112,10 +164,13 @@ struct TrainArgs {
     /// the day plus a replay share.
     #[arg(long, value_enum)]
     strategy: Option<StrategyArg>,
-    /// The incumbent adapter (a PEFT directory) that `continue` starts from.
-    #[arg(long)]
-    from: Option<PathBuf>,
-    /// Where the adapter goes (default: $PAI_HOME/runs/<run>/adapter).
+    /// The adapter `continue` starts from: NAME (its current version), NAME@vN, or a PEFT directory.
+    #[arg(long, value_name = "NAME[@vN]|DIR")]
+    from: Option<String>,
+    /// The registry name the adapter is added under, as its next version (not served until promoted).
+    #[arg(long, default_value = "personal")]
+    name: String,
+    /// Write the adapter to this directory instead of the registry.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue a stopped run from its checkpoint (the newest stopped run when no id is given).
@@ -233,6 +288,7 @@ fn main() -> anyhow::Result<()> {
             day: a.day,
             model: a.model,
             from: a.from,
+            name: a.name,
             out: a.out,
             resume: a.resume,
             overrides: pai::train::Overrides {
@@ -297,6 +353,16 @@ fn main() -> anyhow::Result<()> {
             println!("{}", out.display());
             Ok(())
         }
+        Command::Adapters { command } => match command {
+            AdaptersCommand::List { json } => pai::adapters::list(json),
+            AdaptersCommand::Show { adapter, json } => pai::adapters::show(&adapter, json),
+            AdaptersCommand::Gc { name, keep } => pai::adapters::gc(name.as_deref(), keep),
+            AdaptersCommand::Import { dir, name, model } => {
+                pai::adapters::import(&dir, &name, model)
+            }
+        },
+        Command::Promote { adapter, reason } => pai::adapters::promote(&adapter, &reason),
+        Command::Rollback { name, to } => pai::adapters::rollback(&name, to.as_deref()),
         Command::Dataset { command } => match command {
             DatasetCommand::Stats { json } => pai::ingest::dataset_stats(json),
             DatasetCommand::Mix { day, mode, json } => pai::ingest::dataset_mix(

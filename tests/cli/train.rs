@@ -148,6 +148,10 @@ fn train_writes_a_peft_adapter_and_resumes_after_ctrl_c() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let summary: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(summary["metrics"]["steps"], 3000, "{summary}");
+    // Without --out, the adapter is the next version of "personal" in the registry.
+    assert_eq!(summary["name"], "personal", "{summary}");
+    assert_eq!(summary["version"], "v1", "{summary}");
+    assert!(home.join("adapters/personal/v1/pai.json").is_file());
     assert!(std::path::Path::new(summary["adapter"].as_str().unwrap())
         .join("pai.json")
         .is_file());
