@@ -1,0 +1,198 @@
+//! Scoring items on the served base with an adapter stack. Continuations (and every choice of a
+//! multiple-choice item) are packed side by side into rows of up to `row_tokens` tokens and scored
+//! in one forward pass per row, each sequence computed as if alone (positions restart and attention
+//! stops at every boundary: `pai_model::Packed`); generations run one at a time, greedy.
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Tensor, D};
+use pai_model::{generate, AdapterStack, GenerateOptions, Model, PackedRow, Tokenizer};
+
+use crate::error::Result;
+use crate::item::{Detail, Item, ItemResult, Task};
+
+/// A model, its tokenizer and the adapters to score with.
+pub struct Scorer<'a> {
+    pub model: &'a Model,
+    pub tokenizer: &'a Tokenizer,
+    pub adapters: AdapterStack<'a>,
+    /// Longest row scored in one pass (longer sequences keep their first tokens).
+    pub row_tokens: usize,
+}
+
+/// One sequence to score: ids, and the index of the first position whose token is scored.
+struct Sequence {
+    ids: Vec<u32>,
+    first_scored: usize,
+}
+
+impl Scorer<'_> {
+    /// Every item's result, in order.
+    pub fn score(&self, items: &[Item]) -> Result<Vec<ItemResult>> {
+        // 1. The sequences of every continuation and choice, with who they belong to.
+        let mut sequences = Vec::new();
+        let mut owners: Vec<(usize, usize)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match &item.task {
+                Task::Continuation { context, text } => {
+                    sequences.push(self.sequence(context, text)?);
+                    owners.push((i, 0));
+                }
+                Task::Choice {
+                    context, choices, ..
+                } => {
+                    for (c, choice) in choices.iter().enumerate() {
+                        sequences.push(self.sequence(context, choice)?);
+                        owners.push((i, c));
+                    }
+                }
+                Task::Generate { .. } => {}
+            }
+        }
+        // 2. Their log-likelihoods, packed into rows.
+        let logliks = self.loglikelihoods(&sequences)?;
+        let mut per_item: Vec<Vec<(f64, usize)>> = vec![Vec::new(); items.len()];
+        for ((item, _), ll) in owners.into_iter().zip(logliks) {
+            per_item[item].push(ll);
+        }
+        // 3. Results; generations now.
+        items
+            .iter()
+            .zip(per_item)
+            .map(|(item, lls)| {
+                let (score, detail) = match &item.task {
+                    Task::Continuation { .. } => {
+                        let (ll, tokens) = lls.first().copied().unwrap_or((0.0, 0));
+                        let nll = if tokens == 0 {
+                            0.0
+                        } else {
+                            -ll / tokens as f64
+                        };
+                        (-nll, Detail::Continuation { tokens, nll })
+                    }
+                    Task::Choice { answer, .. } => {
+                        let logliks: Vec<f64> = lls.iter().map(|(ll, _)| *ll).collect();
+                        let chosen = logliks
+                            .iter()
+                            .enumerate()
+                            .max_by(|a, b| a.1.total_cmp(b.1))
+                            .map_or(0, |(c, _)| c);
+                        (
+                            f64::from(u8::from(chosen == *answer)),
+                            Detail::Choice { chosen, logliks },
+                        )
+                    }
+                    Task::Generate {
+                        prompt,
+                        check,
+                        max_tokens,
+                    } => {
+                        let text = self.generate(prompt, *max_tokens)?;
+                        (
+                            f64::from(u8::from(check.holds(&text))),
+                            Detail::Generate { text },
+                        )
+                    }
+                };
+                Ok(ItemResult {
+                    id: item.id.clone(),
+                    group: item.group.clone(),
+                    score,
+                    detail,
+                })
+            })
+            .collect()
+    }
+
+    /// BOS (when the model wants one), the context's tokens, then the text's, encoded apart as
+    /// lm-evaluation-harness does, so a choice's tokens are the same whatever the context.
+    fn sequence(&self, context: &str, text: &str) -> Result<Sequence> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.tokenizer.adds_bos(), self.tokenizer.bos()) {
+            ids.push(bos);
+        }
+        if !context.is_empty() {
+            ids.extend(self.tokenizer.encode(context, false)?);
+        }
+        // The first token has nothing before it to be predicted from.
+        let first_scored = ids.len().max(1);
+        ids.extend(self.tokenizer.encode(text, false)?);
+        ids.truncate(self.row_tokens.max(2));
+        Ok(Sequence { ids, first_scored })
+    }
+
+    /// (Σ log p of the scored tokens, how many) of each sequence.
+    fn loglikelihoods(&self, sequences: &[Sequence]) -> Result<Vec<(f64, usize)>> {
+        let mut out = vec![(0.0, 0); sequences.len()];
+        // Longest first, each into the first row with room (rows are at most `row_tokens`).
+        let mut order: Vec<usize> = (0..sequences.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
+        let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
+        for i in order {
+            let len = sequences[i].ids.len();
+            match rows
+                .iter_mut()
+                .find(|(used, _)| used + len <= self.row_tokens)
+            {
+                Some((used, members)) => {
+                    *used += len;
+                    members.push(i);
+                }
+                None => rows.push((len, vec![i])),
+            }
+        }
+        for (_, members) in rows {
+            let mut row = PackedRow::default();
+            let mut targets = Vec::new();
+            for &i in &members {
+                let s = &sequences[i];
+                row.ids.extend(&s.ids);
+                row.doc_lens.push(s.ids.len());
+                // Position p predicts token p + 1 of its own sequence; the last predicts nothing.
+                targets.extend(s.ids.iter().skip(1).copied());
+                targets.push(0);
+            }
+            let logp = self.token_logprobs(&row, &targets)?;
+            let mut at = 0;
+            for &i in &members {
+                let s = &sequences[i];
+                let scored = &logp[at + s.first_scored - 1..at + s.ids.len() - 1];
+                out[i] = (scored.iter().map(|&x| f64::from(x)).sum(), scored.len());
+                at += s.ids.len();
+            }
+        }
+        Ok(out)
+    }
+
+    /// log p(target[p] | row[..=p]) at every position of one packed row.
+    fn token_logprobs(&self, row: &PackedRow, targets: &[u32]) -> Result<Vec<f32>> {
+        let packed = self.model.pack(std::slice::from_ref(row))?;
+        let hidden = self.model.forward_packed(&packed, &self.adapters)?;
+        let (_, seq, h) = hidden.dims3()?;
+        let logits = self.model.logits(&hidden.reshape((seq, h))?)?;
+        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let targets = Tensor::new(targets, logp.device())?.unsqueeze(1)?;
+        Ok(logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?)
+    }
+
+    fn generate(&self, prompt: &str, max_tokens: usize) -> Result<String> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.tokenizer.adds_bos(), self.tokenizer.bos()) {
+            ids.push(bos);
+        }
+        ids.extend(self.tokenizer.encode(prompt, false)?);
+        let opts = GenerateOptions {
+            max_tokens: Some(max_tokens),
+            ..GenerateOptions::default()
+        };
+        let out = generate(
+            self.model,
+            self.tokenizer,
+            &self.adapters,
+            &ids,
+            &opts,
+            |_| ControlFlow::Continue(()),
+        )?;
+        Ok(out.text)
+    }
+}

@@ -1,0 +1,436 @@
+//! Suites: named lists of items with a role in the gate. A suite is a TOML file (`configs/evals/` are
+//! built in; the owner's own go in `$PAI_HOME/evals/` and replace a built-in one of the same name):
+//!
+//! ```toml
+//! name = "retention"
+//! kind = "retention"        # perplexity | retention | tasks
+//! role = "guard"            # primary | guard | info
+//! max_regression = 0.02     # guard: fail when the mean score drops by more than this
+//! path = "retention.txt"    # retention: a text corpus; tasks: JSONL items (relative to this file)
+//! max_items = 400
+//! ```
+//!
+//! - `perplexity`: the dataset's holdout examples up to the night's day (the owner's own writing,
+//!   never trained on), one item each, grouped by file; score −(mean NLL per token).
+//! - `retention`: paragraphs of a general corpus the base already knows, grouped by document.
+//! - `tasks`: JSONL items as lm-evaluation-harness writes them; each line one of
+//!   `{"type": "choice", "context": "…", "choices": ["…", "…"], "answer": 0}` or
+//!   `{"type": "generate", "prompt": "…", "exact_match" | "contains" | "regex": "…", "max_tokens": 32}`,
+//!   with an optional `"id"` and `"group"`.
+
+use std::path::{Path, PathBuf};
+
+use pai_datasets::{Kind, Split, Store};
+use serde::Deserialize;
+
+use crate::error::{EvalError, Result};
+use crate::gate::{Role, Thresholds};
+use crate::item::{Check, Item, Task};
+
+/// The built-in suites, as (file name, TOML).
+pub const BUILT_IN: &[(&str, &str)] = &[
+    (
+        "perplexity.toml",
+        include_str!("../../configs/evals/perplexity.toml"),
+    ),
+    (
+        "retention.toml",
+        include_str!("../../configs/evals/retention.toml"),
+    ),
+];
+/// The built-in retention corpus (public-domain texts).
+pub const RETENTION_CORPUS: &str = include_str!("../../configs/evals/retention.txt");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SuiteKind {
+    Perplexity,
+    Retention,
+    Tasks,
+}
+
+/// A suite's TOML.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteConfig {
+    pub name: String,
+    pub kind: SuiteKind,
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "default_min_improvement")]
+    pub min_improvement: f64,
+    #[serde(default = "default_max_regression")]
+    pub max_regression: f64,
+    /// The corpus or JSONL file, relative to the suite's file.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Items at most (a fixed sample: items sorted by id, which are content hashes).
+    #[serde(default = "default_max_items")]
+    pub max_items: usize,
+}
+
+fn default_min_improvement() -> f64 {
+    Thresholds::default().min_improvement
+}
+fn default_max_regression() -> f64 {
+    Thresholds::default().max_regression
+}
+fn default_max_items() -> usize {
+    400
+}
+
+impl SuiteConfig {
+    pub fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            min_improvement: self.min_improvement,
+            max_regression: self.max_regression,
+        }
+    }
+}
+
+/// A suite ready to score.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    pub config: SuiteConfig,
+    pub items: Vec<Item>,
+}
+
+/// Where a suite's file came from, to find the files it names.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    BuiltIn,
+    File(PathBuf),
+}
+
+/// The suites to run: the built-in ones, replaced or joined by every `*.toml` in `user_dir`.
+pub fn load_configs(user_dir: &Path) -> Result<Vec<(SuiteConfig, Origin)>> {
+    let mut out: Vec<(SuiteConfig, Origin)> = Vec::new();
+    for (file, text) in BUILT_IN {
+        let config = parse(text, Path::new(file))?;
+        out.push((config, Origin::BuiltIn));
+    }
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(user_dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(EvalError::Io {
+                action: "list",
+                path: user_dir.into(),
+                source: e,
+            })
+        }
+    };
+    files.sort();
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(|e| EvalError::Io {
+            action: "read",
+            path: path.clone(),
+            source: e,
+        })?;
+        let config = parse(&text, &path)?;
+        out.retain(|(c, _)| c.name != config.name);
+        out.push((config, Origin::File(path)));
+    }
+    Ok(out)
+}
+
+fn parse(text: &str, path: &Path) -> Result<SuiteConfig> {
+    let config: SuiteConfig = toml::from_str(text).map_err(|source| EvalError::Toml {
+        path: path.into(),
+        source,
+    })?;
+    if config.kind == SuiteKind::Tasks && config.path.is_none() {
+        return Err(EvalError::BadSuite {
+            suite: config.name,
+            reason: format!(
+                "{}: a tasks suite needs `path` (its JSONL items)",
+                path.display()
+            ),
+        });
+    }
+    Ok(config)
+}
+
+/// The items of a suite. `store` and `day` feed `perplexity` (holdout examples up to `day`).
+pub fn build(config: SuiteConfig, origin: &Origin, store: &Store, day: &str) -> Result<Suite> {
+    let mut items = match config.kind {
+        SuiteKind::Perplexity => holdout_items(store, day)?,
+        SuiteKind::Retention => {
+            let text = match (&config.path, origin) {
+                (Some(p), Origin::File(file)) => read(&relative(file, p))?,
+                _ => RETENTION_CORPUS.to_string(),
+            };
+            corpus_items(&text)
+        }
+        SuiteKind::Tasks => {
+            let (Some(p), Origin::File(file)) = (&config.path, origin) else {
+                return Err(EvalError::BadSuite {
+                    suite: config.name.clone(),
+                    reason: "a tasks suite needs `path`".into(),
+                });
+            };
+            let path = relative(file, p);
+            task_items(&read(&path)?, &path)?
+        }
+    };
+    items.sort_by(|a, b| a.id.cmp(&b.id));
+    items.truncate(config.max_items);
+    Ok(Suite { config, items })
+}
+
+fn relative(suite_file: &Path, p: &Path) -> PathBuf {
+    suite_file.parent().unwrap_or(Path::new(".")).join(p)
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| EvalError::Io {
+        action: "read",
+        path: path.into(),
+        source: e,
+    })
+}
+
+/// The holdout notes and code up to `day` (FIM rows repeat code, chat rows are prompts).
+fn holdout_items(store: &Store, day: &str) -> Result<Vec<Item>> {
+    let mut items = Vec::new();
+    for d in store.days()? {
+        if d.as_str() > day {
+            continue;
+        }
+        for e in store.read_day(&d)? {
+            if e.split == Split::Holdout && matches!(e.kind, Kind::Note | Kind::Code) {
+                items.push(Item {
+                    id: e.id,
+                    group: format!("{}:{}", e.source, e.path),
+                    task: Task::Continuation {
+                        context: String::new(),
+                        text: e.text,
+                    },
+                });
+            }
+        }
+    }
+    Ok(items)
+}
+
+/// Paragraphs of at least 20 words, grouped by document: a document starts at a line `# Title`
+/// (text before the first title is the corpus's own description).
+pub fn corpus_items(text: &str) -> Vec<Item> {
+    let mut items = Vec::new();
+    let mut title: Option<String> = None;
+    for block in text.split("\n\n") {
+        let block = block.trim();
+        if let Some(t) = block.strip_prefix("# ") {
+            title = Some(t.lines().next().unwrap_or(t).trim().to_string());
+            continue;
+        }
+        let Some(title) = &title else {
+            continue;
+        };
+        if block.split_whitespace().count() < 20 {
+            continue;
+        }
+        items.push(Item {
+            id: format!("{title}#{}", items.len()),
+            group: title.clone(),
+            task: Task::Continuation {
+                context: String::new(),
+                text: block.to_string(),
+            },
+        });
+    }
+    items
+}
+
+/// One JSONL line of a tasks suite.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskLine {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    context: String,
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    choices: Vec<String>,
+    #[serde(default)]
+    answer: Option<usize>,
+    #[serde(default)]
+    exact_match: Option<String>,
+    #[serde(default)]
+    contains: Option<String>,
+    #[serde(default)]
+    regex: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+}
+
+/// The items of a JSONL tasks file; a bad line is an error naming its line.
+pub fn task_items(text: &str, path: &Path) -> Result<Vec<Item>> {
+    let mut items = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| EvalError::BadItem {
+            path: path.into(),
+            line: n + 1,
+            reason,
+        };
+        let t: TaskLine = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let task = match t.kind.as_str() {
+            "choice" => {
+                let answer = t
+                    .answer
+                    .ok_or_else(|| bad("a choice item needs `answer`".into()))?;
+                if t.choices.len() < 2 || answer >= t.choices.len() {
+                    return Err(bad(format!(
+                        "needs at least 2 choices and an answer among them (answer {answer}, {} \
+                         choices)",
+                        t.choices.len()
+                    )));
+                }
+                Task::Choice {
+                    context: t.context,
+                    choices: t.choices,
+                    answer,
+                }
+            }
+            "generate" => {
+                let check = match (t.exact_match, t.contains, t.regex) {
+                    (Some(s), None, None) => Check::ExactMatch(s),
+                    (None, Some(s), None) => Check::Contains(s),
+                    (None, None, Some(r)) => Check::Regex(
+                        regex::Regex::new(&r).map_err(|e| bad(format!("regex {r:?}: {e}")))?,
+                    ),
+                    _ => {
+                        return Err(bad(
+                            "a generate item needs exactly one of exact_match, contains, regex"
+                                .into(),
+                        ))
+                    }
+                };
+                if t.prompt.is_empty() {
+                    return Err(bad("a generate item needs `prompt`".into()));
+                }
+                Task::Generate {
+                    prompt: t.prompt,
+                    check,
+                    max_tokens: t.max_tokens.unwrap_or(32),
+                }
+            }
+            other => {
+                return Err(bad(format!(
+                    "type {other:?} is not one of \"choice\", \"generate\""
+                )))
+            }
+        };
+        let id = t.id.unwrap_or_else(|| format!("line{}", n + 1));
+        items.push(Item {
+            group: t.group.unwrap_or_else(|| id.clone()),
+            id,
+            task,
+        });
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_suites_parse_and_the_corpus_has_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let configs = load_configs(&dir.path().join("none")).unwrap();
+        let names: Vec<&str> = configs.iter().map(|(c, _)| c.name.as_str()).collect();
+        assert_eq!(names, ["perplexity", "retention"]);
+        assert_eq!(configs[1].0.role, Role::Guard);
+        let items = corpus_items(RETENTION_CORPUS);
+        let groups: std::collections::BTreeSet<&str> =
+            items.iter().map(|i| i.group.as_str()).collect();
+        assert!(
+            items.len() >= 30 && groups.len() >= 6,
+            "{} items, {groups:?}",
+            items.len()
+        );
+    }
+
+    #[test]
+    fn a_user_suite_replaces_a_built_in_one_and_task_lines_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("retention.toml"),
+            "name = \"retention\"\nkind = \"retention\"\nrole = \"info\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("garden.toml"),
+            "name = \"garden\"\nkind = \"tasks\"\nrole = \"guard\"\nmax_regression = 0.1\npath = \"garden.jsonl\"\n",
+        )
+        .unwrap();
+        let configs = load_configs(dir.path()).unwrap();
+        let by_name = |n: &str| configs.iter().find(|(c, _)| c.name == n).unwrap().0.clone();
+        assert_eq!(by_name("retention").role, Role::Info);
+        assert_eq!(by_name("garden").max_regression, 0.1);
+        let path = dir.path().join("garden.jsonl");
+        let items = task_items(
+            "{\"type\": \"choice\", \"context\": \"Tomatoes need\", \"choices\": [\" sun\", \" snow\"], \"answer\": 0, \"group\": \"g\"}\n\n\
+             {\"id\": \"q2\", \"type\": \"generate\", \"prompt\": \"2+2=\", \"regex\": \"^4\"}\n",
+            &path,
+        )
+        .unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(
+            (items[0].id.as_str(), items[0].group.as_str()),
+            ("line1", "g")
+        );
+        assert!(matches!(
+            &items[1].task,
+            Task::Generate {
+                check: Check::Regex(_),
+                max_tokens: 32,
+                ..
+            }
+        ));
+        for (line, want) in [
+            (
+                "{\"type\": \"choice\", \"choices\": [\"a\"], \"answer\": 0}",
+                "at least 2 choices",
+            ),
+            (
+                "{\"type\": \"generate\", \"prompt\": \"x\"}",
+                "exactly one of",
+            ),
+            ("{\"type\": \"essay\"}", "\"essay\""),
+            (
+                "{\"type\": \"generate\", \"prompt\": \"x\", \"regex\": \"(\"}",
+                "regex",
+            ),
+            ("{\"type\": \"choice\", \"colour\": 1}", "colour"),
+        ] {
+            let e = task_items(line, &path).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("line 1") && e.contains("garden.jsonl"),
+                "{e}"
+            );
+        }
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            "name = \"x\"\nkind = \"vibes\"\n",
+        )
+        .unwrap();
+        let e = load_configs(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("vibes"), "{e}");
+    }
+}
