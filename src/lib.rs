@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod bench;
+pub mod evals;
 pub mod ingest;
 pub mod train;
 pub mod watch;

@@ -359,6 +359,21 @@ impl Registry {
         Ok(version)
     }
 
+    /// Record the gate's decision about `version` in its `pai.json` (replaced atomically; the file is
+    /// not among the digests, so the version stays verified).
+    pub fn record_gate(&self, name: &str, version: Version, gate: serde_json::Value) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut meta = self.meta(name, version)?;
+        meta.gate = Some(gate);
+        let dir = self.dir(name, version);
+        let tmp = dir.join(format!(".{META_FILE}.tmp-{}", std::process::id()));
+        write_file_synced(&tmp, &meta.to_json())?;
+        let path = dir.join(META_FILE);
+        std::fs::rename(&tmp, &path).map_err(|e| AdapterError::io("rename into", &path, e))?;
+        sync_dir(&dir);
+        Ok(())
+    }
+
     /// Serve `version` of `name`: verified, then CURRENT replaced atomically. Returns the version it
     /// replaced.
     pub fn promote(&self, name: &str, version: Version, reason: &str) -> Result<Option<Version>> {

@@ -16,7 +16,8 @@ pub struct Scorer<'a> {
     pub model: &'a Model,
     pub tokenizer: &'a Tokenizer,
     pub adapters: AdapterStack<'a>,
-    /// Longest row scored in one pass (longer sequences keep their first tokens).
+    /// Longest row scored in one pass, within the model's context (longer sequences keep their
+    /// first tokens).
     pub row_tokens: usize,
 }
 
@@ -117,8 +118,15 @@ impl Scorer<'_> {
         // The first token has nothing before it to be predicted from.
         let first_scored = ids.len().max(1);
         ids.extend(self.tokenizer.encode(text, false)?);
-        ids.truncate(self.row_tokens.max(2));
+        ids.truncate(self.row_limit());
         Ok(Sequence { ids, first_scored })
+    }
+
+    /// The longest row: `row_tokens`, within the model's context.
+    fn row_limit(&self) -> usize {
+        self.row_tokens
+            .min(self.model.config().context_length)
+            .max(2)
     }
 
     /// (Σ log p of the scored tokens, how many) of each sequence.

@@ -57,6 +57,8 @@ enum Command {
         #[command(subcommand)]
         command: AdaptersCommand,
     },
+    /// Score a candidate adapter against the incumbent on the eval suites, and decide (the gate).
+    Eval(EvalArgs),
     /// Serve a registered version: NAME (its newest version) or NAME@vN. pai-serve follows.
     Promote {
         #[arg(value_name = "NAME[@vN]")]
@@ -91,6 +93,37 @@ enum Command {
         #[command(subcommand)]
         command: DatasetCommand,
     },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The candidate: NAME@vN, NAME (its newest version), or a PEFT directory (default: the newest
+    /// version of --name).
+    #[arg(long, value_name = "NAME[@vN]|DIR")]
+    candidate: Option<String>,
+    /// What it must beat: NAME (its current version), NAME@vN, a directory, or `base` (default: the
+    /// current version of the candidate's name, else the base).
+    #[arg(long, value_name = "NAME[@vN]|DIR|base")]
+    incumbent: Option<String>,
+    #[arg(long, default_value = "personal")]
+    name: String,
+    /// The night's day: holdout examples up to it (default: the day the candidate was trained for).
+    #[arg(long)]
+    day: Option<String>,
+    /// Only these suites (default: all; built in: perplexity, retention).
+    #[arg(long = "suite")]
+    suites: Vec<String>,
+    /// The base model (the default model when not given).
+    #[arg(long, env = "PAI_MODEL")]
+    model: Option<PathBuf>,
+    /// Longest row of tokens scored in one pass.
+    #[arg(long, default_value_t = 512)]
+    row_tokens: usize,
+    /// Serve the candidate when the gate passes it.
+    #[arg(long)]
+    promote: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -361,6 +394,17 @@ fn main() -> anyhow::Result<()> {
                 pai::adapters::import(&dir, &name, model)
             }
         },
+        Command::Eval(a) => pai::evals::eval(pai::evals::EvalArgs {
+            candidate: a.candidate,
+            incumbent: a.incumbent,
+            name: a.name,
+            day: a.day,
+            suites: a.suites,
+            model: a.model,
+            row_tokens: a.row_tokens,
+            promote: a.promote,
+            json: a.json,
+        }),
         Command::Promote { adapter, reason } => pai::adapters::promote(&adapter, &reason),
         Command::Rollback { name, to } => pai::adapters::rollback(&name, to.as_deref()),
         Command::Dataset { command } => match command {

@@ -169,9 +169,17 @@ fn trained_adapters_are_versions_that_are_promoted_rolled_back_and_collected() {
     // so does the newest with --keep 1.
     let out = pai(&["adapters", "gc", "--keep", "1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("personal: removed v1"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("personal: removed v1"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = pai(&["adapters", "gc", "personal", "--keep", "0"]);
-    assert!(text(&out.stdout).contains("removed v3"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("removed v3"),
+        "{}",
+        text(&out.stdout)
+    );
     let list = json(&pai(&["adapters", "list", "--json"]));
     assert_eq!(list[0]["versions"], serde_json::json!(["v2"]), "{list}");
     assert_eq!(list[0]["current"], "v2", "{list}");

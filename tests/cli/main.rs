@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 mod adapters;
+mod evals;
 mod ingest;
 mod model;
 mod train;

@@ -119,6 +119,17 @@ fn add_promote_rollback_and_history() {
         record.files[ADAPTER_WEIGHTS],
         pai_adapters::sha256_file(&src.path().join("c").join(ADAPTER_WEIGHTS)).unwrap()
     );
+    // The gate's decision goes into pai.json, which the digests do not cover.
+    reg.record_gate(
+        "personal",
+        v3,
+        serde_json::json!({"promote": false, "reasons": ["x"]}),
+    )
+    .unwrap();
+    assert_eq!(
+        reg.verify("personal", v3).unwrap().meta.gate.unwrap()["promote"],
+        false
+    );
     let listed = reg.list().unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].versions, [v1, v2, v3]);

@@ -1,0 +1,171 @@
+//! pai-train eval: the gate promotes a trained adapter over the bare base, and rejects an adapter of
+//! noise weights against it, leaving the trained one served.
+
+use crate::{run, text, tiny_model, TRAIN};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+}
+
+#[test]
+fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (home, notes) = (dir.path().join("home"), dir.path().join("notes"));
+    for d in [&home, &notes] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(
+        home.join("pai.toml"),
+        "[ingest]\nholdout_fraction = 0.3\n\n[train]\nseq_len = 64\nbatch_tokens = 128\neval_every = 1000\neval_tokens = 64\nlearning_rate = 0.003\n",
+    )
+    .unwrap();
+    let birds = [
+        "heron",
+        "egret",
+        "kingfisher",
+        "grebe",
+        "coot",
+        "moorhen",
+        "teal",
+        "swan",
+    ];
+    for i in 0..48 {
+        let bird = birds[i % birds.len()];
+        std::fs::write(
+            notes.join(format!("n{i}.md")),
+            format!("# Pond log {i}\n\nThe {bird} came to the pond at dawn and waited by the reeds for fish.\n"),
+        )
+        .unwrap();
+    }
+    let env = [("PAI_HOME", home.as_path())];
+    let model_arg = model.to_str().unwrap();
+    let pai = |args: &[&str]| run(TRAIN, args, None, &env);
+    let notes_arg = format!("{}:notes", notes.display());
+    let out = pai(&[
+        "ingest",
+        "--source",
+        &notes_arg,
+        "--day",
+        "2026-12-01",
+        "--model",
+        model_arg,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let trained = json(&pai(&[
+        "train",
+        "--day",
+        "2026-12-01",
+        "--model",
+        model_arg,
+        "--max-steps",
+        "60",
+        "--json",
+    ]));
+    assert_eq!(trained["version"], "v1", "{trained}");
+
+    // Night 1: no incumbent, so the candidate faces the bare base; it learnt the owner's notes.
+    let first = json(&pai(&["eval", "--model", model_arg, "--promote", "--json"]));
+    assert_eq!(first["incumbent"], "base", "{first}");
+    assert_eq!(first["promote"], true, "{first}");
+    assert_eq!(first["promoted"], true, "{first}");
+    let perplexity = first["suites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["suite"] == "perplexity")
+        .unwrap()
+        .clone();
+    assert!(
+        perplexity["comparison"]["interval"][0].as_f64().unwrap() > 0.0,
+        "{perplexity}"
+    );
+    let list = json(&pai(&["adapters", "list", "--json"]));
+    assert_eq!(list[0]["current"], "v1", "{list}");
+
+    // An adapter of noise: the trained one's tensors replaced by large random ones, imported.
+    let noise = dir.path().join("noise");
+    std::fs::create_dir_all(&noise).unwrap();
+    let v1 = home.join("adapters/personal/v1");
+    std::fs::copy(
+        v1.join("adapter_config.json"),
+        noise.join("adapter_config.json"),
+    )
+    .unwrap();
+    let tensors = candle_core::safetensors::load(
+        v1.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let noisy: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .iter()
+        .map(|(k, t)| {
+            let r = candle_core::Tensor::randn(0f32, 0.5, t.shape(), &candle_core::Device::Cpu)
+                .unwrap()
+                .to_dtype(t.dtype())
+                .unwrap();
+            (k.clone(), r)
+        })
+        .collect();
+    candle_core::safetensors::save(&noisy, noise.join("adapter_model.safetensors")).unwrap();
+    let out = pai(&[
+        "adapters",
+        "import",
+        noise.to_str().unwrap(),
+        "--name",
+        "personal",
+        "--model",
+        model_arg,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Night 2: the noise (the newest version) against the served v1: rejected, v1 stays.
+    let second = json(&pai(&["eval", "--model", model_arg, "--promote", "--json"]));
+    assert_eq!(
+        (&second["candidate"], &second["incumbent"]),
+        (&"personal@v2".into(), &"personal@v1".into()),
+        "{second}"
+    );
+    assert_eq!(second["promote"], false, "{second}");
+    assert_eq!(second["promoted"], false, "{second}");
+    let reasons = second["reasons"].to_string();
+    assert!(reasons.contains("perplexity (primary)"), "{reasons}");
+    let list = json(&pai(&["adapters", "list", "--json"]));
+    assert_eq!(list[0]["current"], "v1", "{list}");
+
+    // The decision is in the candidate's pai.json, the per-item results in the run's eval.json.
+    let meta = json(&pai(&["adapters", "show", "personal@v2", "--json"]));
+    assert_eq!(meta["gate"]["decision"]["promote"], false, "{meta}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(second["report"].as_str().unwrap()).unwrap())
+            .unwrap();
+    let suite = &report["suites"][0];
+    assert_eq!(
+        suite["candidate"].as_array().unwrap().len(),
+        suite["incumbent"].as_array().unwrap().len()
+    );
+    assert!(
+        !suite["base"].as_array().unwrap().is_empty(),
+        "the bare base is scored too: {suite}"
+    );
+    // The human summary names every suite and the decision.
+    let out = pai(&[
+        "eval",
+        "--model",
+        model_arg,
+        "--candidate",
+        "personal@v2",
+        "--suite",
+        "retention",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("retention") && said.contains("personal@v2 vs personal@v1"),
+        "{said}"
+    );
+    let out = pai(&["eval", "--model", model_arg, "--suite", "vibes"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("vibes"), "{}", text(&out.stderr));
+}
