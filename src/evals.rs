@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use pai_adapters::{Registry, Version};
 use pai_datasets::Store;
-use pai_evals::{evaluate, load_configs, Contenders, EvalReport, Verdict};
+use pai_evals::{evaluate, load_configs, Contenders, EvalReport, Scoring, Verdict};
 use pai_model::AdapterStack;
 
 pub struct EvalArgs {
@@ -26,11 +26,28 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-/// An adapter to evaluate: its directory, label, and registry place when it has one.
+/// An adapter to evaluate (`pai_evals::Contender` is the scoring side): its directory, label, and registry place when it has one.
 struct Contender {
     dir: PathBuf,
     label: String,
     registered: Option<(String, Version)>,
+}
+
+impl Contender {
+    /// What its weights are, for the score cache: the digest recorded at registration, else the
+    /// file's own.
+    fn weights_sha256(&self) -> anyhow::Result<String> {
+        let meta = pai_adapters::AdapterMeta::read(&self.dir)?;
+        match meta
+            .registry
+            .and_then(|r| r.files.get(pai_adapters::ADAPTER_WEIGHTS).cloned())
+        {
+            Some(sha) => Ok(sha),
+            None => Ok(pai_adapters::sha256_file(
+                &self.dir.join(pai_adapters::ADAPTER_WEIGHTS),
+            )?),
+        }
+    }
 }
 
 fn contender(registry: &Registry, spec: &str, newest: bool) -> anyhow::Result<Contender> {
@@ -121,17 +138,44 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let incumbent_label = incumbent
         .as_ref()
         .map_or("base".to_string(), |c| c.label.clone());
+    // Scores are kept per base, adapter weights and row length (`pai_evals::cache`).
+    let base_sha = base.sha256()?.to_string();
+    let rows = args.row_tokens.to_string();
+    let key_of = |weights: &str| pai_evals::cache::key(&["pai-evals 1", &base_sha, weights, &rows]);
+    let candidate_key = key_of(&candidate.weights_sha256()?);
+    let incumbent_key = match &incumbent {
+        Some(c) => key_of(&c.weights_sha256()?),
+        None => key_of("base"),
+    };
+    let base_key = key_of("base");
+    let cache = pai_evals::ScoreCache::new(&home.join("evals").join("cache"));
     let report = evaluate(
         &base.model,
         &base.tokenizer,
         &suites,
         Contenders {
-            candidate: (&candidate.label, AdapterStack::new(&candidate_list)),
-            incumbent: (&incumbent_label, AdapterStack::new(&incumbent_list)),
-            base: incumbent.as_ref().map(|_| AdapterStack::NONE),
+            candidate: pai_evals::Contender {
+                label: &candidate.label,
+                adapters: AdapterStack::new(&candidate_list),
+                key: Some(&candidate_key),
+            },
+            incumbent: pai_evals::Contender {
+                label: &incumbent_label,
+                adapters: AdapterStack::new(&incumbent_list),
+                key: Some(&incumbent_key),
+            },
+            base: incumbent.as_ref().map(|_| pai_evals::Contender {
+                label: "base",
+                adapters: AdapterStack::NONE,
+                key: Some(&base_key),
+            }),
         },
-        args.row_tokens,
-        0x7061_6920_6576_616c,
+        Scoring {
+            row_tokens: args.row_tokens,
+            pack: pai_evals::Scorer::packs_by_default(&base.model),
+            seed: 0x7061_6920_6576_616c,
+            cache: Some(&cache),
+        },
         |name, n| {
             if !args.json {
                 eprintln!("scoring {name} ({n} items)");

@@ -7,6 +7,7 @@
 //! by item with a cluster bootstrap by source file and decides: every primary suite improved beyond
 //! its interval, no guard suite regressed beyond its threshold.
 
+pub mod cache;
 mod error;
 pub mod gate;
 pub mod item;
@@ -14,9 +15,10 @@ pub mod run;
 pub mod score;
 pub mod suite;
 
+pub use cache::ScoreCache;
 pub use error::{EvalError, Result};
 pub use gate::{Decision, Role, SuiteVerdict, Thresholds, Verdict};
 pub use item::{Check, Item, ItemResult, Task};
-pub use run::{evaluate, Contenders, EvalReport};
+pub use run::{evaluate, Contender, Contenders, EvalReport, Scoring};
 pub use score::Scorer;
 pub use suite::{load_configs, Suite, SuiteConfig, SuiteKind};

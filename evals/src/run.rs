@@ -5,18 +5,40 @@ use serde::{Deserialize, Serialize};
 
 use pai_model::{AdapterStack, Model, Tokenizer};
 
-use crate::error::Result;
+use crate::cache::{item_key, ScoreCache};
+use crate::error::{EvalError, Result};
 use crate::gate::{compare, decide, judge, Decision, Paired, Role};
-use crate::item::ItemResult;
+use crate::item::{Item, ItemResult};
 use crate::score::Scorer;
 use crate::suite::{Suite, SuiteKind};
 
-/// What is compared: labels for the report, and the adapters each contender scores with.
+/// Who scores: a label for the report, the adapters, and the key its scores are kept under between
+/// runs (`cache`; `None`: never kept).
+#[derive(Clone, Copy)]
+pub struct Contender<'a> {
+    pub label: &'a str,
+    pub adapters: AdapterStack<'a>,
+    pub key: Option<&'a str>,
+}
+
+/// What is compared.
 pub struct Contenders<'a> {
-    pub candidate: (&'a str, AdapterStack<'a>),
-    pub incumbent: (&'a str, AdapterStack<'a>),
+    pub candidate: Contender<'a>,
+    pub incumbent: Contender<'a>,
     /// `None` when the incumbent is the bare base.
-    pub base: Option<AdapterStack<'a>>,
+    pub base: Option<Contender<'a>>,
+}
+
+/// How items are scored.
+#[derive(Clone, Copy)]
+pub struct Scoring<'a> {
+    /// Longest row of one pass (see `Scorer`).
+    pub row_tokens: usize,
+    /// Pack rows (see `Scorer::pack`); packed scores are never cached.
+    pub pack: bool,
+    /// Makes the bootstrap repeatable.
+    pub seed: u64,
+    pub cache: Option<&'a ScoreCache>,
 }
 
 /// One suite's per-item results for every contender.
@@ -41,34 +63,69 @@ pub struct EvalReport {
     pub decision: Decision,
 }
 
-/// Score every suite and decide. `row_tokens` bounds one scoring pass (see `Scorer`); `seed` makes
-/// the bootstrap repeatable. `on_suite(name, items)` is called before each suite is scored.
+/// Score every suite and decide. `on_suite(name, items)` is called before each suite is scored.
 pub fn evaluate(
     model: &Model,
     tokenizer: &Tokenizer,
     suites: &[Suite],
     contenders: Contenders<'_>,
-    row_tokens: usize,
-    seed: u64,
+    scoring: Scoring<'_>,
     mut on_suite: impl FnMut(&str, usize),
 ) -> Result<EvalReport> {
-    let score = |adapters: AdapterStack<'_>, suite: &Suite| -> Result<Vec<ItemResult>> {
-        Scorer {
+    // Each item's result: kept ones where the cache has them, the rest scored (and kept).
+    let score = |who: Contender<'_>, suite: &Suite| -> Result<Vec<ItemResult>> {
+        let scorer = Scorer {
             model,
             tokenizer,
-            adapters,
-            row_tokens,
-        }
-        .score(&suite.items)
+            adapters: who.adapters,
+            row_tokens: scoring.row_tokens,
+            pack: scoring.pack,
+        };
+        let (Some(cache), Some(key), false) = (scoring.cache, who.key, scoring.pack) else {
+            return scorer.score(&suite.items);
+        };
+        let kept = cache.load(key);
+        let keys: Vec<String> = suite.items.iter().map(item_key).collect();
+        let missing: Vec<Item> = suite
+            .items
+            .iter()
+            .zip(&keys)
+            .filter(|(_, k)| !kept.contains_key(*k))
+            .map(|(i, _)| i.clone())
+            .collect();
+        let fresh = scorer.score(&missing)?;
+        let fresh_keys: Vec<String> = missing.iter().map(item_key).collect();
+        cache.append(
+            key,
+            &fresh_keys
+                .iter()
+                .cloned()
+                .zip(fresh.iter().cloned())
+                .collect::<Vec<_>>(),
+        )?;
+        let mut fresh: std::collections::HashMap<String, ItemResult> =
+            fresh_keys.into_iter().zip(fresh).collect();
+        keys.iter()
+            .zip(&suite.items)
+            .map(|(k, item)| {
+                fresh
+                    .remove(k)
+                    .or_else(|| kept.get(k).cloned())
+                    .ok_or_else(|| EvalError::BadSuite {
+                        suite: suite.config.name.clone(),
+                        reason: format!("no score for item {:?}", item.id),
+                    })
+            })
+            .collect()
     };
     let mut results = Vec::new();
     let mut verdicts = Vec::new();
     for suite in suites {
         on_suite(&suite.config.name, suite.items.len());
-        let candidate = score(contenders.candidate.1, suite)?;
-        let incumbent = score(contenders.incumbent.1, suite)?;
+        let candidate = score(contenders.candidate, suite)?;
+        let incumbent = score(contenders.incumbent, suite)?;
         let base = match contenders.base {
-            Some(stack) => score(stack, suite)?,
+            Some(who) => score(who, suite)?,
             None => Vec::new(),
         };
         let paired: Vec<Paired> = candidate
@@ -85,7 +142,7 @@ pub fn evaluate(
             &config.name,
             config.role,
             config.thresholds(),
-            compare(&paired, seed),
+            compare(&paired, scoring.seed),
         ));
         results.push(SuiteResults {
             name: config.name.clone(),
@@ -103,8 +160,8 @@ pub fn evaluate(
         });
     }
     Ok(EvalReport {
-        candidate: contenders.candidate.0.into(),
-        incumbent: contenders.incumbent.0.into(),
+        candidate: contenders.candidate.label.into(),
+        incumbent: contenders.incumbent.label.into(),
         suites: results,
         decision: decide(verdicts),
     })

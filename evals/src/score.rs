@@ -1,7 +1,9 @@
 //! Scoring items on the served base with an adapter stack. Continuations (and every choice of a
-//! multiple-choice item) are packed side by side into rows of up to `row_tokens` tokens and scored
-//! in one forward pass per row, each sequence computed as if alone (positions restart and attention
-//! stops at every boundary: `pai_model::Packed`); generations run one at a time, greedy.
+//! multiple-choice item) are scored either one sequence per pass through the serving forward (on CPU:
+//! pai's int8 kernels, the exact path `pai-serve` answers with; 582 vs 437 tokens/s packed on the
+//! default model, BENCHMARKS.md), or packed side by side into rows of up to `row_tokens` tokens, each
+//! sequence computed as if alone (`pai_model::Packed`), which is what batching devices want.
+//! Logits are computed only where a token is scored. Generations run one at a time, greedy.
 
 use std::ops::ControlFlow;
 
@@ -19,6 +21,9 @@ pub struct Scorer<'a> {
     /// Longest row scored in one pass, within the model's context (longer sequences keep their
     /// first tokens).
     pub row_tokens: usize,
+    /// Pack sequences into rows (else one sequence per pass). `Scorer::packs_by_default` says which
+    /// is faster on a device.
+    pub pack: bool,
 }
 
 /// One sequence to score: ids, and the index of the first position whose token is scored.
@@ -28,6 +33,11 @@ struct Sequence {
 }
 
 impl Scorer<'_> {
+    /// Packing pays on accelerators; on CPU the serving forward's int8 kernels are faster.
+    pub fn packs_by_default(model: &Model) -> bool {
+        !model.device().is_cpu()
+    }
+
     /// Every item's result, in order.
     pub fn score(&self, items: &[Item]) -> Result<Vec<ItemResult>> {
         // 1. The sequences of every continuation and choice, with who they belong to.
@@ -131,6 +141,12 @@ impl Scorer<'_> {
 
     /// (Σ log p of the scored tokens, how many) of each sequence.
     fn loglikelihoods(&self, sequences: &[Sequence]) -> Result<Vec<(f64, usize)>> {
+        if !self.pack {
+            return sequences
+                .iter()
+                .map(|s| self.loglikelihood_alone(s))
+                .collect();
+        }
         let mut out = vec![(0.0, 0); sequences.len()];
         // Longest first, each into the first row with room (rows are at most `row_tokens`).
         let mut order: Vec<usize> = (0..sequences.len()).collect();
@@ -170,6 +186,24 @@ impl Scorer<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// One sequence through the serving forward (a fresh cache), logits only where scored.
+    fn loglikelihood_alone(&self, s: &Sequence) -> Result<(f64, usize)> {
+        let mut cache = self.model.new_cache(s.ids.len());
+        let input = Tensor::new(s.ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+        let hidden = self
+            .model
+            .forward_hidden(&input, &mut cache, &self.adapters)?
+            .squeeze(0)?;
+        let n = s.ids.len() - s.first_scored;
+        let logits = self
+            .model
+            .logits(&hidden.narrow(0, s.first_scored - 1, n)?)?;
+        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let targets = Tensor::new(&s.ids[s.first_scored..], logp.device())?.unsqueeze(1)?;
+        let picked = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+        Ok((picked.iter().map(|&x| f64::from(x)).sum(), n))
     }
 
     /// log p(target[p] | row[..=p]) at every position of one packed row.

@@ -1,6 +1,7 @@
 //! pai-evals on a tiny random model: packed scoring equals scoring each text alone, choices and
 //! generations are what the model does, and the gate on real scores.
 
+mod cache;
 mod score;
 
 use std::path::Path;

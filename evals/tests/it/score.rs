@@ -37,18 +37,24 @@ fn packed_scores_equal_each_text_scored_alone() {
         .enumerate()
         .map(|(i, t)| continuation(&format!("t{i}"), "", t))
         .collect();
-    let scorer = |row_tokens| Scorer {
+    let scorer = |row_tokens, pack| Scorer {
         model: &base.model,
         tokenizer: &base.tokenizer,
         adapters: AdapterStack::NONE,
         row_tokens,
+        pack,
     };
-    // All in one row, and each alone: the same scores, and the same as perplexity's.
-    let packed = scorer(256).score(&items).unwrap();
+    // All in one row, each alone in a row, and each through the serving forward: the same scores,
+    // and the same as perplexity's.
+    let packed = scorer(256, true).score(&items).unwrap();
+    let served = scorer(256, false).score(&items).unwrap();
+    for (p, s) in packed.iter().zip(&served) {
+        assert!((p.score - s.score).abs() < 1e-4, "{p:?} {s:?}");
+    }
     let alone: Vec<_> = items
         .iter()
         .map(|i| {
-            scorer(256)
+            scorer(256, true)
                 .score(std::slice::from_ref(i))
                 .unwrap()
                 .remove(0)
@@ -77,7 +83,7 @@ fn packed_scores_equal_each_text_scored_alone() {
         assert!((p.score + nll).abs() < 1e-12);
     }
     // A context is conditioned on, not scored.
-    let with_context = scorer(256)
+    let with_context = scorer(256, false)
         .score(&[continuation("c", "the heron waits", " by the pond at dawn")])
         .unwrap();
     let Detail::Continuation { tokens, .. } = with_context[0].detail else {
@@ -101,6 +107,7 @@ fn choices_pick_the_likeliest_and_generations_are_greedy() {
         tokenizer: &base.tokenizer,
         adapters: AdapterStack::NONE,
         row_tokens: 128,
+        pack: false,
     };
     let choices = vec![
         " red".to_string(),
