@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README "Quick start"; .ci/run calls exactly this).
-# Fetches the default model if it is missing, then checks formatting and lints and runs every test.
+# Fetches the default model (and Debian's Chromium, for the report viewer's browser test) if missing,
+# then checks formatting and lints and runs every test.
 # Build outputs go to $CARGO_TARGET_DIR (default ~/.cache/pai-target) so repeated runs reuse them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pai-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 scripts/fetch-model.sh >/dev/null
+scripts/fetch-chromium.sh
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
 else

@@ -183,7 +183,26 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         },
     )?;
 
-    // 4. Written down: the run, the candidate's pai.json, and the registry when promoted.
+    // 4. Sample generations for the report: the start of a few holdout notes and code the owner has
+    // not marked private, and of the general corpus.
+    let mut report = report;
+    let prompts = sample_prompts(&store, &day)?;
+    let who = Contenders {
+        candidate: pai_evals::Contender {
+            label: &candidate.label,
+            adapters: AdapterStack::new(&candidate_list),
+            key: None,
+        },
+        incumbent: pai_evals::Contender {
+            label: &incumbent_label,
+            adapters: AdapterStack::new(&incumbent_list),
+            key: None,
+        },
+        base: None,
+    };
+    report.samples = pai_evals::samples(&base.model, &base.tokenizer, &who, &prompts, 40)?;
+
+    // 5. Written down: the run, the candidate's pai.json, the registry when promoted, the report page.
     let runs = home.join("runs");
     let id = format!("eval-{}", chrono::Local::now().format("%Y%m%d-%H%M%S"));
     let run_dir = (1..1000)
@@ -193,9 +212,12 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         })
         .find(|d| std::fs::create_dir_all(runs.as_path()).is_ok() && std::fs::create_dir(d).is_ok())
         .with_context(|| format!("cannot create a run directory in {}", runs.display()))?;
+    let run_id = run_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
     let report_path = run_dir.join("eval.json");
-    std::fs::write(&report_path, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", report_path.display()))?;
     let mut promoted = false;
     if let Some((name, version)) = &candidate.registered {
         let gate = serde_json::json!({
@@ -216,6 +238,22 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
              (pai-train adapters import)"
         );
     }
+    let training_run = candidate_meta
+        .training
+        .as_ref()
+        .and_then(|t| t["run"].as_str())
+        .map(String::from);
+    let stored = crate::report::EvalRun {
+        run: run_id.clone(),
+        created: chrono::Local::now().to_rfc3339(),
+        promoted,
+        training_run,
+        report,
+    };
+    std::fs::write(&report_path, serde_json::to_vec_pretty(&stored)?)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    let page = crate::report::write_reports(&home, Some(&run_id))?;
+    let report = stored.report;
     if args.json {
         println!(
             "{}",
@@ -226,13 +264,53 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 "promoted": promoted,
                 "reasons": report.decision.reasons,
                 "suites": report.decision.suites,
-                "report": report_path,
+                "results": report_path,
+                "report": page,
             })
         );
     } else {
         print_summary(&report, promoted, &report_path);
+        println!("report: {}", page.display());
     }
     Ok(())
+}
+
+/// Up to three holdout notes or code files not marked private (their first ~200 characters, cut at
+/// a space), and one paragraph of the general corpus.
+fn sample_prompts(store: &Store, day: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let cut = |text: &str| -> String {
+        let end = text
+            .char_indices()
+            .map(|(i, _)| i)
+            .take_while(|&i| i <= 200)
+            .last()
+            .unwrap_or(0);
+        let head = &text[..end];
+        head.rfind(' ').map_or(head, |i| &head[..i]).to_string()
+    };
+    let mut holdout = Vec::new();
+    for d in store.days()? {
+        if d.as_str() > day {
+            continue;
+        }
+        holdout.extend(store.read_day(&d)?.into_iter().filter(|e| {
+            e.split == pai_datasets::Split::Holdout
+                && !e.private
+                && matches!(e.kind, pai_datasets::Kind::Note | pai_datasets::Kind::Code)
+        }));
+    }
+    holdout.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut prompts: Vec<(String, String)> = holdout
+        .iter()
+        .take(3)
+        .map(|e| (e.path.clone(), cut(&e.text)))
+        .collect();
+    if let Some(p) = pai_evals::suite::corpus_items(pai_evals::suite::RETENTION_CORPUS).first() {
+        if let pai_evals::Task::Continuation { text, .. } = &p.task {
+            prompts.push((p.group.clone(), cut(text)));
+        }
+    }
+    Ok(prompts)
 }
 
 fn print_summary(report: &EvalReport, promoted: bool, path: &std::path::Path) {

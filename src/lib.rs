@@ -5,6 +5,7 @@ pub mod adapters;
 pub mod bench;
 pub mod evals;
 pub mod ingest;
+pub mod report;
 pub mod train;
 pub mod watch;
 

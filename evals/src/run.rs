@@ -54,13 +54,72 @@ pub struct SuiteResults {
     pub base: Vec<ItemResult>,
 }
 
-/// Everything an eval run found: per-item results and the gate's decision.
+/// A prompt both adapters continued, for the report to set side by side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub id: String,
+    pub prompt: String,
+    pub incumbent: String,
+    pub candidate: String,
+}
+
+/// Everything an eval run found: per-item results, sample generations and the gate's decision.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
     pub candidate: String,
     pub incumbent: String,
     pub suites: Vec<SuiteResults>,
+    #[serde(default)]
+    pub samples: Vec<Sample>,
     pub decision: Decision,
+}
+
+/// Greedy continuations of each `(id, prompt)` by the incumbent and the candidate (`max_tokens`
+/// each), for the report.
+pub fn samples(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    contenders: &Contenders<'_>,
+    prompts: &[(String, String)],
+    max_tokens: usize,
+) -> Result<Vec<Sample>> {
+    let generate = |adapters: AdapterStack<'_>, prompt: &str| -> Result<String> {
+        let item = Item {
+            id: String::new(),
+            group: String::new(),
+            task: crate::item::Task::Generate {
+                prompt: prompt.into(),
+                check: crate::item::Check::Contains(String::new()),
+                max_tokens,
+            },
+        };
+        let scorer = Scorer {
+            model,
+            tokenizer,
+            adapters,
+            row_tokens: 512,
+            pack: false,
+        };
+        match scorer
+            .score(std::slice::from_ref(&item))?
+            .pop()
+            .map(|r| r.detail)
+        {
+            Some(crate::item::Detail::Generate { text }) => Ok(text),
+            _ => Ok(String::new()),
+        }
+    };
+    prompts
+        .iter()
+        .map(|(id, prompt)| {
+            Ok(Sample {
+                id: id.clone(),
+                prompt: prompt.clone(),
+                incumbent: generate(contenders.incumbent.adapters, prompt)?,
+                candidate: generate(contenders.candidate.adapters, prompt)?,
+            })
+        })
+        .collect()
 }
 
 /// Score every suite and decide. `on_suite(name, items)` is called before each suite is scored.
@@ -163,6 +222,7 @@ pub fn evaluate(
         candidate: contenders.candidate.label.into(),
         incumbent: contenders.incumbent.label.into(),
         suites: results,
+        samples: Vec::new(),
         decision: decide(verdicts),
     })
 }

@@ -59,6 +59,14 @@ enum Command {
     },
     /// Score a candidate adapter against the incumbent on the eval suites, and decide (the gate).
     Eval(EvalArgs),
+    /// Write the HTML report of an eval run (the newest by default) and the index of all runs, to
+    /// $PAI_HOME/reports/.
+    Report {
+        run: Option<String>,
+        /// Open it in the browser.
+        #[arg(long)]
+        open: bool,
+    },
     /// Serve a registered version: NAME (its newest version) or NAME@vN. pai-serve follows.
     Promote {
         #[arg(value_name = "NAME[@vN]")]
@@ -405,6 +413,7 @@ fn main() -> anyhow::Result<()> {
             promote: a.promote,
             json: a.json,
         }),
+        Command::Report { run, open } => pai::report::report(run.as_deref(), open),
         Command::Promote { adapter, reason } => pai::adapters::promote(&adapter, &reason),
         Command::Rollback { name, to } => pai::adapters::rollback(&name, to.as_deref()),
         Command::Dataset { command } => match command {

@@ -137,9 +137,10 @@ fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
     // The decision is in the candidate's pai.json, the per-item results in the run's eval.json.
     let meta = json(&pai(&["adapters", "show", "personal@v2", "--json"]));
     assert_eq!(meta["gate"]["decision"]["promote"], false, "{meta}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(second["report"].as_str().unwrap()).unwrap())
-            .unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(second["results"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
     let suite = &report["suites"][0];
     assert_eq!(
         suite["candidate"].as_array().unwrap().len(),
@@ -149,6 +150,18 @@ fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
         !suite["base"].as_array().unwrap().is_empty(),
         "the bare base is scored too: {suite}"
     );
+    assert_eq!(report["promoted"], false, "{report}");
+    assert_eq!(
+        report["samples"].as_array().unwrap().len(),
+        4,
+        "three holdout notes and one corpus paragraph"
+    );
+
+    // The report page, rendered by a real browser.
+    let page = std::path::PathBuf::from(second["report"].as_str().unwrap());
+    assert!(page.is_file() && home.join("reports/index.html").is_file());
+    check_report_in_browser(&page, dir.path());
+
     // The human summary names every suite and the decision.
     let out = pai(&[
         "eval",
@@ -168,4 +181,89 @@ fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
     let out = pai(&["eval", "--model", model_arg, "--suite", "vibes"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("vibes"), "{}", text(&out.stderr));
+}
+
+/// Debian's chromium, headless: the page's DOM after its script ran, with the item table filtered
+/// through the address (`#filter=…&suite=…`), and a screenshot for a person to look at.
+fn check_report_in_browser(page: &std::path::Path, scratch: &std::path::Path) {
+    let chromium = std::env::var("PAI_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let browse = |extra: &[String], url: &str| {
+        let out = std::process::Command::new(&chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            .arg(format!("--user-data-dir={}", scratch.join("chromium").display()))
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("{chromium} does not start ({e}): install Debian's chromium (scripts/fetch-chromium.sh) or set PAI_CHROMIUM")
+            });
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let url = format!("file://{}", page.display());
+    let dom = browse(&["--dump-dom".into()], &url);
+    assert!(
+        dom.contains(r#"id="decision" class="card decision reject" data-promote="false""#),
+        "{dom}"
+    );
+    assert_eq!(
+        dom.matches("<tr data-suite=").count(),
+        2 + item_rows(&dom),
+        "suite rows and item rows"
+    );
+    // Two suites across two nights; the imported candidate has no training run to draw.
+    assert!(
+        dom.contains(r#"<svg id="history""#)
+            && dom.matches(r#"class="series""#).count() == 2
+            && dom.contains(r#"<svg id="training""#),
+        "history and training charts"
+    );
+    assert!(
+        dom.contains("<ins>") || dom.contains("<del>") || dom.contains("class=\"card sample\""),
+        "samples"
+    );
+    // All item rows shown at first; the address filters them to the retention suite.
+    let hidden = |dom: &str| dom.matches(r#"class="hidden""#).count();
+    assert_eq!(hidden(&dom), 0);
+    let filtered = browse(
+        &["--dump-dom".into()],
+        &format!("{url}#suite=retention&sort=delta"),
+    );
+    let retention_rows = filtered.matches(r#"<tr data-suite="retention">"#).count();
+    let perplexity_rows = filtered.matches(r#"<tr data-suite="perplexity""#).count() - 1;
+    assert!(retention_rows > 0 && perplexity_rows > 0);
+    assert_eq!(
+        hidden(&filtered),
+        perplexity_rows,
+        "every perplexity item row hidden"
+    );
+    let shown = filtered
+        .split(r#"<span id="shown">"#)
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .unwrap_or_default();
+    assert_eq!(shown, retention_rows.to_string());
+    // A screenshot next to the build, for a person to look at.
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("report.png");
+    browse(
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1280,2400".into(),
+        ],
+        &url,
+    );
+    assert!(
+        std::fs::metadata(&shot)
+            .map(|m| m.len() > 10_000)
+            .unwrap_or(false),
+        "{}",
+        shot.display()
+    );
+}
+
+/// Item rows (every `<tr data-suite=` in the items table).
+fn item_rows(dom: &str) -> usize {
+    dom.split(r#"id="items""#)
+        .nth(1)
+        .map_or(0, |t| t.matches("<tr data-suite=").count())
 }
