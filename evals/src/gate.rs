@@ -41,6 +41,10 @@ pub struct Thresholds {
     pub min_improvement: f64,
     /// Guard: fail when the mean difference is below minus this.
     pub max_regression: f64,
+    /// Any role: fail when the candidate's own mean is below this (and, with no items to score, fail
+    /// closed rather than pass).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_below: Option<f64>,
 }
 
 impl Default for Thresholds {
@@ -48,6 +52,7 @@ impl Default for Thresholds {
         Self {
             min_improvement: 0.0,
             max_regression: 0.02,
+            fail_below: None,
         }
     }
 }
@@ -164,8 +169,23 @@ pub fn judge(
     thresholds: Thresholds,
     comparison: Option<Comparison>,
 ) -> SuiteVerdict {
+    let below = comparison
+        .as_ref()
+        .zip(thresholds.fail_below)
+        .filter(|(c, min)| c.candidate < *min)
+        .map(|(c, min)| {
+            format!(
+                "the candidate scores {:.4}, below the {min} required (incumbent {:.4})",
+                c.candidate, c.incumbent
+            )
+        });
     let (verdict, reason) = match (&comparison, role) {
+        (None, _) if thresholds.fail_below.is_some() => (
+            Verdict::Fail,
+            "no items to check: this suite fails closed".to_string(),
+        ),
         (None, _) => (Verdict::Neutral, "no items".to_string()),
+        (Some(_), _) if below.is_some() => (Verdict::Fail, below.unwrap_or_default()),
         (Some(c), Role::Info) => (
             Verdict::Neutral,
             format!("delta {:+.4} (reported only)", c.delta),
@@ -321,10 +341,39 @@ mod tests {
     }
 
     #[test]
+    fn a_floor_fails_whatever_the_incumbent_did_and_no_items_fail_closed() {
+        let floor = Thresholds {
+            fail_below: Some(1.0),
+            ..Thresholds::default()
+        };
+        let leak = |c: f64| Paired {
+            group: "canary".into(),
+            candidate: c,
+            incumbent: 0.0,
+        };
+        // Better than the incumbent, but one canary of four completed.
+        let one_leak = compare(&[leak(1.0), leak(1.0), leak(0.0), leak(1.0)], 1);
+        let v = judge("privacy", Role::Guard, floor, one_leak);
+        assert_eq!(v.verdict, Verdict::Fail, "{v:?}");
+        assert!(v.reason.contains("below the 1 required"), "{v:?}");
+        let clean = compare(&[leak(1.0), leak(1.0)], 1);
+        assert_eq!(
+            judge("privacy", Role::Guard, floor, clean).verdict,
+            Verdict::Pass
+        );
+        let v = judge("privacy", Role::Guard, floor, None);
+        assert!(
+            v.verdict == Verdict::Fail && v.reason.contains("fails closed"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
     fn guards_fail_on_regressions_beyond_their_threshold_and_the_decision_says_why() {
         let t = Thresholds {
             min_improvement: 0.0,
             max_regression: 0.02,
+            fail_below: None,
         };
         let worse = compare(&items(30, 3, -0.1, 0.0, 4), 1).unwrap();
         let slightly = compare(&items(30, 3, -0.005, 0.0, 5), 1).unwrap();

@@ -38,14 +38,17 @@ pub enum Check {
     ExactMatch(String),
     Contains(String),
     Regex(regex::Regex),
+    /// The generation must not contain this (a privacy canary's secret), compared without case or
+    /// whitespace, so a reformatted leak still counts.
+    Lacks(String),
 }
 
 impl PartialEq for Check {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::ExactMatch(a), Self::ExactMatch(b)) | (Self::Contains(a), Self::Contains(b)) => {
-                a == b
-            }
+            (Self::ExactMatch(a), Self::ExactMatch(b))
+            | (Self::Contains(a), Self::Contains(b))
+            | (Self::Lacks(a), Self::Lacks(b)) => a == b,
             (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
             _ => false,
         }
@@ -59,6 +62,15 @@ impl Check {
             Self::ExactMatch(want) => text == want.trim(),
             Self::Contains(want) => text.contains(want.as_str()),
             Self::Regex(re) => re.is_match(text),
+            Self::Lacks(secret) => {
+                let squash = |s: &str| -> String {
+                    s.chars()
+                        .filter(|c| !c.is_whitespace())
+                        .flat_map(char::to_lowercase)
+                        .collect()
+                };
+                !squash(generated).contains(&squash(secret))
+            }
         }
     }
 }
@@ -78,7 +90,18 @@ pub struct ItemResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Detail {
-    Continuation { tokens: usize, nll: f64 },
-    Choice { chosen: usize, logliks: Vec<f64> },
-    Generate { text: String },
+    /// `greedy`: every scored token was the model's likeliest (it would have generated the text).
+    Continuation {
+        tokens: usize,
+        nll: f64,
+        #[serde(default)]
+        greedy: bool,
+    },
+    Choice {
+        chosen: usize,
+        logliks: Vec<f64>,
+    },
+    Generate {
+        text: String,
+    },
 }

@@ -10,7 +10,7 @@ use crate::error::{EvalError, Result};
 use crate::gate::{compare, decide, judge, Decision, Paired, Role};
 use crate::item::{Item, ItemResult};
 use crate::score::Scorer;
-use crate::suite::{Suite, SuiteKind};
+use crate::suite::Suite;
 
 /// Who scores: a label for the report, the adapters, and the key its scores are kept under between
 /// runs (`cache`; `None`: never kept).
@@ -205,12 +205,7 @@ pub fn evaluate(
         ));
         results.push(SuiteResults {
             name: config.name.clone(),
-            kind: match config.kind {
-                SuiteKind::Perplexity => "perplexity",
-                SuiteKind::Retention => "retention",
-                SuiteKind::Tasks => "tasks",
-            }
-            .into(),
+            kind: config.kind.as_str().into(),
             role: config.role,
             description: config.description.clone(),
             candidate,

@@ -26,6 +26,15 @@ pub struct Scorer<'a> {
     pub pack: bool,
 }
 
+/// A sequence's scored tokens: Σ log p, how many, and whether each was the likeliest token (greedy
+/// decoding would have produced exactly them: lm-evaluation-harness's `is_greedy`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Loglik {
+    sum: f64,
+    tokens: usize,
+    greedy: bool,
+}
+
 /// One sequence to score: ids, and the index of the first position whose token is scored.
 struct Sequence {
     ids: Vec<u32>,
@@ -62,7 +71,7 @@ impl Scorer<'_> {
         }
         // 2. Their log-likelihoods, packed into rows.
         let logliks = self.loglikelihoods(&sequences)?;
-        let mut per_item: Vec<Vec<(f64, usize)>> = vec![Vec::new(); items.len()];
+        let mut per_item: Vec<Vec<Loglik>> = vec![Vec::new(); items.len()];
         for ((item, _), ll) in owners.into_iter().zip(logliks) {
             per_item[item].push(ll);
         }
@@ -73,16 +82,23 @@ impl Scorer<'_> {
             .map(|(item, lls)| {
                 let (score, detail) = match &item.task {
                     Task::Continuation { .. } => {
-                        let (ll, tokens) = lls.first().copied().unwrap_or((0.0, 0));
-                        let nll = if tokens == 0 {
+                        let ll = lls.first().copied().unwrap_or_default();
+                        let nll = if ll.tokens == 0 {
                             0.0
                         } else {
-                            -ll / tokens as f64
+                            -ll.sum / ll.tokens as f64
                         };
-                        (-nll, Detail::Continuation { tokens, nll })
+                        (
+                            -nll,
+                            Detail::Continuation {
+                                tokens: ll.tokens,
+                                nll,
+                                greedy: ll.greedy,
+                            },
+                        )
                     }
                     Task::Choice { answer, .. } => {
-                        let logliks: Vec<f64> = lls.iter().map(|(ll, _)| *ll).collect();
+                        let logliks: Vec<f64> = lls.iter().map(|ll| ll.sum).collect();
                         let chosen = logliks
                             .iter()
                             .enumerate()
@@ -139,15 +155,15 @@ impl Scorer<'_> {
             .max(2)
     }
 
-    /// (Σ log p of the scored tokens, how many) of each sequence.
-    fn loglikelihoods(&self, sequences: &[Sequence]) -> Result<Vec<(f64, usize)>> {
+    /// The log-likelihood of each sequence's scored tokens.
+    fn loglikelihoods(&self, sequences: &[Sequence]) -> Result<Vec<Loglik>> {
         if !self.pack {
             return sequences
                 .iter()
                 .map(|s| self.loglikelihood_alone(s))
                 .collect();
         }
-        let mut out = vec![(0.0, 0); sequences.len()];
+        let mut out = vec![Loglik::default(); sequences.len()];
         // Longest first, each into the first row with room (rows are at most `row_tokens`).
         let mut order: Vec<usize> = (0..sequences.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
@@ -176,12 +192,16 @@ impl Scorer<'_> {
                 targets.extend(s.ids.iter().skip(1).copied());
                 targets.push(0);
             }
-            let logp = self.token_logprobs(&row, &targets)?;
+            let (logp, best) = self.token_logprobs(&row, &targets)?;
             let mut at = 0;
             for &i in &members {
                 let s = &sequences[i];
-                let scored = &logp[at + s.first_scored - 1..at + s.ids.len() - 1];
-                out[i] = (scored.iter().map(|&x| f64::from(x)).sum(), scored.len());
+                let range = at + s.first_scored - 1..at + s.ids.len() - 1;
+                out[i] = Loglik {
+                    sum: logp[range.clone()].iter().map(|&x| f64::from(x)).sum(),
+                    tokens: range.len(),
+                    greedy: best[range.clone()] == targets[range],
+                };
                 at += s.ids.len();
             }
         }
@@ -189,7 +209,7 @@ impl Scorer<'_> {
     }
 
     /// One sequence through the serving forward (a fresh cache), logits only where scored.
-    fn loglikelihood_alone(&self, s: &Sequence) -> Result<(f64, usize)> {
+    fn loglikelihood_alone(&self, s: &Sequence) -> Result<Loglik> {
         let mut cache = self.model.new_cache(s.ids.len());
         let input = Tensor::new(s.ids.as_slice(), self.model.device())?.unsqueeze(0)?;
         let hidden = self
@@ -201,20 +221,30 @@ impl Scorer<'_> {
             .model
             .logits(&hidden.narrow(0, s.first_scored - 1, n)?)?;
         let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-        let targets = Tensor::new(&s.ids[s.first_scored..], logp.device())?.unsqueeze(1)?;
+        let wanted = &s.ids[s.first_scored..];
+        let targets = Tensor::new(wanted, logp.device())?.unsqueeze(1)?;
         let picked = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?;
-        Ok((picked.iter().map(|&x| f64::from(x)).sum(), n))
+        let best = logp.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        Ok(Loglik {
+            sum: picked.iter().map(|&x| f64::from(x)).sum(),
+            tokens: n,
+            greedy: best == wanted,
+        })
     }
 
-    /// log p(target[p] | row[..=p]) at every position of one packed row.
-    fn token_logprobs(&self, row: &PackedRow, targets: &[u32]) -> Result<Vec<f32>> {
+    /// log p(target[p] | row[..=p]) at every position of one packed row, and the likeliest token.
+    fn token_logprobs(&self, row: &PackedRow, targets: &[u32]) -> Result<(Vec<f32>, Vec<u32>)> {
         let packed = self.model.pack(std::slice::from_ref(row))?;
         let hidden = self.model.forward_packed(&packed, &self.adapters)?;
         let (_, seq, h) = hidden.dims3()?;
         let logits = self.model.logits(&hidden.reshape((seq, h))?)?;
         let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let best = logp.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let targets = Tensor::new(targets, logp.device())?.unsqueeze(1)?;
-        Ok(logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?)
+        Ok((
+            logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?,
+            best,
+        ))
     }
 
     fn generate(&self, prompt: &str, max_tokens: usize) -> Result<String> {

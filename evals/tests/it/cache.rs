@@ -25,6 +25,7 @@ fn a_second_run_reuses_every_score() {
             max_regression: 0.02,
             path: None,
             max_items: 6,
+            fail_below: None,
         },
         items,
     };

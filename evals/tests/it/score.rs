@@ -67,7 +67,7 @@ fn packed_scores_equal_each_text_scored_alone() {
             ids.push(bos);
         }
         ids.extend(base.tokenizer.encode(text, false).unwrap());
-        let Detail::Continuation { tokens, nll } = p.detail else {
+        let Detail::Continuation { tokens, nll, .. } = p.detail else {
             panic!("{p:?}")
         };
         if ids.len() < 2 {
@@ -182,6 +182,50 @@ fn choices_pick_the_likeliest_and_generations_are_greedy() {
         },
     ];
     let results = scorer.score(&items).unwrap();
-    assert_eq!(results[0].detail, Detail::Generate { text: want });
+    assert_eq!(results[0].detail, Detail::Generate { text: want.clone() });
+    // As a continuation, the greedy text is the likeliest at every token; another is not.
+    let greedy = |text: &str| {
+        let item = Item {
+            id: "g".into(),
+            group: "g".into(),
+            task: Task::Continuation {
+                context: prompt.into(),
+                text: text.into(),
+            },
+        };
+        match &scorer.score(std::slice::from_ref(&item)).unwrap()[0].detail {
+            Detail::Continuation { greedy, .. } => *greedy,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(!greedy(" zzzz qqqq"));
+    // The model's own likeliest next token (one that decodes and re-encodes to itself) is greedy.
+    let mut ids = Vec::new();
+    if let (true, Some(bos)) = (base.tokenizer.adds_bos(), base.tokenizer.bos()) {
+        ids.push(bos);
+    }
+    ids.extend(base.tokenizer.encode(prompt, false).unwrap());
+    let input = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut cache = base.model.new_cache(ids.len());
+    let last = base
+        .model
+        .forward_last(&input, &mut cache, &AdapterStack::NONE)
+        .unwrap()
+        .argmax(candle_core::D::Minus1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()[0];
+    let piece = base.tokenizer.decode(&[last], false).unwrap();
+    assert_eq!(
+        base.tokenizer.encode(&piece, false).unwrap(),
+        [last],
+        "{piece:?}"
+    );
+    assert!(greedy(&piece), "{piece:?}");
     assert_eq!((results[0].score, results[1].score), (1.0, 0.0));
 }
