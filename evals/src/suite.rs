@@ -303,8 +303,7 @@ pub fn distinctive_phrases(text: &str) -> Vec<(usize, usize)> {
         let start = at;
         at += word.len();
         let w = word.trim_end();
-        let core =
-            w.trim_end_matches(|c: char| matches!(c, '.' | ',' | ';' | ':' | '!' | '?' | ')'));
+        let core = w.trim_end_matches(['.', ',', ';', ':', '!', '?', ')']);
         let end = start + core.len();
         let spaced = start > 0 && text[..start].ends_with(' ');
         let distinctive = (core.len() >= 2 && core.chars().all(|c| c.is_ascii_digit()))
