@@ -168,7 +168,9 @@ pub fn render(page: &Page<'_>) -> String {
     for (results, verdict) in r.suites.iter().zip(&r.decision.suites) {
         suite_row(&mut h, results, verdict);
     }
-    h.push_str("</tbody></table><p class=\"muted\">Scores are higher-is-better: −(mean negative log-likelihood per token, nats) for text suites, accuracy for tasks. The interval is a cluster bootstrap over source files; \"detects\" is the smallest true difference the suite would find 80% of the time.</p>");
+    h.push_str("</tbody></table>");
+    by_source(&mut h, r);
+    h.push_str("<p class=\"muted\">Scores are higher-is-better: −(mean negative log-likelihood per token, nats) for text suites, accuracy for tasks. The interval is a cluster bootstrap over source files; \"detects\" is the smallest true difference the suite would find 80% of the time.</p>");
     // 3. History and training.
     h.push_str("<h2>History</h2><div class=\"card\">");
     h.push_str(&history_chart(page.history));
@@ -223,6 +225,52 @@ pub fn render(page: &Page<'_>) -> String {
         "</tbody></table></main><script>{SCRIPT}</script></body></html>"
     );
     h
+}
+
+/// Suites whose items come from the owner's sources (groups `source:path`), broken down by source
+/// (a source is notes or code, so this is also by kind).
+fn by_source(h: &mut String, r: &EvalReport) {
+    let mut rows = String::new();
+    for s in &r.suites {
+        let mut sources: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (k, item) in s.candidate.iter().enumerate() {
+            let Some((source, _)) = item.group.split_once(':') else {
+                continue;
+            };
+            match sources.iter_mut().find(|(n, _)| *n == source) {
+                Some((_, ks)) => ks.push(k),
+                None => sources.push((source, vec![k])),
+            }
+        }
+        for (source, ks) in sources {
+            let avg = |v: &[crate::item::ItemResult]| -> Option<f64> {
+                let xs: Vec<f64> = ks
+                    .iter()
+                    .filter_map(|&k| v.get(k).map(|r| r.score))
+                    .collect();
+                (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+            };
+            let (c, i) = (avg(&s.candidate), avg(&s.incumbent));
+            let _ = write!(
+                rows,
+                "<tr data-source=\"{}\"><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                escape(source),
+                escape(&s.name),
+                escape(source),
+                ks.len(),
+                num(avg(&s.base)),
+                num(i),
+                num(c),
+                num(c.zip(i).map(|(c, i)| c - i))
+            );
+        }
+    }
+    if !rows.is_empty() {
+        let _ = write!(
+            h,
+            "<h2>By source</h2><table id=\"by-source\"><thead><tr><th>suite</th><th>source</th><th>items</th><th>base</th><th>incumbent</th><th>candidate</th><th>delta</th></tr></thead><tbody>{rows}</tbody></table>"
+        );
+    }
 }
 
 fn suite_row(h: &mut String, results: &crate::run::SuiteResults, verdict: &SuiteVerdict) {

@@ -278,6 +278,8 @@ fn check_report_in_browser(
         suites + item_rows(&dom),
         "suite rows and item rows"
     );
+    // The owner's suites broken down by source ("notes", the only one here).
+    assert!(dom.contains(r#"<tr data-source="notes">"#), "by source");
     // A line per scored suite across two nights; the imported candidate has no training run to draw.
     assert!(
         dom.contains(r#"<svg id="history""#)

@@ -433,6 +433,28 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             checkpoint(&state, &opt, &best)?;
         }
     }
+    // A run cut short by its time budget ships its adapter now: judge the weights it reached too
+    // (the last holdout evaluation may be many steps back, or not have happened at all, and the
+    // initial adapter, all zeros, would then be shipped as the best).
+    let evaluated_here = state.step == total_steps
+        || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every));
+    if matches!(stop, StopReason::TimeBudget)
+        && !eval.is_empty()
+        && state.step > 0
+        && !evaluated_here
+    {
+        let l = holdout_loss(model, Some(&params.frozen("eval", None)), &eval)?.unwrap_or(f64::NAN);
+        tracing::info!(
+            step = state.step,
+            holdout_loss = l,
+            "holdout at the time budget"
+        );
+        if state.best_holdout.is_none_or(|b| l < b) {
+            state.best_holdout = Some(l);
+            state.best_step = state.step;
+            best = snapshot(&params)?;
+        }
+    }
     if matches!(stop, StopReason::Interrupted | StopReason::TimeBudget) {
         checkpoint(&state, &opt, &best)?;
     }

@@ -233,3 +233,41 @@ fn capped_evaluation_samples_the_whole_holdout() {
     assert!(ids.contains(&1) && ids.contains(&2), "{ids:?}");
     assert_eq!(rows, eval_rows(&docs, 16, 64, 0).expect("rows"));
 }
+
+/// A run stopped by its time budget before any scheduled holdout evaluation still ships the weights
+/// it reached (judged on the holdout at the stop), not the all-zero adapter it started from.
+#[test]
+fn a_time_budget_stop_ships_the_weights_it_reached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = tiny(&dir.path().join("m"), GgmlDType::Q8_0, TinySpec::default());
+    let docs = corpus();
+    let cfg = TrainConfig {
+        max_steps: Some(1_000_000),
+        eval_every: 1_000_000,
+        checkpoint_every: 1_000_000,
+        time_budget_s: Some(2),
+        ..config()
+    };
+    let stop = AtomicBool::new(false);
+    let run = dir.path().join("run");
+    let out = train(&job(&base, &cfg, &docs, &run, false, &stop), &mut |_| {}).expect("train");
+    assert_eq!(out.stop, StopReason::TimeBudget);
+    assert!(out.steps > 0);
+    assert_eq!(out.best_step, out.steps, "{out:?}");
+    let (before, best) = (
+        out.initial_holdout.expect("holdout"),
+        out.best_holdout.expect("best"),
+    );
+    assert!(best < before, "{before} → {best}");
+    let b_norm: f32 = out
+        .adapter
+        .iter()
+        .map(|(_, w)| {
+            w.b.sqr()
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.to_scalar::<f32>())
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(b_norm > 0.0, "the shipped adapter is not the initial one");
+}
