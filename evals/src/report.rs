@@ -166,7 +166,7 @@ pub fn render(page: &Page<'_>) -> String {
     // 2. Suites.
     h.push_str("<h2>Suites</h2><table id=\"suites\"><thead><tr><th>suite</th><th>role</th><th>items</th><th>base</th><th>incumbent</th><th>candidate</th><th>delta</th><th>95% interval</th><th>detects</th><th></th><th>verdict</th></tr></thead><tbody>");
     for (results, verdict) in r.suites.iter().zip(&r.decision.suites) {
-        suite_row(&mut h, results, verdict);
+        suite_row(&mut h, results, verdict, r.incumbent == "base");
     }
     h.push_str("</tbody></table>");
     by_source(&mut h, r);
@@ -201,7 +201,11 @@ pub fn render(page: &Page<'_>) -> String {
     h.push_str("</select></div><table id=\"items\"><thead><tr><th data-sort=\"text\" data-key=\"suite\">suite</th><th data-sort=\"text\" data-key=\"id\">item</th><th data-sort=\"text\" data-key=\"group\">group</th><th data-sort=\"num\" data-key=\"base\">base</th><th data-sort=\"num\" data-key=\"incumbent\">incumbent</th><th data-sort=\"num\" data-key=\"candidate\">candidate</th><th data-sort=\"num\" data-key=\"delta\">delta</th></tr></thead><tbody>");
     for s in &r.suites {
         for (k, (c, i)) in s.candidate.iter().zip(&s.incumbent).enumerate() {
-            let base = s.base.get(k).map(|b| b.score);
+            let base = if r.incumbent == "base" {
+                Some(i.score)
+            } else {
+                s.base.get(k).map(|b| b.score)
+            };
             let _ = write!(
                 h,
                 "<tr data-suite=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td class=\"num\" data-v=\"{}\">{}</td><td class=\"num\" data-v=\"{}\">{:+.4}</td><td class=\"num\" data-v=\"{}\">{:+.4}</td><td class=\"num\" data-v=\"{}\">{:+.4}</td></tr>",
@@ -258,7 +262,11 @@ fn by_source(h: &mut String, r: &EvalReport) {
                 escape(&s.name),
                 escape(source),
                 ks.len(),
-                num(avg(&s.base)),
+                num(avg(if r.incumbent == "base" {
+                    &s.incumbent
+                } else {
+                    &s.base
+                })),
                 num(i),
                 num(c),
                 num(c.zip(i).map(|(c, i)| c - i))
@@ -273,7 +281,18 @@ fn by_source(h: &mut String, r: &EvalReport) {
     }
 }
 
-fn suite_row(h: &mut String, results: &crate::run::SuiteResults, verdict: &SuiteVerdict) {
+/// `incumbent_is_base`: the base's scores are the incumbent's.
+fn suite_row(
+    h: &mut String,
+    results: &crate::run::SuiteResults,
+    verdict: &SuiteVerdict,
+    incumbent_is_base: bool,
+) {
+    let base = if incumbent_is_base {
+        &results.incumbent
+    } else {
+        &results.base
+    };
     let c = verdict.comparison.as_ref();
     let interval = c.map_or("—".into(), |c| {
         format!("[{:+.4}, {:+.4}]", c.interval.0, c.interval.1)
@@ -287,7 +306,7 @@ fn suite_row(h: &mut String, results: &crate::run::SuiteResults, verdict: &Suite
         escape(&results.description),
         verdict.role.as_str(),
         c.map_or(0, |c| c.items),
-        num(mean(&results.base)),
+        num(mean(base)),
         num(mean(&results.incumbent)),
         num(mean(&results.candidate)),
         num(c.map(|c| c.delta)),

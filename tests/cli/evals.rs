@@ -306,6 +306,18 @@ fn check_report_in_browser(
         other_rows,
         "every item row of the other suites hidden"
     );
+    // `sort=delta` clicked the delta header once: the shown rows ascend by delta (the last cell).
+    let deltas: Vec<f64> = filtered
+        .split(r#"<tr data-suite="retention">"#)
+        .skip(1)
+        .filter_map(|row| {
+            let row = row.split("</tr>").next()?;
+            let last = row.rsplit(r#"data-v=""#).next()?;
+            last.split('"').next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(deltas.len(), retention_rows);
+    assert!(deltas.windows(2).all(|w| w[0] <= w[1]), "{deltas:?}");
     let shown = filtered
         .split(r#"<span id="shown">"#)
         .nth(1)

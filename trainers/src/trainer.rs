@@ -400,8 +400,13 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             holdout_loss: None,
         };
 
-        // Holdout loss, the best adapter so far, early stopping.
-        let last = state.step == total_steps;
+        // Holdout loss, the best adapter so far, early stopping. A step that uses up the time budget
+        // is the last: the weights it reached are judged on the holdout like a final step's (else
+        // the best could be the all-zero adapter the run started from).
+        let out_of_time = cfg
+            .time_budget_s
+            .is_some_and(|budget| state.elapsed_s >= budget as f64);
+        let last = state.step == total_steps || out_of_time;
         if !eval.is_empty()
             && ((cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) || last)
         {
@@ -432,27 +437,9 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         if state.step.is_multiple_of(cfg.checkpoint_every) || last {
             checkpoint(&state, &opt, &best)?;
         }
-    }
-    // A run cut short by its time budget ships its adapter now: judge the weights it reached too
-    // (the last holdout evaluation may be many steps back, or not have happened at all, and the
-    // initial adapter, all zeros, would then be shipped as the best).
-    let evaluated_here = state.step == total_steps
-        || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every));
-    if matches!(stop, StopReason::TimeBudget)
-        && !eval.is_empty()
-        && state.step > 0
-        && !evaluated_here
-    {
-        let l = holdout_loss(model, Some(&params.frozen("eval", None)), &eval)?.unwrap_or(f64::NAN);
-        tracing::info!(
-            step = state.step,
-            holdout_loss = l,
-            "holdout at the time budget"
-        );
-        if state.best_holdout.is_none_or(|b| l < b) {
-            state.best_holdout = Some(l);
-            state.best_step = state.step;
-            best = snapshot(&params)?;
+        if out_of_time && state.step < total_steps {
+            stop = StopReason::TimeBudget;
+            break;
         }
     }
     if matches!(stop, StopReason::Interrupted | StopReason::TimeBudget) {
