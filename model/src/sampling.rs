@@ -22,6 +22,11 @@ pub struct SamplingParams {
     /// CTRL-style penalty on tokens seen in the last `repeat_last_n` positions (1 = off).
     pub repetition_penalty: f32,
     pub repeat_last_n: usize,
+    /// OpenAI's penalties on the tokens generated so far (not the prompt's), subtracted from the
+    /// logits: `presence_penalty` once for a token that appeared, `frequency_penalty` per time it
+    /// did. Both in [-2, 2]; 0 = off.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -34,6 +39,8 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -53,6 +60,14 @@ impl SamplingParams {
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad("min_p", format!("must be in [0, 1], got {}", self.min_p));
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(field, format!("must be in [-2, 2], got {v}"));
+            }
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad(
@@ -77,13 +92,19 @@ pub struct TokenLogprob {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each token was chosen so far (what the OpenAI penalties count).
+    generated: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self {
+            params,
+            rng,
+            generated: std::collections::HashMap::new(),
+        })
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -111,11 +132,19 @@ impl Sampler {
                 }
             }
         }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.generated {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
         let token = if p.temperature == 0.0 {
             argmax(&scores)
         } else {
             self.draw(&scores)
         };
+        *self.generated.entry(token as u32).or_default() += 1;
         let top = if top_logprobs > 0 {
             top_indices(&logprobs, top_logprobs)
                 .into_iter()
@@ -212,6 +241,33 @@ fn top_indices(xs: &[f32], n: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presence_and_frequency_penalties_count_what_was_generated() {
+        let logits = [0.0, 2.0, 1.5];
+        let greedy = |presence, frequency| {
+            let mut s = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..Default::default()
+            })
+            .unwrap();
+            // The prompt (history) does not count; only what this sampler chose.
+            (0..4)
+                .map(|_| s.sample(&logits, &[1, 1, 1], 0).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(greedy(0.0, 0.0), [1, 1, 1, 1]);
+        // Once chosen a token loses 1.0, however often: 2.0 − 1 < 1.5, then 1.0 > 1.5 − 1.
+        assert_eq!(greedy(1.0, 0.0), [1, 2, 1, 1]);
+        // Per occurrence: 2.0 − 0.3n against 1.5 − 0.3m.
+        assert_eq!(greedy(0.0, 0.3), [1, 1, 2, 1]);
+        assert!(Sampler::new(SamplingParams {
+            frequency_penalty: 2.5,
+            ..Default::default()
+        })
+        .is_err());
+    }
 
     fn sampler(p: SamplingParams) -> Sampler {
         Sampler::new(p).unwrap()
