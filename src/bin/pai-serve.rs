@@ -1,4 +1,5 @@
-//! `pai-serve`: serve the base model and its adapters. For now: `pai-serve chat`, a terminal chat.
+//! `pai-serve`: serve the base model and its adapters: `pai-serve serve` (the OpenAI-compatible HTTP
+//! API, pai-serve's `routes`), `pai-serve chat` (a terminal chat), `pai-serve bench`.
 
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -21,10 +22,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API: the base model and the registry's adapters, chosen per
+    /// request by `model`.
+    Serve(ServeArgs),
     /// Chat with the model in the terminal (a REPL, or one reply with --prompt), streaming tokens.
     Chat(ChatArgs),
     /// Measure prefill and decode speed and peak memory, as llama-bench does.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (loopback by default: nothing leaves the machine unless asked).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// GGUF file or Hugging Face directory (default: the model scripts/fetch-model.sh installs).
+    #[arg(long, env = "PAI_MODEL")]
+    model: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -82,9 +98,39 @@ struct ChatArgs {
 fn main() -> anyhow::Result<()> {
     pai::init_logging();
     match Cli::parse().command {
+        Command::Serve(args) => serve(args),
         Command::Chat(args) => chat(args),
         Command::Bench(args) => bench(args),
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "--host {:?} --port {} is not an address",
+                args.host, args.port
+            )
+        })?;
+    let (base, _) = pai::load_model(args.model, &[], pai_model::LoadOptions::default())?;
+    let registry = pai_adapters::Registry::new(&pai::pai_home());
+    let adapters: Vec<String> = registry
+        .list()?
+        .into_iter()
+        .filter_map(|a| a.current.map(|v| format!("{}@{v}", a.name)))
+        .collect();
+    eprintln!(
+        "pai-serve: model {}; adapters: {}",
+        base.path().display(),
+        if adapters.is_empty() {
+            format!("none yet in {}", registry.root().display())
+        } else {
+            adapters.join(", ")
+        }
+    );
+    let state = std::sync::Arc::new(pai_serve::ServeState::new(base, Some(registry)));
+    pai_serve::run(addr, state).with_context(|| format!("serving on {addr}"))
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {

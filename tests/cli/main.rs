@@ -9,6 +9,7 @@ mod adapters;
 mod evals;
 mod ingest;
 mod model;
+mod serve;
 mod train;
 
 use candle_core::quantized::GgmlDType;

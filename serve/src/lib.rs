@@ -1,0 +1,58 @@
+//! pai-serve: the OpenAI-compatible HTTP server. One quantized base model serves the owner's adapters,
+//! chosen per request by `model` (`state`), through the routes of `routes::app`; errors in OpenAI's
+//! envelope (`error`), bodies in OpenAI's shapes (`openai`). This slice answers one generation at a
+//! time; continuous batching, hot swap on CURRENT, load/unload, metrics and API keys come next
+//! (issue 8).
+
+pub mod error;
+pub mod openai;
+pub mod routes;
+pub mod state;
+
+pub use error::ApiError;
+pub use routes::app;
+pub use state::{LoadedAdapter, ServeState};
+
+use std::sync::Arc;
+
+/// Serve `state` on `addr` until SIGINT or SIGTERM, then finish the requests in flight. Prints the
+/// address it listens on (with the port the system chose, for port 0) to standard error.
+pub fn run(addr: std::net::SocketAddr, state: Arc<ServeState>) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, model = %state.base_id, "serving");
+        eprintln!(
+            "pai-serve: listening on http://{local} (model {})",
+            state.base_id
+        );
+        axum::serve(listener, app(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    eprintln!("pai-serve: shutting down after the requests in flight");
+}

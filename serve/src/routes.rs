@@ -1,0 +1,529 @@
+//! The HTTP API (DESIGN.md "HTTP API"): `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`,
+//! `POST /v1/completions`, non-streaming or streamed as server-sent events ending in `data: [DONE]`.
+//! Every answer names the adapter that gave it (`pai` in the body, `x-pai-adapter` in the headers).
+
+use std::convert::Infallible;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pai_model::{generate, AdapterStack, FinishReason, GenerateOptions, Generation, Message};
+use serde_json::{json, Value};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::error::ApiError;
+use crate::openai::{
+    ChatRequest, ChatTokenLogprob, CompletionRequest, Content, Lineage, Prompt, Sampling,
+    TopLogprob, Usage,
+};
+use crate::state::{LoadedAdapter, ServeState};
+
+/// The server's routes over `state` (tests drive it with `tower::ServiceExt::oneshot`).
+pub fn app(state: Arc<ServeState>) -> Router {
+    let limit = state.max_request_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn health(State(s): State<Arc<ServeState>>) -> Json<Value> {
+    Json(json!({"status": "ok", "model": s.base_id}))
+}
+
+async fn models(State(s): State<Arc<ServeState>>) -> Json<Value> {
+    let mut data = vec![json!({
+        "id": s.base_id, "object": "model", "created": 0, "owned_by": "pai",
+        "root": s.base_id, "parent": null,
+    })];
+    if let Some(registry) = &s.registry {
+        for a in registry.list().unwrap_or_default() {
+            let Some(current) = a.current else { continue };
+            let meta = registry.meta(&a.name, current).ok();
+            data.push(json!({
+                "id": a.name, "object": "model", "created": 0, "owned_by": "pai",
+                "root": s.base_id, "parent": s.base_id, "version": current.to_string(),
+                "dataset_hash": meta.as_ref().and_then(|m| m.dataset.as_ref()).map(|d| d.hash.clone()),
+                "parent_adapter": meta.and_then(|m| m.parent),
+            }));
+        }
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// A request body, with serde's refusal of a field turned into OpenAI's `unsupported_parameter`.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        match msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split_once('`'))
+        {
+            Some((field, _)) => ApiError::invalid(
+                Some(field),
+                "unsupported_parameter",
+                format!("Unsupported parameter: '{field}' is not supported by this server."),
+            ),
+            None => ApiError::invalid(None, "invalid_json", format!("invalid request body: {msg}")),
+        }
+    })
+}
+
+/// The generation options a request asks for, checked against the model's context.
+fn options(
+    s: &ServeState,
+    sampling: &Sampling,
+    max_tokens: Option<usize>,
+    prompt_tokens: usize,
+    logprobs: Option<usize>,
+) -> Result<GenerateOptions, ApiError> {
+    if sampling.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            Some("n"),
+            "unsupported_parameter",
+            "n must be 1: this server returns one choice",
+        ));
+    }
+    if logprobs.is_some_and(|k| k > 20) {
+        return Err(ApiError::invalid(
+            Some("top_logprobs"),
+            "invalid_value",
+            "at most 20 alternatives per token",
+        ));
+    }
+    let context = s.base.model.config().context_length;
+    let room = context.saturating_sub(prompt_tokens);
+    let max_tokens = max_tokens.or(sampling.max_tokens);
+    if max_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            "invalid_value",
+            "max_tokens must be at least 1",
+        ));
+    }
+    if let Some(m) = max_tokens.filter(|&m| m > s.max_tokens_limit) {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            "invalid_value",
+            format!(
+                "max_tokens is {m}; this server allows at most {}",
+                s.max_tokens_limit
+            ),
+        ));
+    }
+    let wanted = max_tokens.unwrap_or(room.min(s.max_tokens_limit));
+    if room == 0 || prompt_tokens + wanted > context {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "context_length_exceeded",
+            format!(
+                "This model's maximum context length is {context} tokens. However, you requested \
+                 {} tokens ({prompt_tokens} in the prompt, {wanted} in the completion).",
+                prompt_tokens + wanted
+            ),
+        ));
+    }
+    let mut params = pai_model::SamplingParams {
+        // OpenAI's default temperature is 1.
+        temperature: sampling.temperature.unwrap_or(1.0),
+        top_p: sampling.top_p.unwrap_or(1.0),
+        presence_penalty: sampling.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: sampling.frequency_penalty.unwrap_or(0.0),
+        ..Default::default()
+    };
+    if let Some(seed) = sampling.seed {
+        params.seed = seed;
+    }
+    let opts = GenerateOptions {
+        max_tokens: Some(wanted),
+        sampling: params,
+        stop: sampling
+            .stop
+            .clone()
+            .map(|s| s.into_vec())
+            .unwrap_or_default(),
+        ignore_eos: false,
+        logprobs,
+    };
+    pai_model::Sampler::new(opts.sampling.clone())?;
+    if opts.stop.len() > 4 {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "invalid_value",
+            "at most 4 stop sequences",
+        ));
+    }
+    Ok(opts)
+}
+
+fn stack(adapter: &Option<Arc<LoadedAdapter>>) -> Vec<&pai_model::Adapter> {
+    adapter.iter().map(|a| &a.adapter).collect()
+}
+
+fn lineage(adapter: &Option<Arc<LoadedAdapter>>) -> Lineage {
+    adapter.as_ref().map_or(
+        Lineage {
+            adapter: None,
+            version: None,
+            dataset_hash: None,
+            report: None,
+        },
+        |a| a.lineage(),
+    )
+}
+
+fn finish(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "stop",
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The response with the lineage header.
+fn with_lineage(body: Value, lineage: &Lineage) -> Response {
+    let mut resp = Json(body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&lineage.header()) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("x-pai-adapter"), v);
+    }
+    resp
+}
+
+/// Generate on a blocking thread, one generation at a time on the model.
+async fn run(
+    s: Arc<ServeState>,
+    adapter: Option<Arc<LoadedAdapter>>,
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    on_text: impl FnMut(&str) -> ControlFlow<()> + Send + 'static,
+) -> Result<Generation, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let _turn = s
+            .engine
+            .lock()
+            .map_err(|_| ApiError::internal("the model lock is poisoned"))?;
+        let list = stack(&adapter);
+        generate(
+            &s.base.model,
+            &s.base.tokenizer,
+            &AdapterStack::new(&list),
+            &prompt,
+            &opts,
+            on_text,
+        )
+        .map_err(ApiError::from)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("generation failed: {e}")))?
+}
+
+fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "invalid_value",
+            "messages is empty",
+        ));
+    }
+    req.messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant"
+            ) {
+                return Err(ApiError::invalid(
+                    Some(&format!("messages[{i}].role")),
+                    "invalid_value",
+                    format!(
+                        "role {:?} is not one of system, developer, user, assistant",
+                        m.role
+                    ),
+                ));
+            }
+            let text = match &m.content {
+                Content::Text(t) => t.clone(),
+                Content::Parts(parts) => {
+                    let mut text = String::new();
+                    for (k, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    Some(&format!("messages[{i}].content[{k}]")),
+                                    "unsupported_parameter",
+                                    format!(
+                                        "content of type {:?} is not supported (text only)",
+                                        p.kind
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                m.role.as_str()
+            };
+            Ok(Message::new(role, text))
+        })
+        .collect()
+}
+
+async fn chat_completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Response {
+    match chat_inner(s, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_inner(s: Arc<ServeState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body)?;
+    let adapter = s.resolve(&req.model, req.adapter.as_deref())?;
+    let messages = chat_messages(&req)?;
+    let template = s.base.chat_template()?;
+    let prompt = template.encode(&s.base.tokenizer, &messages, true)?;
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(ApiError::invalid(
+            Some("top_logprobs"),
+            "invalid_value",
+            "top_logprobs needs logprobs: true",
+        ));
+    }
+    let opts = options(
+        &s,
+        &req.sampling(),
+        req.max_completion_tokens,
+        prompt.len(),
+        logprobs,
+    )?;
+    let lineage = lineage(&adapter);
+    let id = format!("chatcmpl-{}", s.next_id());
+    let model = req.model.clone();
+    if req.stream {
+        if req.logprobs {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "unsupported_parameter",
+                "logprobs are not streamed yet: ask without stream",
+            ));
+        }
+        let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return Ok(stream(
+            s, adapter, prompt, opts, lineage, id, model, usage, true,
+        ));
+    }
+    let prompt_tokens = prompt.len();
+    let g = run(s.clone(), adapter, prompt, opts, |_| {
+        ControlFlow::Continue(())
+    })
+    .await?;
+    let logprobs = req.logprobs.then(|| {
+        json!({"content": g.logprobs.iter().map(|t| {
+            let piece = |id: u32| s.base.tokenizer.decode(&[id], false).unwrap_or_default();
+            let token = piece(t.token);
+            ChatTokenLogprob {
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob: t.logprob,
+                top_logprobs: t.top.iter().map(|&(id, lp)| {
+                    let token = piece(id);
+                    TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob: lp }
+                }).collect(),
+            }
+        }).collect::<Vec<_>>()})
+    });
+    let body = json!({
+        "id": id, "object": "chat.completion", "created": now(), "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": g.text},
+            "logprobs": logprobs,
+            "finish_reason": finish(g.finish_reason),
+        }],
+        "usage": Usage::new(prompt_tokens, g.tokens.len()),
+        "pai": lineage,
+    });
+    Ok(with_lineage(body, &lineage))
+}
+
+async fn completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Response {
+    match completions_inner(s, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions_inner(s: Arc<ServeState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body)?;
+    let adapter = s.resolve(&req.model, req.adapter.as_deref())?;
+    let text = match &req.prompt {
+        Prompt::One(t) => t.clone(),
+        Prompt::Many(v) if v.len() == 1 => v[0].clone(),
+        Prompt::Many(v) => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "unsupported_parameter",
+                format!("one prompt per request (got {})", v.len()),
+            ))
+        }
+    };
+    let prompt = s.base.tokenizer.encode_prompt(&text, false)?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "invalid_value",
+            "prompt is empty",
+        ));
+    }
+    let opts = options(&s, &req.sampling(), None, prompt.len(), req.logprobs)?;
+    let lineage = lineage(&adapter);
+    let id = format!("cmpl-{}", s.next_id());
+    let model = req.model.clone();
+    if req.stream {
+        if req.logprobs.is_some() {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "unsupported_parameter",
+                "logprobs are not streamed yet: ask without stream",
+            ));
+        }
+        let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return Ok(stream(
+            s, adapter, prompt, opts, lineage, id, model, usage, false,
+        ));
+    }
+    let prompt_tokens = prompt.len();
+    let g = run(s.clone(), adapter, prompt, opts, |_| {
+        ControlFlow::Continue(())
+    })
+    .await?;
+    let logprobs = req.logprobs.map(|_| {
+        let piece = |id: u32| s.base.tokenizer.decode(&[id], false).unwrap_or_default();
+        let tokens: Vec<String> = g.logprobs.iter().map(|t| piece(t.token)).collect();
+        let mut offset = text.len();
+        let offsets: Vec<usize> = tokens
+            .iter()
+            .map(|t| {
+                let at = offset;
+                offset += t.len();
+                at
+            })
+            .collect();
+        json!({
+            "tokens": tokens,
+            "token_logprobs": g.logprobs.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+            "top_logprobs": g.logprobs.iter().map(|t| {
+                t.top.iter().map(|&(id, lp)| (piece(id), json!(lp))).collect::<serde_json::Map<String, Value>>()
+            }).collect::<Vec<_>>(),
+            "text_offset": offsets,
+        })
+    });
+    let body = json!({
+        "id": id, "object": "text_completion", "created": now(), "model": model,
+        "choices": [{"index": 0, "text": g.text, "logprobs": logprobs, "finish_reason": finish(g.finish_reason)}],
+        "usage": Usage::new(prompt_tokens, g.tokens.len()),
+        "pai": lineage,
+    });
+    Ok(with_lineage(body, &lineage))
+}
+
+/// Server-sent events: a chunk per piece of text as soon as it is final, a last chunk with the
+/// finish reason, one with the usage when asked, then `data: [DONE]`. A client that goes away
+/// cancels the generation.
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    s: Arc<ServeState>,
+    adapter: Option<Arc<LoadedAdapter>>,
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    lineage: Lineage,
+    id: String,
+    model: String,
+    include_usage: bool,
+    chat: bool,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    let created = now();
+    let chunk = {
+        let (id, model, lineage) = (id.clone(), model.clone(), lineage.clone());
+        move |delta: Value, finish: Option<&str>| -> Value {
+            let choice = if chat {
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            } else {
+                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "logprobs": null, "finish_reason": finish})
+            };
+            json!({
+                "id": id, "object": if chat { "chat.completion.chunk" } else { "text_completion" },
+                "created": created, "model": model, "choices": [choice], "pai": lineage,
+            })
+        }
+    };
+    let event = |v: Value| Event::default().data(v.to_string());
+    let prompt_tokens = prompt.len();
+    let first = chunk(json!({"role": "assistant", "content": ""}), None);
+    let tx_text = tx.clone();
+    let piece_chunk = chunk.clone();
+    tokio::spawn(async move {
+        if chat && tx.send(event(first)).await.is_err() {
+            return;
+        }
+        let result = run(s, adapter, prompt, opts, move |text| {
+            let ev = event(piece_chunk(json!({"content": text}), None));
+            match tx_text.blocking_send(ev) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        })
+        .await;
+        match result {
+            Ok(g) => {
+                let _ = tx
+                    .send(event(chunk(json!({}), Some(finish(g.finish_reason)))))
+                    .await;
+                if include_usage {
+                    let mut last = chunk(json!({}), None);
+                    last["choices"] = json!([]);
+                    last["usage"] = json!(Usage::new(prompt_tokens, g.tokens.len()));
+                    let _ = tx.send(event(last)).await;
+                }
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(event(
+                        json!({"error": {"message": e.message, "type": e.kind, "code": e.code}}),
+                    ))
+                    .await;
+            }
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    let mut resp = Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&lineage.header()) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("x-pai-adapter"), v);
+    }
+    resp
+}

@@ -1,0 +1,149 @@
+//! What the server holds: the base model, the registry, and the adapters loaded from it. A request
+//! names what answers it (`model`: the base, an adapter, `base::adapter`, or `adapter@vN`; or the
+//! `adapter` field); the current version of a name is served unless a version is named. Every
+//! adapter is loaded through `Registry::verify` (each file's sha256) and the base's own check of its
+//! fingerprint, once, then kept by name and version.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use pai_adapters::{AdapterMeta, Registry, Version};
+use pai_model::{Adapter, BaseModel};
+
+use crate::error::ApiError;
+use crate::openai::Lineage;
+
+/// An adapter as served: its weights and where they came from.
+pub struct LoadedAdapter {
+    pub adapter: Adapter,
+    pub name: String,
+    pub version: Version,
+    pub meta: AdapterMeta,
+}
+
+impl LoadedAdapter {
+    pub fn lineage(&self) -> Lineage {
+        Lineage {
+            adapter: Some(self.name.clone()),
+            version: Some(self.version.to_string()),
+            dataset_hash: self.meta.dataset.as_ref().map(|d| d.hash.clone()),
+            report: self
+                .meta
+                .gate
+                .as_ref()
+                .and_then(|g| g["report"].as_str())
+                .map(String::from),
+        }
+    }
+}
+
+pub struct ServeState {
+    pub base: BaseModel,
+    /// The id clients use for the bare base (the model file's name).
+    pub base_id: String,
+    pub registry: Option<Registry>,
+    loaded: Mutex<HashMap<(String, Version), Arc<LoadedAdapter>>>,
+    /// One generation at a time on the model (requests queue here).
+    pub engine: Mutex<()>,
+    /// Largest request body, in bytes.
+    pub max_request_bytes: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_limit: usize,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl ServeState {
+    pub fn new(base: BaseModel, registry: Option<Registry>) -> Self {
+        let base_id = base.name().to_string();
+        Self {
+            base,
+            base_id,
+            registry,
+            loaded: Mutex::new(HashMap::new()),
+            engine: Mutex::new(()),
+            max_request_bytes: 4 << 20,
+            max_tokens_limit: 4096,
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh response id suffix.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every model id this server answers to: the base, then each adapter with a current version.
+    pub fn model_ids(&self) -> Vec<String> {
+        let mut ids = vec![self.base_id.clone()];
+        if let Some(r) = &self.registry {
+            if let Ok(list) = r.list() {
+                ids.extend(
+                    list.into_iter()
+                        .filter(|a| a.current.is_some())
+                        .map(|a| a.name),
+                );
+            }
+        }
+        ids
+    }
+
+    /// What answers a request: `None` for the bare base.
+    pub fn resolve(
+        &self,
+        model: &str,
+        adapter: Option<&str>,
+    ) -> Result<Option<Arc<LoadedAdapter>>, ApiError> {
+        let not_found = |what: &str| ApiError::model_not_found(what, &self.model_ids());
+        let spec = match (adapter, model.split_once("::")) {
+            (Some(a), _) => {
+                if model != self.base_id && model != "base" {
+                    return Err(not_found(model));
+                }
+                a
+            }
+            (None, Some((base, a))) => {
+                if base != self.base_id && base != "base" {
+                    return Err(not_found(model));
+                }
+                a
+            }
+            (None, None) if model == self.base_id || model == "base" => return Ok(None),
+            (None, None) => model,
+        };
+        let registry = self.registry.as_ref().ok_or_else(|| not_found(spec))?;
+        let (name, version) = registry.resolve(spec).map_err(|_| not_found(spec))?;
+        let key = (name.clone(), version);
+        if let Some(a) = self.loaded.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(Some(a));
+        }
+        let verified = registry.verify(&name, version).map_err(|e| ApiError {
+            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("adapter {name}@{version} cannot be served: {e}"),
+            kind: "server_error",
+            param: Some("model".into()),
+            code: "adapter_unavailable",
+        })?;
+        let adapter = self
+            .base
+            .load_adapter(&verified.dir)
+            .map_err(|e| ApiError {
+                status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                message: format!("adapter {name}@{version} does not load onto this base: {e}"),
+                kind: "server_error",
+                param: Some("model".into()),
+                code: "adapter_unavailable",
+            })?;
+        let loaded = Arc::new(LoadedAdapter {
+            adapter,
+            name,
+            version,
+            meta: verified.meta,
+        });
+        if let Ok(mut m) = self.loaded.lock() {
+            m.insert(key, loaded.clone());
+        }
+        tracing::info!(adapter = %loaded.name, version = %loaded.version, "adapter loaded");
+        Ok(Some(loaded))
+    }
+}

@@ -1,0 +1,334 @@
+//! The OpenAI API as clients use it: bodies, errors in the envelope, adapters by name with their
+//! lineage, and streams.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::server;
+
+async fn call(
+    app: axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Option<String>, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    let status = resp.status();
+    let adapter = resp
+        .headers()
+        .get("x-pai-adapter")
+        .map(|v| v.to_str().unwrap().to_string());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        adapter,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+fn json_of(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+#[tokio::test]
+async fn models_and_completions_from_the_base_and_an_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _registry) = server(dir.path());
+    let app = pai_serve::app(state.clone());
+    let base_id = state.base_id.clone();
+
+    let (status, _, body) = call(app.clone(), "GET", "/health", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, _, body) = call(app.clone(), "GET", "/v1/models", None).await;
+    let models = json_of(&body);
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [base_id.as_str(), "personal"]);
+    assert_eq!(models["data"][1]["parent"], base_id.as_str());
+    assert_eq!(models["data"][1]["version"], "v1");
+
+    // The same greedy prompt through the base and through the adapter: different answers, each
+    // naming what gave it.
+    let ask = |model: &str| json!({"model": model, "prompt": "The heron", "max_tokens": 8, "temperature": 0});
+    let (status, who, body) =
+        call(app.clone(), "POST", "/v1/completions", Some(ask(&base_id))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(who.as_deref(), Some("base"));
+    let bare = json_of(&body);
+    assert_eq!(bare["object"], "text_completion");
+    assert_eq!(bare["usage"]["completion_tokens"], 8, "{bare}");
+    assert!(bare["pai"]["adapter"].is_null());
+    let (status, who, body) = call(
+        app.clone(),
+        "POST",
+        "/v1/completions",
+        Some(ask("personal")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(who.as_deref(), Some("personal@v1"));
+    let adapted = json_of(&body);
+    assert_eq!(adapted["pai"]["dataset_hash"], "d5e7");
+    assert_ne!(
+        adapted["choices"][0]["text"], bare["choices"][0]["text"],
+        "the adapter changed nothing"
+    );
+    // The other spellings of the same adapter.
+    for body in [
+        json!({"model": format!("{base_id}::personal"), "prompt": "The heron", "max_tokens": 8, "temperature": 0}),
+        json!({"model": base_id, "adapter": "personal@v1", "prompt": "The heron", "max_tokens": 8, "temperature": 0}),
+    ] {
+        let (status, who, text) = call(app.clone(), "POST", "/v1/completions", Some(body)).await;
+        assert_eq!(
+            (status, who.as_deref()),
+            (StatusCode::OK, Some("personal@v1")),
+            "{text}"
+        );
+        assert_eq!(
+            json_of(&text)["choices"][0]["text"],
+            adapted["choices"][0]["text"]
+        );
+    }
+
+    // Chat, with the template and log-probabilities.
+    let (status, who, body) = call(
+        app.clone(),
+        "POST",
+        "/v1/chat/completions",
+        Some(json!({"model": "personal", "messages": [{"role": "user", "content": "hi"}],
+                    "max_completion_tokens": 5, "temperature": 0, "logprobs": true, "top_logprobs": 2})),
+    )
+    .await;
+    assert_eq!(
+        (status, who.as_deref()),
+        (StatusCode::OK, Some("personal@v1")),
+        "{body}"
+    );
+    let chat = json_of(&body);
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    let lps = chat["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        lps.len(),
+        chat["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    assert_eq!(lps[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert!(lps[0]["logprob"].as_f64().unwrap() <= 0.0);
+}
+
+#[tokio::test]
+async fn errors_come_in_the_openai_envelope_and_never_fall_back_to_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, registry) = server(dir.path());
+    let app = pai_serve::app(state.clone());
+    let err = |body: &str| json_of(body)["error"].clone();
+
+    let (status, who, body) = call(
+        app.clone(),
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": "work", "prompt": "x", "max_tokens": 2})),
+    )
+    .await;
+    assert_eq!((status, who), (StatusCode::NOT_FOUND, None));
+    let e = err(&body);
+    assert_eq!(
+        (e["code"].as_str(), e["type"].as_str()),
+        (Some("model_not_found"), Some("not_found_error"))
+    );
+    assert!(e["message"].as_str().unwrap().contains("personal"), "{e}");
+
+    let (status, _, body) = call(
+        app.clone(),
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": "personal", "prompt": "x", "best_of": 3})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let e = err(&body);
+    assert_eq!(
+        (e["code"].as_str(), e["param"].as_str()),
+        (Some("unsupported_parameter"), Some("best_of"))
+    );
+    for (body, code, param) in [
+        (
+            json!({"model": "personal", "prompt": "x", "n": 2}),
+            "unsupported_parameter",
+            "n",
+        ),
+        (
+            json!({"model": "personal", "prompt": "x", "temperature": -1}),
+            "invalid_value",
+            "temperature",
+        ),
+        (
+            json!({"model": "personal", "prompt": "x", "max_tokens": 100000}),
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            json!({"model": "personal", "prompt": "x", "frequency_penalty": 3}),
+            "invalid_value",
+            "frequency_penalty",
+        ),
+        (
+            json!({"model": "personal", "messages": [{"role": "robot", "content": "x"}]}),
+            "invalid_value",
+            "messages[0].role",
+        ),
+    ] {
+        let uri = if body.get("messages").is_some() {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let (status, _, text) = call(app.clone(), "POST", uri, Some(body)).await;
+        let e = err(&text);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert_eq!(
+            (e["code"].as_str(), e["param"].as_str()),
+            (Some(code), Some(param)),
+            "{text}"
+        );
+    }
+    let (status, _, body) = call(app.clone(), "POST", "/v1/completions", None).await;
+    assert_eq!(
+        (status, err(&body)["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
+
+    // A prompt longer than the context: the numbers are in the message.
+    let context = state.base.model.config().context_length;
+    let long = "word ".repeat(context);
+    let (status, _, body) = call(
+        app.clone(),
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": "personal", "prompt": long, "max_tokens": 4})),
+    )
+    .await;
+    let e = err(&body);
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("context_length_exceeded")),
+        "{body}"
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("maximum context length is {context} tokens")),
+        "{e}"
+    );
+
+    // A version whose weights changed is refused, not replaced by the base.
+    let v2 = registry
+        .add(
+            "broken",
+            &registry.dir("personal", pai_adapters::Version(1)),
+            pai_adapters::AdapterMeta::default(),
+        )
+        .unwrap();
+    registry.promote("broken", v2, "").unwrap();
+    std::fs::write(
+        registry.dir("broken", v2).join("adapter_model.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    let (status, who, body) = call(
+        app.clone(),
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": "broken", "prompt": "x", "max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(
+        (status, who),
+        (StatusCode::SERVICE_UNAVAILABLE, None),
+        "{body}"
+    );
+    assert_eq!(err(&body)["code"], "adapter_unavailable");
+}
+
+#[tokio::test]
+async fn streams_send_text_as_it_comes_then_usage_and_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _registry) = server(dir.path());
+    let app = pai_serve::app(state);
+    let body = |stream: bool| {
+        json!({"model": "personal", "messages": [{"role": "user", "content": "Tell me"}],
+        "max_tokens": 12, "temperature": 0, "stream": stream, "stream_options": {"include_usage": true}})
+    };
+    let (_, _, whole) = call(
+        app.clone(),
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            body(false)
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| *k != "stream_options")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+    )
+    .await;
+    let whole = json_of(&whole);
+    let (status, who, text) = call(
+        app.clone(),
+        "POST",
+        "/v1/chat/completions",
+        Some(body(true)),
+    )
+    .await;
+    assert_eq!(
+        (status, who.as_deref()),
+        (StatusCode::OK, Some("personal@v1"))
+    );
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| json_of(e))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish.len(), 1);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage, &whole["usage"], "{text}");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["pai"]["adapter"] == "personal"));
+}
