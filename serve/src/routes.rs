@@ -33,8 +33,49 @@ pub fn app(state: Arc<ServeState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/reports/", get(report_index))
+        .route("/reports/{page}", get(report_page))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// The eval report viewer: the pages `pai-train report` wrote, by file name only (no paths, so
+/// nothing outside the reports directory can be asked for).
+async fn report_page(
+    State(s): State<Arc<ServeState>>,
+    axum::extract::Path(page): axum::extract::Path<String>,
+) -> Response {
+    let safe = page.ends_with(".html")
+        && !page.starts_with('.')
+        && page
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let Some(dir) = s.reports_dir.as_ref().filter(|_| safe) else {
+        return not_found_page(&page);
+    };
+    match tokio::fs::read(dir.join(&page)).await {
+        Ok(bytes) => (
+            [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            bytes,
+        )
+            .into_response(),
+        Err(_) => not_found_page(&page),
+    }
+}
+
+async fn report_index(state: State<Arc<ServeState>>) -> Response {
+    report_page(state, axum::extract::Path("index.html".to_string())).await
+}
+
+fn not_found_page(page: &str) -> Response {
+    ApiError {
+        status: axum::http::StatusCode::NOT_FOUND,
+        message: format!("no report {page:?} (pai-train report writes them)"),
+        kind: "not_found_error",
+        param: None,
+        code: "report_not_found",
+    }
+    .into_response()
 }
 
 async fn health(State(s): State<Arc<ServeState>>) -> Json<Value> {

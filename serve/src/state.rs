@@ -49,6 +49,8 @@ pub struct ServeState {
     pub max_request_bytes: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
+    /// Where `pai-train report` writes the eval pages, served at `/reports/`.
+    pub reports_dir: Option<std::path::PathBuf>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -63,6 +65,7 @@ impl ServeState {
             engine: Mutex::new(()),
             max_request_bytes: 4 << 20,
             max_tokens_limit: 4096,
+            reports_dir: None,
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }

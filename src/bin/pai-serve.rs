@@ -129,7 +129,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             adapters.join(", ")
         }
     );
-    let state = std::sync::Arc::new(pai_serve::ServeState::new(base, Some(registry)));
+    let mut state = pai_serve::ServeState::new(base, Some(registry));
+    state.reports_dir = Some(pai::pai_home().join("reports"));
+    let state = std::sync::Arc::new(state);
     pai_serve::run(addr, state).with_context(|| format!("serving on {addr}"))
 }
 

@@ -267,6 +267,32 @@ async fn errors_come_in_the_openai_envelope_and_never_fall_back_to_the_base() {
 }
 
 #[tokio::test]
+async fn reports_are_served_by_file_name_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _registry) = server(dir.path());
+    let mut state = std::sync::Arc::try_unwrap(state).ok().unwrap();
+    let reports = dir.path().join("reports");
+    std::fs::create_dir_all(&reports).unwrap();
+    std::fs::write(reports.join("index.html"), "<h1>runs</h1>").unwrap();
+    std::fs::write(reports.join("eval-1.html"), "<h1>one</h1>").unwrap();
+    std::fs::write(dir.path().join("secret.html"), "no").unwrap();
+    state.reports_dir = Some(reports);
+    let app = pai_serve::app(std::sync::Arc::new(state));
+    let (status, _, body) = call(app.clone(), "GET", "/reports/", None).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "<h1>runs</h1>"));
+    let (status, _, body) = call(app.clone(), "GET", "/reports/eval-1.html", None).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "<h1>one</h1>"));
+    for path in [
+        "/reports/..%2Fsecret.html",
+        "/reports/nothing.html",
+        "/reports/eval-1.txt",
+    ] {
+        let (status, _, body) = call(app.clone(), "GET", path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn streams_send_text_as_it_comes_then_usage_and_done() {
     let dir = tempfile::tempdir().unwrap();
     let (state, _registry) = server(dir.path());
