@@ -20,7 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pai_datasets::{Kind, Split, Store};
+use pai_datasets::{Example, Kind, Split, Store};
 use serde::Deserialize;
 
 use crate::error::{EvalError, Result};
@@ -237,27 +237,40 @@ fn read(path: &Path) -> Result<String> {
     })
 }
 
-/// The holdout notes and code up to `day` (FIM rows repeat code, chat rows are prompts).
-fn holdout_items(store: &Store, day: &str) -> Result<Vec<Item>> {
-    let mut items = Vec::new();
+/// The dataset's examples of the days `day_ok` accepts that `keep` accepts.
+fn examples(
+    store: &Store,
+    day_ok: impl Fn(&str) -> bool,
+    keep: impl Fn(&Example) -> bool,
+) -> Result<Vec<Example>> {
+    let mut out = Vec::new();
     for d in store.days()? {
-        if d.as_str() > day {
-            continue;
-        }
-        for e in store.read_day(&d)? {
-            if e.split == Split::Holdout && matches!(e.kind, Kind::Note | Kind::Code) {
-                items.push(Item {
-                    id: e.id,
-                    group: format!("{}:{}", e.source, e.path),
-                    task: Task::Continuation {
-                        context: String::new(),
-                        text: e.text,
-                    },
-                });
-            }
+        if day_ok(&d) {
+            out.extend(store.read_day(&d)?.into_iter().filter(|e| keep(e)));
         }
     }
-    Ok(items)
+    Ok(out)
+}
+
+/// An example's whole text as an item, grouped by its file.
+fn text_item(e: Example) -> Item {
+    Item {
+        group: format!("{}:{}", e.source, e.path),
+        id: e.id,
+        task: Task::Continuation {
+            context: String::new(),
+            text: e.text,
+        },
+    }
+}
+
+/// The holdout notes and code up to `day` (FIM rows repeat code, chat rows are prompts).
+fn holdout_items(store: &Store, day: &str) -> Result<Vec<Item>> {
+    let keep = |e: &Example| e.split == Split::Holdout && matches!(e.kind, Kind::Note | Kind::Code);
+    Ok(examples(store, |d| d <= day, keep)?
+        .into_iter()
+        .map(text_item)
+        .collect())
 }
 
 /// Cloze items from the owner's notes that training saw (the train split up to `day`): each hides a
@@ -266,25 +279,22 @@ fn holdout_items(store: &Store, day: &str) -> Result<Vec<Item>> {
 /// it exactly). At most two per note, each with at least eight words of context.
 fn recall_items(store: &Store, day: &str) -> Result<Vec<Item>> {
     let mut items = Vec::new();
-    for d in store.days()? {
-        if d.as_str() > day {
-            continue;
-        }
-        for e in store.read_day(&d)? {
-            if e.split != Split::Train || e.kind != Kind::Note {
-                continue;
-            }
-            for (start, end) in distinctive_phrases(&e.text).into_iter().take(2) {
-                // The phrase keeps the space before it (that is how the tokenizer sees a word).
-                items.push(Item {
-                    id: format!("{}@{start}", e.id),
-                    group: format!("{}:{}", e.source, e.path),
-                    task: Task::Continuation {
-                        context: e.text[..start - 1].to_string(),
-                        text: e.text[start - 1..end].to_string(),
-                    },
-                });
-            }
+    let notes = examples(
+        store,
+        |d| d <= day,
+        |e| e.split == Split::Train && e.kind == Kind::Note,
+    )?;
+    for e in notes {
+        for (start, end) in distinctive_phrases(&e.text).into_iter().take(2) {
+            // The phrase keeps the space before it (that is how the tokenizer sees a word).
+            items.push(Item {
+                id: format!("{}@{start}", e.id),
+                group: format!("{}:{}", e.source, e.path),
+                task: Task::Continuation {
+                    context: e.text[..start - 1].to_string(),
+                    text: e.text[start - 1..end].to_string(),
+                },
+            });
         }
     }
     Ok(items)
@@ -329,25 +339,11 @@ pub fn distinctive_phrases(text: &str) -> Vec<(usize, usize)> {
 /// The notes and code of days after `day` (any split): what the adapter trained for `day` has never
 /// seen. Empty on the night itself; it measures yesterday's adapter on today's writing.
 fn temporal_items(store: &Store, day: &str) -> Result<Vec<Item>> {
-    let mut items = Vec::new();
-    for d in store.days()? {
-        if d.as_str() <= day {
-            continue;
-        }
-        for e in store.read_day(&d)? {
-            if matches!(e.kind, Kind::Note | Kind::Code) {
-                items.push(Item {
-                    id: e.id,
-                    group: format!("{}:{}", e.source, e.path),
-                    task: Task::Continuation {
-                        context: String::new(),
-                        text: e.text,
-                    },
-                });
-            }
-        }
-    }
-    Ok(items)
+    let keep = |e: &Example| matches!(e.kind, Kind::Note | Kind::Code);
+    Ok(examples(store, |d| d > day, keep)?
+        .into_iter()
+        .map(text_item)
+        .collect())
 }
 
 /// Canaries: JSONL lines `{"prefix": "…", "secret": "…"}` (optionally `"id"`, `"max_tokens"`), the

@@ -4,47 +4,23 @@
 
 use std::path::Path;
 
-use crate::{run, text, tiny_model, TRAIN};
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_str(text(&out.stdout).trim()).unwrap()
-}
+use crate::{json, text, World};
 
 #[test]
 fn trained_adapters_are_versions_that_are_promoted_rolled_back_and_collected() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let (home, notes) = (dir.path().join("home"), dir.path().join("notes"));
-    for d in [&home, &notes] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    std::fs::write(
-        home.join("pai.toml"),
+    let w = World::new(
         "[ingest]\nholdout_fraction = 0.3\n\n[train]\nseq_len = 32\nbatch_tokens = 64\neval_every = 50\neval_tokens = 64\n",
-    )
-    .unwrap();
-    for i in 0..12 {
-        std::fs::write(
-            notes.join(format!("n{i}.md")),
-            format!("# Note {i}\n\nThe heron by the pond number {i} waits for fish at dawn.\n"),
-        )
-        .unwrap();
-    }
-    let env = [("PAI_HOME", home.as_path())];
-    let model_arg = model.to_str().unwrap();
-    let notes_arg = format!("{}:notes", notes.display());
-    let pai = |args: &[&str]| run(TRAIN, args, None, &env);
-    let out = pai(&[
-        "ingest",
-        "--source",
-        &notes_arg,
-        "--day",
-        "2026-12-01",
-        "--model",
-        model_arg,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+        (0..12).map(|i| {
+            (
+                format!("n{i}.md"),
+                format!("# Note {i}\n\nThe heron by the pond number {i} waits for fish at dawn.\n"),
+            )
+        }),
+    );
+    let (dir, home, notes, model) = (w.dir.path(), &w.home, &w.notes, &w.model);
+    let model_arg = w.model_arg();
+    let pai = |args: &[&str]| w.pai(args);
+    w.ingest("2026-12-01");
     let train = |extra: &[&str]| {
         let mut args = vec![
             "train",
@@ -185,7 +161,7 @@ fn trained_adapters_are_versions_that_are_promoted_rolled_back_and_collected() {
     assert_eq!(list[0]["current"], "v2", "{list}");
 
     // An adapter made elsewhere is loaded onto the base, then registered; junk is refused by name.
-    let made_elsewhere = dir.path().join("elsewhere");
+    let made_elsewhere = dir.join("elsewhere");
     let out = pai(&[
         "train",
         "--day",
@@ -217,7 +193,7 @@ fn trained_adapters_are_versions_that_are_promoted_rolled_back_and_collected() {
     let meta = json(&pai(&["adapters", "show", "python@v1", "--json"]));
     let sha = {
         use sha2::Digest;
-        format!("{:x}", sha2::Sha256::digest(std::fs::read(&model).unwrap()))
+        format!("{:x}", sha2::Sha256::digest(std::fs::read(model).unwrap()))
     };
     assert_eq!(meta["base"]["sha256"], sha.as_str(), "{meta}");
     assert_eq!(

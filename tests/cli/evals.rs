@@ -1,26 +1,10 @@
 //! pai-train eval: the gate promotes a trained adapter over the bare base, and rejects an adapter of
 //! noise weights against it, leaving the trained one served.
 
-use crate::{run, text, tiny_model, TRAIN};
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_str(text(&out.stdout).trim()).unwrap()
-}
+use crate::{json, text, World};
 
 #[test]
 fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let (home, notes) = (dir.path().join("home"), dir.path().join("notes"));
-    for d in [&home, &notes] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    std::fs::write(
-        home.join("pai.toml"),
-        "[ingest]\nholdout_fraction = 0.3\n\n[train]\nseq_len = 64\nbatch_tokens = 128\neval_every = 1000\neval_tokens = 64\nlearning_rate = 0.003\n",
-    )
-    .unwrap();
     let birds = [
         "heron",
         "egret",
@@ -31,28 +15,22 @@ fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
         "teal",
         "swan",
     ];
-    for i in 0..48 {
-        let bird = birds[i % birds.len()];
-        std::fs::write(
-            notes.join(format!("n{i}.md")),
-            format!("# Pond log {i}\n\nThe {bird} came to the pond at dawn and waited by the reeds for fish.\n"),
-        )
-        .unwrap();
-    }
-    let env = [("PAI_HOME", home.as_path())];
-    let model_arg = model.to_str().unwrap();
-    let pai = |args: &[&str]| run(TRAIN, args, None, &env);
-    let notes_arg = format!("{}:notes", notes.display());
-    let out = pai(&[
-        "ingest",
-        "--source",
-        &notes_arg,
-        "--day",
-        "2026-12-01",
-        "--model",
-        model_arg,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let w = World::new(
+        "[ingest]\nholdout_fraction = 0.3\n\n[train]\nseq_len = 64\nbatch_tokens = 128\neval_every = 1000\neval_tokens = 64\nlearning_rate = 0.003\n",
+        (0..48).map(|i| {
+            (
+                format!("n{i}.md"),
+                format!(
+                    "# Pond log {i}\n\nThe {} came to the pond at dawn and waited by the reeds for fish.\n",
+                    birds[i % birds.len()]
+                ),
+            )
+        }),
+    );
+    let (dir, home) = (w.dir.path(), &w.home);
+    let model_arg = w.model_arg();
+    let pai = |args: &[&str]| w.pai(args);
+    w.ingest("2026-12-01");
     let trained = json(&pai(&[
         "train",
         "--day",
@@ -85,7 +63,7 @@ fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
     assert_eq!(list[0]["current"], "v1", "{list}");
 
     // An adapter of noise: the trained one's tensors replaced by large random ones, imported.
-    let noise = dir.path().join("noise");
+    let noise = dir.join("noise");
     std::fs::create_dir_all(&noise).unwrap();
     let v1 = home.join("adapters/personal/v1");
     std::fs::copy(
@@ -166,7 +144,7 @@ fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
         .filter(|s| !s["candidate"].as_array().unwrap().is_empty())
         .count();
     assert_eq!(suites.len(), 4, "perplexity, retention, recall, temporal");
-    check_report_in_browser(&page, dir.path(), suites.len(), scored);
+    check_report_in_browser(&page, dir, suites.len(), scored);
 
     // Privacy canaries: a guard with a floor. One whose secret the candidate writes fails it (here
     // the noise adapter's own sample continuation is taken as the "secret"); an empty canary file

@@ -58,4 +58,64 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
 }
 
 pub const SERVE: &str = env!("CARGO_BIN_EXE_pai-serve");
+
+/// A temporary world for pai-train: a tiny model, a `PAI_HOME` whose pai.toml is `toml`, and a notes
+/// folder holding `notes` (file name, text).
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub home: PathBuf,
+    pub notes: PathBuf,
+}
+
+impl World {
+    pub fn new(toml: &str, notes: impl IntoIterator<Item = (String, String)>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(dir.path());
+        let (home, notes_dir) = (dir.path().join("home"), dir.path().join("notes"));
+        for d in [&home, &notes_dir] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(home.join("pai.toml"), toml).unwrap();
+        for (name, text) in notes {
+            std::fs::write(notes_dir.join(name), text).unwrap();
+        }
+        Self {
+            dir,
+            model,
+            home,
+            notes: notes_dir,
+        }
+    }
+
+    /// `pai-train ARGS` with this world's `PAI_HOME`.
+    pub fn pai(&self, args: &[&str]) -> Output {
+        run(TRAIN, args, None, &[("PAI_HOME", self.home.as_path())])
+    }
+
+    pub fn model_arg(&self) -> &str {
+        self.model.to_str().unwrap()
+    }
+
+    /// Ingest the notes folder for `day`.
+    pub fn ingest(&self, day: &str) {
+        let notes = format!("{}:notes", self.notes.display());
+        let out = self.pai(&[
+            "ingest",
+            "--source",
+            &notes,
+            "--day",
+            day,
+            "--model",
+            self.model_arg(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+}
+
+/// A successful command's standard output as JSON.
+pub fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+}
 pub const TRAIN: &str = env!("CARGO_BIN_EXE_pai-train");
