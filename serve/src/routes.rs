@@ -275,6 +275,53 @@ async fn run(
     .map_err(|e| ApiError::internal(format!("generation failed: {e}")))?
 }
 
+/// One accepted request, ready to generate: who answers, what, and how the reply is labelled.
+struct Job {
+    s: Arc<ServeState>,
+    adapter: Option<Arc<LoadedAdapter>>,
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    lineage: Lineage,
+    id: String,
+    model: String,
+}
+
+impl Job {
+    /// The streamed reply when `stream` was asked for (log-probabilities are not streamed yet).
+    fn stream_if_asked(
+        self,
+        stream_asked: bool,
+        options: Option<&crate::openai::StreamOptions>,
+        logprobs_asked: bool,
+        chat: bool,
+    ) -> Result<Result<Response, Job>, ApiError> {
+        if !stream_asked {
+            return Ok(Err(self));
+        }
+        if logprobs_asked {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                "unsupported_parameter",
+                "logprobs are not streamed yet: ask without stream",
+            ));
+        }
+        let usage = options.is_some_and(|o| o.include_usage);
+        Ok(Ok(stream(self, usage, chat)))
+    }
+
+    /// The whole generation.
+    async fn complete(&self) -> Result<Generation, ApiError> {
+        run(
+            self.s.clone(),
+            self.adapter.clone(),
+            self.prompt.clone(),
+            self.opts.clone(),
+            |_| ControlFlow::Continue(()),
+        )
+        .await
+    }
+}
+
 fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -360,27 +407,27 @@ async fn chat_inner(s: Arc<ServeState>, body: Bytes) -> Result<Response, ApiErro
         prompt.len(),
         logprobs,
     )?;
-    let lineage = lineage(&adapter);
-    let id = format!("chatcmpl-{}", s.next_id());
-    let model = req.model.clone();
-    if req.stream {
-        if req.logprobs {
-            return Err(ApiError::invalid(
-                Some("logprobs"),
-                "unsupported_parameter",
-                "logprobs are not streamed yet: ask without stream",
-            ));
-        }
-        let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(stream(
-            s, adapter, prompt, opts, lineage, id, model, usage, true,
-        ));
-    }
-    let prompt_tokens = prompt.len();
-    let g = run(s.clone(), adapter, prompt, opts, |_| {
-        ControlFlow::Continue(())
-    })
-    .await?;
+    let job = Job {
+        lineage: lineage(&adapter),
+        id: format!("chatcmpl-{}", s.next_id()),
+        model: req.model.clone(),
+        s: s.clone(),
+        adapter,
+        prompt,
+        opts,
+    };
+    let job =
+        match job.stream_if_asked(req.stream, req.stream_options.as_ref(), req.logprobs, true)? {
+            Ok(streamed) => return Ok(streamed),
+            Err(job) => job,
+        };
+    let (prompt_tokens, lineage, id, model) = (
+        job.prompt.len(),
+        job.lineage.clone(),
+        job.id.clone(),
+        job.model.clone(),
+    );
+    let g = job.complete().await?;
     let logprobs = req.logprobs.then(|| {
         json!({"content": g.logprobs.iter().map(|t| {
             let piece = |id: u32| s.base.tokenizer.decode(&[id], false).unwrap_or_default();
@@ -440,27 +487,27 @@ async fn completions_inner(s: Arc<ServeState>, body: Bytes) -> Result<Response, 
         ));
     }
     let opts = options(&s, &req.sampling(), None, prompt.len(), req.logprobs)?;
-    let lineage = lineage(&adapter);
-    let id = format!("cmpl-{}", s.next_id());
-    let model = req.model.clone();
-    if req.stream {
-        if req.logprobs.is_some() {
-            return Err(ApiError::invalid(
-                Some("logprobs"),
-                "unsupported_parameter",
-                "logprobs are not streamed yet: ask without stream",
-            ));
-        }
-        let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(stream(
-            s, adapter, prompt, opts, lineage, id, model, usage, false,
-        ));
-    }
-    let prompt_tokens = prompt.len();
-    let g = run(s.clone(), adapter, prompt, opts, |_| {
-        ControlFlow::Continue(())
-    })
-    .await?;
+    let job = Job {
+        lineage: lineage(&adapter),
+        id: format!("cmpl-{}", s.next_id()),
+        model: req.model.clone(),
+        s: s.clone(),
+        adapter,
+        prompt,
+        opts,
+    };
+    let asked = req.logprobs.is_some();
+    let job = match job.stream_if_asked(req.stream, req.stream_options.as_ref(), asked, false)? {
+        Ok(streamed) => return Ok(streamed),
+        Err(job) => job,
+    };
+    let (prompt_tokens, lineage, id, model) = (
+        job.prompt.len(),
+        job.lineage.clone(),
+        job.id.clone(),
+        job.model.clone(),
+    );
+    let g = job.complete().await?;
     let logprobs = req.logprobs.map(|_| {
         let piece = |id: u32| s.base.tokenizer.decode(&[id], false).unwrap_or_default();
         let tokens: Vec<String> = g.logprobs.iter().map(|t| piece(t.token)).collect();
@@ -494,18 +541,16 @@ async fn completions_inner(s: Arc<ServeState>, body: Bytes) -> Result<Response, 
 /// Server-sent events: a chunk per piece of text as soon as it is final, a last chunk with the
 /// finish reason, one with the usage when asked, then `data: [DONE]`. A client that goes away
 /// cancels the generation.
-#[allow(clippy::too_many_arguments)]
-fn stream(
-    s: Arc<ServeState>,
-    adapter: Option<Arc<LoadedAdapter>>,
-    prompt: Vec<u32>,
-    opts: GenerateOptions,
-    lineage: Lineage,
-    id: String,
-    model: String,
-    include_usage: bool,
-    chat: bool,
-) -> Response {
+fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
+    let Job {
+        s,
+        adapter,
+        prompt,
+        opts,
+        lineage,
+        id,
+        model,
+    } = job;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     let created = now();
     let chunk = {
