@@ -252,10 +252,21 @@ fn examples(
     Ok(out)
 }
 
+/// The group of an example's items: its source and file, the file's path hidden for private ones
+/// (the report lists groups; a stable hash still keeps a private file's items together).
+fn group_of(e: &Example) -> String {
+    if e.private {
+        let hash = pai_datasets::example::content_id(&e.path);
+        format!("{}:private-{}", e.source, &hash[..8])
+    } else {
+        format!("{}:{}", e.source, e.path)
+    }
+}
+
 /// An example's whole text as an item, grouped by its file.
 fn text_item(e: Example) -> Item {
     Item {
-        group: format!("{}:{}", e.source, e.path),
+        group: group_of(&e),
         id: e.id,
         task: Task::Continuation {
             context: String::new(),
@@ -289,7 +300,7 @@ fn recall_items(store: &Store, day: &str) -> Result<Vec<Item>> {
             // The phrase keeps the space before it (that is how the tokenizer sees a word).
             items.push(Item {
                 id: format!("{}@{start}", e.id),
-                group: format!("{}:{}", e.source, e.path),
+                group: group_of(&e),
                 task: Task::Continuation {
                     context: e.text[..start - 1].to_string(),
                     text: e.text[start - 1..end].to_string(),
@@ -518,6 +529,33 @@ pub fn task_items(text: &str, path: &Path) -> Result<Vec<Item>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_files_are_grouped_without_their_path() {
+        let mut e = Example {
+            id: "abc".into(),
+            day: "2026-12-01".into(),
+            source: "vault".into(),
+            path: "health/therapy.md".into(),
+            kind: Kind::Note,
+            context: String::new(),
+            text: "x".into(),
+            n_tokens: 1,
+            split: Split::Holdout,
+            redactions: 0,
+            private: false,
+            fim: None,
+            minhash: None,
+        };
+        assert_eq!(group_of(&e), "vault:health/therapy.md");
+        e.private = true;
+        let g = group_of(&e);
+        assert!(
+            g.starts_with("vault:private-") && !g.contains("therapy"),
+            "{g}"
+        );
+        assert_eq!(g, group_of(&e.clone()));
+    }
 
     #[test]
     fn distinctive_phrases_are_numbers_names_and_long_words_with_context() {
