@@ -79,7 +79,13 @@ fn not_found_page(page: &str) -> Response {
 }
 
 async fn health(State(s): State<Arc<ServeState>>) -> Json<Value> {
-    Json(json!({"status": "ok", "model": s.base_id}))
+    let broken: serde_json::Map<String, Value> = s
+        .broken()
+        .into_iter()
+        .map(|(name, error)| (name, json!(error)))
+        .collect();
+    let status = if broken.is_empty() { "ok" } else { "degraded" };
+    Json(json!({"status": status, "model": s.base_id, "adapter_errors": broken}))
 }
 
 async fn models(State(s): State<Arc<ServeState>>) -> Json<Value> {

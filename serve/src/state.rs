@@ -2,7 +2,10 @@
 //! names what answers it (`model`: the base, an adapter, `base::adapter`, or `adapter@vN`; or the
 //! `adapter` field); the current version of a name is served unless a version is named. Every
 //! adapter is loaded through `Registry::verify` (each file's sha256) and the base's own check of its
-//! fingerprint, once, then kept by name and version.
+//! fingerprint, once, then kept by name and version. CURRENT is read on every request, so a promoted
+//! version answers the next request with no restart (requests in flight keep the version they
+//! started with); a promoted version that fails to verify or load never replaces the one being
+//! served, and `/health` reports it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,10 @@ pub struct ServeState {
     pub base_id: String,
     pub registry: Option<Registry>,
     loaded: Mutex<HashMap<(String, Version), Arc<LoadedAdapter>>>,
+    /// The version each name was last served at (what answers while a newer current is broken).
+    serving: Mutex<HashMap<String, Arc<LoadedAdapter>>>,
+    /// Names whose current version fails, with the error.
+    broken: Mutex<std::collections::BTreeMap<String, String>>,
     /// One generation at a time on the model (requests queue here).
     pub engine: Mutex<()>,
     /// Largest request body, in bytes.
@@ -62,6 +69,8 @@ impl ServeState {
             base_id,
             registry,
             loaded: Mutex::new(HashMap::new()),
+            serving: Mutex::new(HashMap::new()),
+            broken: Mutex::new(std::collections::BTreeMap::new()),
             engine: Mutex::new(()),
             max_request_bytes: 4 << 20,
             max_tokens_limit: 4096,
@@ -116,30 +125,67 @@ impl ServeState {
         };
         let registry = self.registry.as_ref().ok_or_else(|| not_found(spec))?;
         let (name, version) = registry.resolve(spec).map_err(|_| not_found(spec))?;
-        let key = (name.clone(), version);
-        if let Some(a) = self.loaded.lock().ok().and_then(|m| m.get(&key).cloned()) {
-            return Ok(Some(a));
+        let current = !spec.contains('@');
+        match self.load(registry, &name, version) {
+            Ok(loaded) => {
+                if current {
+                    if let Ok(mut good) = self.serving.lock() {
+                        good.insert(name.clone(), loaded.clone());
+                    }
+                    if let Ok(mut broken) = self.broken.lock() {
+                        broken.remove(&name);
+                    }
+                }
+                Ok(Some(loaded))
+            }
+            Err(e) => {
+                // A newly promoted version that does not verify or load never replaces the one
+                // that was being served: that one answers, and /health says what is wrong.
+                let previous = self
+                    .serving
+                    .lock()
+                    .ok()
+                    .and_then(|good| good.get(&name).cloned())
+                    .filter(|_| current);
+                tracing::error!(adapter = %name, %version, error = %e.message, "adapter not served");
+                if let Ok(mut broken) = self.broken.lock() {
+                    broken.insert(name.clone(), e.message.clone());
+                }
+                previous.map(Some).ok_or(e)
+            }
         }
-        let verified = registry.verify(&name, version).map_err(|e| ApiError {
+    }
+
+    /// `name@version`, loaded once: verified against the registry's digests, then onto the base
+    /// (which checks the adapter's base fingerprint).
+    fn load(
+        &self,
+        registry: &Registry,
+        name: &str,
+        version: Version,
+    ) -> Result<Arc<LoadedAdapter>, ApiError> {
+        let key = (name.to_string(), version);
+        if let Some(a) = self.loaded.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(a);
+        }
+        let unavailable = |message: String| ApiError {
             status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            message: format!("adapter {name}@{version} cannot be served: {e}"),
+            message,
             kind: "server_error",
             param: Some("model".into()),
             code: "adapter_unavailable",
+        };
+        let verified = registry
+            .verify(name, version)
+            .map_err(|e| unavailable(format!("adapter {name}@{version} cannot be served: {e}")))?;
+        let adapter = self.base.load_adapter(&verified.dir).map_err(|e| {
+            unavailable(format!(
+                "adapter {name}@{version} does not load onto this base: {e}"
+            ))
         })?;
-        let adapter = self
-            .base
-            .load_adapter(&verified.dir)
-            .map_err(|e| ApiError {
-                status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                message: format!("adapter {name}@{version} does not load onto this base: {e}"),
-                kind: "server_error",
-                param: Some("model".into()),
-                code: "adapter_unavailable",
-            })?;
         let loaded = Arc::new(LoadedAdapter {
             adapter,
-            name,
+            name: name.to_string(),
             version,
             meta: verified.meta,
         });
@@ -147,6 +193,14 @@ impl ServeState {
             m.insert(key, loaded.clone());
         }
         tracing::info!(adapter = %loaded.name, version = %loaded.version, "adapter loaded");
-        Ok(Some(loaded))
+        Ok(loaded)
+    }
+
+    /// Adapters whose current version cannot be served, with why (for /health).
+    pub fn broken(&self) -> Vec<(String, String)> {
+        self.broken
+            .lock()
+            .map(|b| b.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 }

@@ -358,3 +358,77 @@ async fn streams_send_text_as_it_comes_then_usage_and_done() {
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk" && c["pai"]["adapter"] == "personal"));
 }
+
+#[tokio::test]
+async fn a_promoted_version_answers_the_next_request_and_a_broken_one_never_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, registry) = server(dir.path());
+    let app = pai_serve::app(state);
+    let ask =
+        json!({"model": "personal", "prompt": "The heron", "max_tokens": 2, "temperature": 0});
+    let who = |app: axum::Router| {
+        let ask = ask.clone();
+        async move { call(app, "POST", "/v1/completions", Some(ask)).await }
+    };
+    assert_eq!(who(app.clone()).await.1.as_deref(), Some("personal@v1"));
+
+    // Promoted while the server runs: the next request gets it, no restart.
+    let v1 = registry.dir("personal", pai_adapters::Version(1));
+    // The same weights and base fingerprint as v1 (the server checks the fingerprint).
+    let meta = registry.meta("personal", pai_adapters::Version(1)).unwrap();
+    let v2 = registry.add("personal", &v1, meta.clone()).unwrap();
+    registry.promote("personal", v2, "gate").unwrap();
+    assert_eq!(who(app.clone()).await.1.as_deref(), Some("personal@v2"));
+
+    // A promoted version whose weights do not verify: v2 keeps answering, /health says why.
+    let v3 = registry.add("personal", &v1, meta.clone()).unwrap();
+    std::fs::write(
+        registry
+            .dir("personal", v3)
+            .join("adapter_model.safetensors"),
+        b"x",
+    )
+    .unwrap();
+    registry.promote("personal", v3, "bad").unwrap_err();
+    // (promote refuses it already; a file damaged after promotion is the case to survive)
+    let v4 = registry.add("personal", &v1, meta.clone()).unwrap();
+    registry.promote("personal", v4, "gate").unwrap();
+    std::fs::write(
+        registry
+            .dir("personal", v4)
+            .join("adapter_model.safetensors"),
+        b"x",
+    )
+    .unwrap();
+    let (status, header, body) = who(app.clone()).await;
+    assert_eq!(
+        (status, header.as_deref()),
+        (StatusCode::OK, Some("personal@v2")),
+        "{body}"
+    );
+    let (_, _, health) = call(app.clone(), "GET", "/health", None).await;
+    let health = json_of(&health);
+    assert_eq!(health["status"], "degraded");
+    assert!(
+        health["adapter_errors"]["personal"]
+            .as_str()
+            .unwrap()
+            .contains("v4"),
+        "{health}"
+    );
+    // Asked for by version, the broken one is refused.
+    let (status, _, _) = call(
+        app.clone(),
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": "personal@v4", "prompt": "x", "max_tokens": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Rolled back to a good version: served, and healthy again.
+    registry.rollback("personal", Some(v2)).unwrap();
+    assert_eq!(who(app.clone()).await.1.as_deref(), Some("personal@v2"));
+    let (_, _, health) = call(app.clone(), "GET", "/health", None).await;
+    assert_eq!(json_of(&health)["status"], "ok");
+}
