@@ -36,7 +36,39 @@ pub fn app(state: Arc<ServeState>) -> Router {
         .route("/reports/", get(report_index))
         .route("/reports/{page}", get(report_page))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .with_state(state)
+}
+
+/// With API keys configured, every route (reports included) wants `Authorization: Bearer <key>`.
+async fn authorize(
+    State(s): State<Arc<ServeState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(key) if s.api_keys.iter().any(|k| k == key) => next.run(req).await,
+        _ => ApiError {
+            status: axum::http::StatusCode::UNAUTHORIZED,
+            message: "Incorrect or missing API key: send Authorization: Bearer <key>".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: "invalid_api_key",
+        }
+        .into_response(),
+    }
 }
 
 /// The eval report viewer: the pages `pai-train report` wrote, by file name only (no paths, so

@@ -58,6 +58,8 @@ pub struct ServeState {
     pub max_tokens_limit: usize,
     /// Where `pai-train report` writes the eval pages, served at `/reports/`.
     pub reports_dir: Option<std::path::PathBuf>,
+    /// When any are set, every route wants `Authorization: Bearer <one of them>`.
+    pub api_keys: Vec<String>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -75,6 +77,7 @@ impl ServeState {
             max_request_bytes: 4 << 20,
             max_tokens_limit: 4096,
             reports_dir: None,
+            api_keys: Vec::new(),
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }

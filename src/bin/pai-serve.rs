@@ -41,6 +41,15 @@ struct ServeArgs {
     /// GGUF file or Hugging Face directory (default: the model scripts/fetch-model.sh installs).
     #[arg(long, env = "PAI_MODEL")]
     model: Option<PathBuf>,
+    /// Require `Authorization: Bearer KEY` on every route (repeat for several keys; or
+    /// PAI_SERVE_API_KEYS, comma-separated).
+    #[arg(
+        long = "api-key",
+        env = "PAI_SERVE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
 }
 
 #[derive(Args)]
@@ -131,6 +140,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let mut state = pai_serve::ServeState::new(base, Some(registry));
     state.reports_dir = Some(pai::pai_home().join("reports"));
+    state.api_keys = args
+        .api_keys
+        .into_iter()
+        .filter(|k| !k.is_empty())
+        .collect();
+    if !state.api_keys.is_empty() {
+        eprintln!(
+            "pai-serve: API keys required ({} configured)",
+            state.api_keys.len()
+        );
+    }
     let state = std::sync::Arc::new(state);
     pai_serve::run(addr, state).with_context(|| format!("serving on {addr}"))
 }

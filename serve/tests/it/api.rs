@@ -267,6 +267,43 @@ async fn errors_come_in_the_openai_envelope_and_never_fall_back_to_the_base() {
 }
 
 #[tokio::test]
+async fn with_api_keys_every_route_wants_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _registry) = server(dir.path());
+    let mut state = std::sync::Arc::try_unwrap(state).ok().unwrap();
+    state.api_keys = vec!["k-one".into(), "k-two".into()];
+    let app = pai_serve::app(std::sync::Arc::new(state));
+    let with_key = |key: Option<&str>, uri: &str| {
+        let mut b = Request::builder().method("GET").uri(uri);
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    for uri in ["/health", "/v1/models", "/reports/"] {
+        let resp = app.clone().oneshot(with_key(None, uri)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{uri}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            json_of(&String::from_utf8_lossy(&body))["error"]["code"],
+            "invalid_api_key"
+        );
+        let resp = app
+            .clone()
+            .oneshot(with_key(Some("wrong"), uri))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{uri}");
+    }
+    let resp = app
+        .clone()
+        .oneshot(with_key(Some("k-two"), "/v1/models"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
 async fn reports_are_served_by_file_name_only() {
     let dir = tempfile::tempdir().unwrap();
     let (state, _registry) = server(dir.path());
