@@ -248,11 +248,7 @@ impl Scorer<'_> {
     }
 
     fn generate(&self, prompt: &str, max_tokens: usize) -> Result<String> {
-        let mut ids = Vec::new();
-        if let (true, Some(bos)) = (self.tokenizer.adds_bos(), self.tokenizer.bos()) {
-            ids.push(bos);
-        }
-        ids.extend(self.tokenizer.encode(prompt, false)?);
+        let ids = self.tokenizer.encode_prompt(prompt, false)?;
         let opts = GenerateOptions {
             max_tokens: Some(max_tokens),
             ..GenerateOptions::default()

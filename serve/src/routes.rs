@@ -417,14 +417,10 @@ fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
         .collect()
 }
 
-async fn chat_completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Response {
-    match chat_inner(s, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_inner(s: Arc<ServeState>, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_completions(
+    State(s): State<Arc<ServeState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
     let adapter = s.resolve(&req.model, req.adapter.as_deref())?;
     let messages = chat_messages(&req)?;
@@ -495,14 +491,7 @@ async fn chat_inner(s: Arc<ServeState>, body: Bytes) -> Result<Response, ApiErro
     Ok(with_lineage(body, &lineage))
 }
 
-async fn completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Response {
-    match completions_inner(s, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn completions_inner(s: Arc<ServeState>, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(&body)?;
     let adapter = s.resolve(&req.model, req.adapter.as_deref())?;
     let text = match &req.prompt {
