@@ -32,6 +32,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     pai::setup_allocator();
+    pai::init_logging();
     pai::keep_freed_memory();
     let model = arg("--model")
         .map(PathBuf::from)

@@ -33,6 +33,14 @@ impl RmsNorm {
         }
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.track_op() {
             return Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?);

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Storage, Tensor};
 
-use crate::error::Result;
-use crate::kernels::QuantMatrix;
+use crate::error::{ModelError, Result};
+use crate::kernels::{gemm, QuantMatrix};
 use crate::lora::AdapterStack;
 
 /// The seven projections of a llama block; the places a LoRA adapter can attach.
@@ -203,9 +203,22 @@ impl FrozenLinear {
         matches!(self.weight, BaseWeight::Own(_)) && self.out_dim.is_multiple_of(32)
     }
 
-    /// grad·W for grad [.., out] → [.., in]: through the kept copy, or W dequantized now.
-    fn backward_product(&self, grad: &Tensor) -> Result<Tensor> {
-        let copy = match self.backward.lock() {
+    /// grad·W for grad [.., out] → [.., in] (the input's gradient of a frozen product): through the
+    /// kept copy, or W dequantized now.
+    pub fn backward_product(&self, grad: &Tensor) -> Result<Tensor> {
+        match self.backward_copy()? {
+            Some(BackwardCopy::Transposed(m)) => m.matmul(&grad.contiguous()?),
+            Some(BackwardCopy::Dense(w)) => Ok(grad.broadcast_matmul(&w.to_dtype(grad.dtype())?)?),
+            None => {
+                let w = self.dense_weight()?;
+                Ok(grad.broadcast_matmul(&w.to_dtype(grad.dtype())?)?)
+            }
+        }
+    }
+
+    /// The kept copy for backward products, made now if the policy keeps one and it is not made yet.
+    fn backward_copy(&self) -> Result<Option<BackwardCopy>> {
+        Ok(match self.backward.lock() {
             Ok(mut kept) if self.is_quantized() => match (kept.kind, kept.copy.clone()) {
                 (Some(_), Some(copy)) => Some(copy),
                 (Some(kind), None) => {
@@ -216,15 +229,60 @@ impl FrozenLinear {
                 (None, _) => None,
             },
             _ => None,
+        })
+    }
+
+    /// x·Wᵀ (+ b) for row-major x [n, in] given as a slice: [n, out]. On pai's kernels with no
+    /// tensor round trip (a training step's frozen products); CPU only.
+    pub fn forward_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let n = x.len() / self.in_dim.max(1);
+        let mut y = match &self.weight {
+            BaseWeight::Own(m) => m.matmul_rows(x),
+            BaseWeight::Candle(w) => w
+                .forward(&Tensor::from_slice(x, (n, self.in_dim), &Device::Cpu)?)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?,
         };
-        match copy {
-            Some(BackwardCopy::Transposed(m)) => m.matmul(&grad.contiguous()?),
-            Some(BackwardCopy::Dense(w)) => Ok(grad.broadcast_matmul(&w.to_dtype(grad.dtype())?)?),
-            None => {
-                let w = self.dense_weight()?;
-                Ok(grad.broadcast_matmul(&w.to_dtype(grad.dtype())?)?)
+        if let Some(bias) = &self.bias {
+            let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for row in y.chunks_mut(self.out_dim) {
+                for (v, b) in row.iter_mut().zip(&bias) {
+                    *v += b;
+                }
             }
         }
+        Ok(y)
+    }
+
+    /// gy·W for row-major gy [n, out] given as a slice: [n, in] (the input's gradient of a frozen
+    /// product), through the kept copy or W dequantized now; CPU only.
+    pub fn backward_rows(&self, gy: &[f32]) -> Result<Vec<f32>> {
+        let n = gy.len() / self.out_dim.max(1);
+        let dense = match self.backward_copy()? {
+            Some(BackwardCopy::Transposed(m)) => return Ok(m.matmul_rows(gy)),
+            Some(BackwardCopy::Dense(w)) => w,
+            None => self.dense_weight()?,
+        };
+        let w = dense.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+            return Err(ModelError::InvalidRequest {
+                field: "backward_rows",
+                reason: "the weight is not an f32 tensor on the CPU".into(),
+            });
+        };
+        let w = &data[layout.start_offset()..layout.start_offset() + self.out_dim * self.in_dim];
+        let mut gx = vec![0f32; n * self.in_dim];
+        gemm::matmul(
+            &mut gx,
+            self.in_dim,
+            gemm::View::rows(gy, n, self.out_dim, self.out_dim),
+            gemm::View::rows(w, self.out_dim, self.in_dim, self.in_dim),
+            gemm::Out::Set(1.0),
+            true,
+        );
+        Ok(gx)
     }
 
     fn make_backward_copy(&self, kind: BackwardCopyKind) -> Result<BackwardCopy> {

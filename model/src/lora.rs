@@ -41,12 +41,12 @@ pub struct LoraDropout {
 }
 
 impl LoraDropout {
-    /// 0 with probability p, else 1/(1 − p), in `shape`.
-    fn mask(&self, shape: &candle_core::Shape, device: &Device) -> Result<Tensor> {
+    /// `n` mask values in row-major order: 0 with probability p, else 1/(1 − p).
+    pub fn mask_values(&self, n: usize) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
         let keep = 1.0 / (1.0 - self.p);
-        let values: Vec<f32> = (0..shape.elem_count())
+        (0..n)
             .map(|_| {
                 if rng.random::<f32>() < self.p {
                     0.0
@@ -54,7 +54,12 @@ impl LoraDropout {
                     keep
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// The mask in `shape`.
+    fn mask(&self, shape: &candle_core::Shape, device: &Device) -> Result<Tensor> {
+        let values = self.mask_values(shape.elem_count());
         Ok(Tensor::from_vec(values, shape, device)?)
     }
 }

@@ -170,6 +170,17 @@ impl Model {
         self.embed(&packed.ids)
     }
 
+    /// Token embeddings of a flat list of ids: [ids, hidden].
+    pub fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        let embedded = match &self.embedding {
+            Embedding::Quantized(m) => m.rows_tensor(ids)?,
+            Embedding::Dense(table) => {
+                table.embedding(&Tensor::from_slice(ids, ids.len(), &self.device)?)?
+            }
+        };
+        Ok(embedded)
+    }
+
     /// Token embeddings of ids [batch, seq] (u32): [batch, seq, hidden].
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
@@ -203,6 +214,21 @@ impl Model {
     /// Step 3: the final norm.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         self.norm.forward(x)
+    }
+
+    /// The final norm's layer (for trainers that differentiate it themselves).
+    pub fn output_norm(&self) -> &RmsNorm {
+        &self.norm
+    }
+
+    /// The output projection (hidden → vocabulary logits).
+    pub fn output(&self) -> &FrozenLinear {
+        &self.output
+    }
+
+    /// The RoPE tables every block rotates q and k by.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// Every frozen projection, the output one last (for memory policies such as

@@ -5,9 +5,12 @@
 //! AdamW ([`optim`]) updates only the LoRA pairs ([`params`]); [`trainer`] runs the loop with
 //! checkpoints ([`checkpoint`]) that resume to the same result.
 
+mod attention_grad;
+mod block_grad;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+mod elementwise_grad;
 pub mod error;
 pub mod loss;
 pub mod optim;

@@ -36,6 +36,54 @@ pub fn weighted_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32])
     Ok(((log_probs - picked)? * w)?.sum_all()?)
 }
 
+/// Σₙ wₙ·(logsumexp(zₙ) − zₙ[tₙ]) over row-major logits z [N, vocab], with ∂/∂z written over the
+/// logits (rows of weight 0 become 0): pai's own training step needs no graph around it. One
+/// exponential per logit: each row's exp(z − max) is kept and rescaled by its sum.
+pub fn cross_entropy_with_grad(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[u32],
+    weights: &[f32],
+) -> Result<f64> {
+    use rayon::prelude::*;
+    let n = targets.len();
+    if logits.len() != n * vocab || weights.len() != n {
+        return Err(candle_core::Error::Msg(format!(
+            "cross-entropy: {} logits for {n} targets of a {vocab}-token vocabulary, {} weights",
+            logits.len(),
+            weights.len()
+        ))
+        .into());
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(candle_core::Error::Msg(format!(
+            "cross-entropy: target {t} outside the vocabulary ({vocab})"
+        ))
+        .into());
+    }
+    Ok(logits
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .zip(weights.par_iter())
+        .map(|((row, &t), &w)| {
+            if w == 0.0 {
+                row.fill(0.0);
+                return 0.0;
+            }
+            let t = t as usize;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let picked = row[t];
+            let sum = pai_model::kernels::exp_shifted(row, max);
+            let scale = w / sum;
+            for z in row.iter_mut() {
+                *z *= scale;
+            }
+            row[t] -= w;
+            f64::from(w) * f64::from(max + sum.ln() - picked)
+        })
+        .sum())
+}
+
 struct CrossEntropy {
     targets: Arc<[u32]>,
     weights: Arc<[f32]>,
@@ -207,12 +255,21 @@ mod tests {
 
         let (a, b) = (fused.to_scalar::<f32>()?, composed.to_scalar::<f32>()?);
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        let diff = (g_fused - g_composed)?
+        let diff = (&g_fused - g_composed)?
             .abs()?
             .flatten_all()?
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
+
+        // The graph-free version: same value, same gradient.
+        let mut z2 = z.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let value = cross_entropy_with_grad(&mut z2, 11, &targets, &weights)?;
+        assert!((value as f32 - b).abs() < 1e-5, "{value} vs {b}");
+        let g = g_fused.flatten_all()?.to_vec1::<f32>()?;
+        for (x, y) in z2.iter().zip(&g) {
+            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
         Ok(())
     }
 }

@@ -1,17 +1,24 @@
-//! One micro-batch's loss and LoRA gradients, with activation checkpointing: the blocks run forward
-//! once without a graph (pai's fast kernels), keeping only each block's input; the backward pass then
-//! rebuilds one block's graph at a time from its input and pushes the gradient through it. Memory
-//! holds one block's graph instead of all of them (candle keeps every intermediate and every
-//! gradient of a graph until its backward ends: 8 GB for 4 × 256 tokens of a 135M model), for the
-//! price of a second forward of the blocks.
+//! One micro-batch's loss and LoRA gradients, two ways:
+//!
+//! - on the CPU, pai's own step (`block_grad.rs`): the blocks forward on pai's quantized kernels
+//!   keeping the activations their backward needs, the head and the loss with no graph, then each
+//!   block's backward written out by hand; no graph, no second forward;
+//! - elsewhere (and as the reference the tests compare the first to), candle's autograd with
+//!   activation checkpointing: the blocks run forward once without a graph, keeping only each block's
+//!   input, and the backward rebuilds one block's graph at a time from its input. Memory holds one
+//!   block's graph instead of all of them (candle keeps every intermediate of a graph until its
+//!   backward ends: 8 GB for 4 × 256 tokens of a 135M model), for the price of a second forward.
 
 use candle_core::{Tensor, Var};
 
-use pai_model::{AdapterStack, Model};
+use pai_model::{AdapterStack, Model, PackedRow};
 
+use crate::attention_grad::{Doc, Heads};
+use crate::block_grad::{self, SiteGrad, SiteLora, StepBatch};
 use crate::data::Row;
+use crate::elementwise_grad::{rms_norm, rms_norm_backward};
 use crate::error::Result;
-use crate::loss::weighted_cross_entropy;
+use crate::loss::{cross_entropy_with_grad, weighted_cross_entropy};
 use crate::optim::{accumulate, Grads};
 use crate::params::LoraParams;
 
@@ -33,8 +40,189 @@ pub(crate) fn head_loss(model: &Model, hidden: &Tensor, rows: &[Row], norm: f32)
 
 /// Σ weighted token losses of `rows` (weights times `norm`), and its gradients towards `params`'
 /// variables added into `grads` (in `params.named_vars()` order). `dropout_seed` draws the LoRA
-/// dropout masks (both passes over a block draw the same ones); `None` applies no dropout.
+/// dropout masks; `None` applies no dropout. pai's own step on the CPU, candle's autograd elsewhere.
 pub fn loss_and_grads(
+    model: &Model,
+    rows: &[Row],
+    params: &LoraParams,
+    norm: f32,
+    dropout_seed: Option<u64>,
+    grads: &mut Grads,
+) -> Result<f64> {
+    if model.device().is_cpu() && std::env::var_os("PAI_TRAIN_AUTOGRAD").is_none() {
+        own_loss_and_grads(model, rows, params, norm, dropout_seed, grads)
+    } else {
+        autograd_loss_and_grads(model, rows, params, norm, dropout_seed, grads)
+    }
+}
+
+/// The documents of packed rows (each row `seq` tokens, one after the other) and each token's
+/// position inside its document.
+fn documents(rows: &[PackedRow]) -> (Vec<Doc>, Vec<u32>) {
+    let mut docs = Vec::new();
+    let mut positions = Vec::new();
+    let mut start = 0;
+    for row in rows {
+        for &len in &row.doc_lens {
+            docs.push(Doc { start, len });
+            positions.extend(0..len as u32);
+            start += len;
+        }
+    }
+    (docs, positions)
+}
+
+/// [`loss_and_grads`] by pai's own step (CPU): see the module doc.
+pub fn own_loss_and_grads(
+    model: &Model,
+    rows: &[Row],
+    params: &LoraParams,
+    norm: f32,
+    dropout_seed: Option<u64>,
+    grads: &mut Grads,
+) -> Result<f64> {
+    let cfg = model.config();
+    let packed_rows: Vec<PackedRow> = rows.iter().map(|r| r.row.clone()).collect();
+    // Checks the rows as the model's packing does (equal lengths, documents within the context).
+    let _ = model.pack(&packed_rows)?;
+    let (docs, positions) = documents(&packed_rows);
+    let ids: Vec<u32> = packed_rows
+        .iter()
+        .flat_map(|r| r.ids.iter().copied())
+        .collect();
+    let n = ids.len();
+    let (cos, sin) = model
+        .rope()
+        .tables_at(&Tensor::from_slice(&positions, n, model.device())?)?;
+    let batch = StepBatch {
+        tokens: n,
+        docs,
+        cos: cos.flatten_all()?.to_vec1::<f32>()?,
+        sin: sin.flatten_all()?.to_vec1::<f32>()?,
+        heads: Heads {
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        },
+    };
+
+    // 1. The LoRA pairs as slices, with this step's dropout masks (as the adapter view draws them).
+    let view = params.frozen("step", dropout_seed);
+    let mut sites = Vec::with_capacity(params.sites().len());
+    for (index, s) in params.sites().iter().enumerate() {
+        let (r, fan_in) = s.a.as_tensor().dims2()?;
+        let out = s.b.as_tensor().dim(0)?;
+        let w = view.get(s.site);
+        sites.push((
+            s.site,
+            SiteLora {
+                a: s.a.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                b: s.b.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                r,
+                fan_in,
+                out,
+                scale: w.map_or(params.config().scale(), |w| w.scale) as f32,
+                dropout: w.and_then(|w| w.dropout),
+                index,
+            },
+        ));
+    }
+    let mut layer_loras = vec![[None; 7]; cfg.num_layers];
+    for (site, lora) in &sites {
+        if let Some(slots) = layer_loras.get_mut(site.layer) {
+            slots[site.proj as usize] = Some(lora);
+        }
+    }
+    let mut site_grads: Vec<SiteGrad> = (0..sites.len()).map(|_| SiteGrad::default()).collect();
+
+    // 2. The blocks forward, keeping what each backward needs.
+    let started = std::time::Instant::now();
+    let mut x = model
+        .embed_tokens(&ids)?
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    let mut kept = Vec::with_capacity(cfg.num_layers);
+    for (block, loras) in model.blocks().iter().zip(&layer_loras) {
+        let (next, acts) = block_grad::forward(block, loras, x, &batch)?;
+        kept.push(acts);
+        x = next;
+    }
+
+    let forward_s = started.elapsed().as_secs_f64();
+
+    // 3. The head: final norm, logits, loss, and the gradient back to the last block's output.
+    let final_norm = model.output_norm();
+    let final_w = final_norm
+        .weight()
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    let (xf, rstd) = rms_norm(&x, &final_w, final_norm.eps());
+    let output = model.output();
+    let mut logits = output.forward_rows(&xf)?;
+    drop(xf);
+    let targets: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| r.targets.iter().copied())
+        .collect();
+    let weights: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| r.weights.iter().map(|w| w * norm))
+        .collect();
+    let vocab = output.out_dim();
+    let value = cross_entropy_with_grad(&mut logits, vocab, &targets, &weights)?;
+    let dxf = output.backward_rows(&logits)?;
+    drop(logits);
+    let mut dx = vec![0f32; x.len()];
+    rms_norm_backward(&x, &final_w, &rstd, &dxf, &mut dx);
+    drop((x, dxf));
+    let head_s = started.elapsed().as_secs_f64() - forward_s;
+
+    // 4. The blocks backward, last first.
+    for (layer, acts) in kept.into_iter().enumerate().rev() {
+        let block = &model.blocks()[layer];
+        let upstream = block_grad::backward(
+            block,
+            &layer_loras[layer],
+            acts,
+            dx,
+            &batch,
+            layer > 0,
+            &mut site_grads,
+        )?;
+        dx = upstream.unwrap_or_default();
+    }
+    tracing::debug!(
+        tokens = n,
+        forward_s,
+        head_s,
+        backward_s = started.elapsed().as_secs_f64() - forward_s - head_s,
+        "own training step"
+    );
+
+    // 5. Into the optimizer's list: A then B per site.
+    grads.resize(2 * sites.len(), None);
+    for ((_, lora), g) in sites.iter().zip(site_grads) {
+        let pairs = [
+            (2 * lora.index, g.a, (lora.r, lora.fan_in)),
+            (2 * lora.index + 1, g.b, (lora.out, lora.r)),
+        ];
+        for (slot, values, shape) in pairs {
+            if values.is_empty() {
+                continue;
+            }
+            let t = Tensor::from_vec(values, shape, model.device())?;
+            grads[slot] = Some(match grads[slot].take() {
+                Some(prev) => (prev + t)?,
+                None => t,
+            });
+        }
+    }
+    Ok(value)
+}
+
+/// [`loss_and_grads`] by candle's autograd with activation checkpointing (see the module doc).
+pub fn autograd_loss_and_grads(
     model: &Model,
     rows: &[Row],
     params: &LoraParams,

@@ -11,6 +11,7 @@ mod attention;
 mod blocks;
 mod dot;
 mod elementwise;
+pub mod gemm;
 mod pool;
 mod q4_1x8;
 #[cfg(target_arch = "x86_64")]
@@ -27,7 +28,7 @@ use pool::Pool;
 use q4_1x8::Q4_1x8;
 
 pub use attention::{attention, AttentionSpec};
-pub use elementwise::{add, rms_norm, silu_mul};
+pub use elementwise::{add, exp_shifted, rms_norm, silu_mul};
 
 #[derive(Debug)]
 enum Blocks {
@@ -233,16 +234,29 @@ impl QuantMatrix {
         self.matmul_with(x, Kernels::selected())
     }
 
+    /// y = x·Wᵀ for row-major x [tokens, cols] given as a slice: [tokens, rows].
+    pub fn matmul_rows(&self, xs: &[f32]) -> Vec<f32> {
+        self.product_rows(xs, Kernels::selected())
+    }
+
     fn matmul_with(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let mut out_dims = x.dims().to_vec();
         let xs = x
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1::<f32>()?;
+        let out = self.product_rows(&xs, kernels);
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.rows;
+        }
+        Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
+    }
+
+    fn product_rows(&self, xs: &[f32], kernels: Kernels) -> Vec<f32> {
         let nb = self.cols / QK;
-        let out = match &self.blocks {
+        match &self.blocks {
             Blocks::Q4_1(w) => self.product(
-                &xs,
+                xs,
                 q4_1x8::ROWS,
                 blocks::quantize_q8_1,
                 |first, rows, xq, tokens, out, stride| match kernels {
@@ -263,13 +277,9 @@ impl QuantMatrix {
                     }
                 },
             ),
-            Blocks::Q4_0(w) => self.row_major_product(&xs, w, kernels, &Q4_0_KERNELS),
-            Blocks::Q8_0(w) => self.row_major_product(&xs, w, kernels, &Q8_0_KERNELS),
-        };
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.rows;
+            Blocks::Q4_0(w) => self.row_major_product(xs, w, kernels, &Q4_0_KERNELS),
+            Blocks::Q8_0(w) => self.row_major_product(xs, w, kernels, &Q8_0_KERNELS),
         }
-        Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
     }
 
     /// `product` for a row-major format (one row's blocks consecutive).

@@ -243,8 +243,8 @@ fn every_lora_parameter_gets_a_gradient_through_the_quantized_base() {
     }
 }
 
-/// The checkpointed step (blocks recomputed one at a time in the backward pass) gives the gradients
-/// of the whole graph.
+/// Both step implementations (pai's own, with its hand-written backward; candle's autograd with the
+/// blocks recomputed one at a time) give the gradients of the whole graph.
 #[test]
 fn checkpointed_step_gives_the_whole_graph_gradients() {
     checkpointed_step_matches(None);
@@ -303,30 +303,48 @@ fn checkpointed_step_matches(dropout_seed: Option<u64>) {
             })
             .collect()
     };
-    let mut grads = Vec::new();
-    let value =
-        pai_trainers::step::loss_and_grads(model, &rows, &params, 1.0, dropout_seed, &mut grads)
-            .expect("step");
-    let want = f64::from(
-        loss_with_dropout(model, &params, false, dropout_seed)
-            .to_scalar::<f32>()
-            .expect("loss"),
-    );
-    assert!((value - want).abs() < 1e-3 * want, "{value} vs {want}");
-    for ((name, var), got) in params.named_vars().zip(&grads) {
-        let got = got.as_ref().expect("gradient");
-        let want = whole.get(var.as_tensor()).expect("gradient");
-        let scale = want
-            .abs()
-            .and_then(|t| t.max_keepdim(0))
-            .and_then(|t| t.max_keepdim(1))
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .expect("max")[0];
-        let diff = max_abs_diff(got, want);
-        assert!(
-            diff <= 1e-3 * scale.max(1e-3),
-            "{name}: {diff} (largest {scale})"
+    type Step = fn(
+        &Model,
+        &[pai_trainers::Row],
+        &LoraParams,
+        f32,
+        Option<u64>,
+        &mut pai_trainers::optim::Grads,
+    ) -> pai_trainers::Result<f64>;
+    let steps: [(&str, Step); 2] = [
+        ("pai's own step", pai_trainers::step::own_loss_and_grads),
+        (
+            "checkpointed autograd",
+            pai_trainers::step::autograd_loss_and_grads,
+        ),
+    ];
+    for (label, step) in steps {
+        let mut grads = Vec::new();
+        let value = step(model, &rows, &params, 1.0, dropout_seed, &mut grads).expect("step");
+        let want = f64::from(
+            loss_with_dropout(model, &params, false, dropout_seed)
+                .to_scalar::<f32>()
+                .expect("loss"),
         );
+        assert!(
+            (value - want).abs() < 1e-3 * want,
+            "{label}: {value} vs {want}"
+        );
+        for ((name, var), got) in params.named_vars().zip(&grads) {
+            let got = got.as_ref().expect("gradient");
+            let want = whole.get(var.as_tensor()).expect("gradient");
+            let scale = want
+                .abs()
+                .and_then(|t| t.max_keepdim(0))
+                .and_then(|t| t.max_keepdim(1))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("max")[0];
+            let diff = max_abs_diff(got, want);
+            assert!(
+                diff <= 1e-3 * scale.max(1e-3),
+                "{label}, {name}: {diff} (largest {scale})"
+            );
+        }
     }
 }

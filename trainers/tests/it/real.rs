@@ -172,7 +172,7 @@ fn learns_this_projects_code_without_forgetting_general_text() {
         }
     }
     let cfg = TrainConfig {
-        learning_rate: 1e-3,
+        learning_rate: 7e-4,
         warmup_steps: 2,
         seq_len: 256,
         batch_tokens: 512,
