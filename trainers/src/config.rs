@@ -54,8 +54,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Stop at a checkpoint after this many seconds (the run still writes its adapter).
     pub time_budget_s: Option<u64>,
-    /// Memory for the copies of quantized base weights that backward passes multiply by (MiB; on the
-    /// CPU Wᵀ in Q8_0, ~143 MB for a 135M model); what does not fit is dequantized at every backward.
+    /// Memory for the training copies of quantized base weights (MiB): on CPUs with AMX, W and Wᵀ in
+    /// bf16 tiles (~540 MB for a 135M model); elsewhere Wᵀ in Q8_0 (~143 MB) and the output projection
+    /// in f32. What does not fit runs on the int8 kernels and is dequantized at every backward.
     pub backward_cache_mib: usize,
 }
 

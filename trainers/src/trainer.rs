@@ -282,12 +282,16 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         tracing::info!(step = state.step, "resumed from checkpoint");
     }
 
-    // 2. Backward copies of the base weights, as the memory budget allows: the output projection's in
-    // f32 first (int8 cannot carry its gradient), then the blocks' as int8 Wᵀ.
+    // 2. Training copies of the base weights, as the memory budget allows. With AMX, bf16 tiles of W
+    // and Wᵀ for every projection (forward and backward products both run on them); otherwise the
+    // output projection's in f32 first (int8 cannot carry its gradient), then the blocks' as int8 Wᵀ.
     let mut budget = cfg.backward_cache_mib * 1024 * 1024;
     let linears: Vec<_> = model.frozen_linears().collect();
+    let tiles = model.device().is_cpu() && pai_model::kernels::amx::available();
     for (i, linear) in linears.iter().rev().enumerate() {
-        let kind = if i == 0 {
+        let kind = if tiles {
+            BackwardCopyKind::Bf16Tiles
+        } else if i == 0 {
             BackwardCopyKind::Dense
         } else {
             BackwardCopyKind::Int8

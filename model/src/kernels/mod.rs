@@ -7,6 +7,7 @@
 //! rows for every token, so each weight block is read from memory once per call and reused across the
 //! tokens of a prefill while it is in cache.
 
+pub mod amx;
 mod attention;
 mod blocks;
 mod dot;

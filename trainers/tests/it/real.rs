@@ -67,45 +67,61 @@ fn quantized_gradient_agrees_with_the_exact_one_on_the_default_model() {
         s.b.set(&candle_core::Tensor::from_vec(v, s.b.dims(), &device).expect("b"))
             .expect("set");
     }
-    // As the trainer keeps them: the output projection's copy in f32, the blocks' as int8 Wᵀ.
+    let norm = 1.0 / counted as f32;
+    let mut ge = Vec::new();
+    let le = loss_and_grads(&exact.model, &rows, &params, norm, None, &mut ge).expect("exact step");
+    // The trainer's two policies: the output projection's copy in f32 and the blocks' as int8 Wᵀ;
+    // or, with AMX, bf16 tiles of W and Wᵀ for every projection (forward products too).
     let n_lin = quant.model.frozen_linears().count();
-    for (i, l) in quant.model.frozen_linears().enumerate() {
-        let kind = if i + 1 == n_lin {
+    let int8 = |i: usize| {
+        if i + 1 == n_lin {
             BackwardCopyKind::Dense
         } else {
             BackwardCopyKind::Int8
-        };
-        l.keep_backward_copy(Some(kind));
+        }
+    };
+    let tiles = |_| BackwardCopyKind::Bf16Tiles;
+    // (label, kind per linear, the worst cosine allowed: bf16 carries more than int8)
+    type Kind<'a> = &'a dyn Fn(usize) -> BackwardCopyKind;
+    let mut policies: Vec<(&str, Kind, f32)> = vec![("int8", &int8, 0.9)];
+    if pai_model::kernels::amx::available() {
+        policies.push(("bf16 tiles", &tiles, 0.99));
     }
-    let norm = 1.0 / counted as f32;
     let mut gq = Vec::new();
-    let lq =
-        loss_and_grads(&quant.model, &rows, &params, norm, None, &mut gq).expect("quantized step");
-    let mut ge = Vec::new();
-    let le = loss_and_grads(&exact.model, &rows, &params, norm, None, &mut ge).expect("exact step");
-    assert!((lq - le).abs() < 0.05 * le, "loss {lq} vs {le}");
-    let mut worst = 1.0f32;
-    for ((name, _), (a, b)) in params.named_vars().zip(gq.iter().zip(&ge)) {
-        let (a, b) = (a.as_ref().expect("grad"), b.as_ref().expect("grad"));
-        let dot = (a * b)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.to_scalar::<f32>())
-            .expect("dot");
-        let n = |t: &candle_core::Tensor| {
-            t.sqr()
+    let mut lq = 0.0;
+    for (label, kind, floor) in policies {
+        for (i, l) in quant.model.frozen_linears().enumerate() {
+            l.keep_backward_copy(Some(kind(i)));
+        }
+        gq.clear();
+        lq = loss_and_grads(&quant.model, &rows, &params, norm, None, &mut gq)
+            .expect("quantized step");
+        assert!((lq - le).abs() < 0.05 * le, "{label}: loss {lq} vs {le}");
+        let mut worst = 1.0f32;
+        for ((name, _), (a, b)) in params.named_vars().zip(gq.iter().zip(&ge)) {
+            let (a, b) = (a.as_ref().expect("grad"), b.as_ref().expect("grad"));
+            let dot = (a * b)
                 .and_then(|t| t.sum_all())
                 .and_then(|t| t.to_scalar::<f32>())
-                .expect("n")
-                .sqrt()
-        };
-        let cos = dot / (n(a) * n(b));
-        worst = worst.min(cos);
-        assert!(
-            cos > 0.9,
-            "{name}: cosine {cos} between the quantized and the exact gradient"
+                .expect("dot");
+            let n = |t: &candle_core::Tensor| {
+                t.sqr()
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.to_scalar::<f32>())
+                    .expect("n")
+                    .sqrt()
+            };
+            let cos = dot / (n(a) * n(b));
+            worst = worst.min(cos);
+            assert!(
+                cos > floor,
+                "{label}, {name}: cosine {cos} between the quantized and the exact gradient"
+            );
+        }
+        eprintln!(
+            "{label}: loss quantized {lq:.4}, exact {le:.4}; worst gradient cosine {worst:.4}"
         );
     }
-    eprintln!("loss quantized {lq:.4}, exact {le:.4}; worst gradient cosine {worst:.4}");
 
     // A small step against the gradient lowers the loss.
     let total: f32 = ge
