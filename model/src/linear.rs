@@ -212,6 +212,12 @@ impl FrozenLinear {
         }
     }
 
+    /// Make the kept copy now (a trainer prepares them all at once, in parallel, instead of on the
+    /// first step).
+    pub fn prepare_backward_copy(&self) -> Result<()> {
+        self.backward_copy().map(|_| ())
+    }
+
     fn tileable(&self) -> bool {
         amx::available()
             && Bf16Tiles::fits(self.out_dim, self.in_dim)

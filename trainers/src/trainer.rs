@@ -303,6 +303,12 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             linear.keep_backward_copy(None);
         }
     }
+    {
+        use rayon::prelude::*;
+        linears
+            .par_iter()
+            .try_for_each(|l| l.prepare_backward_copy())?;
+    }
 
     // 3. The holdout rows, and the base's (or the starting adapter's) loss on them.
     let eval = eval_rows(job.holdout, cfg.seq_len, cfg.eval_tokens, job.pad)?;
