@@ -1,10 +1,11 @@
 //! pai-serve: the OpenAI-compatible HTTP server. One quantized base model serves the owner's adapters,
 //! chosen per request by `model` (`state`), through the routes of `routes::app`; errors in OpenAI's
-//! envelope (`error`), bodies in OpenAI's shapes (`openai`). This slice answers one generation at a
-//! time; continuous batching, hot swap on CURRENT, load/unload, metrics and API keys come next
-//! (issue 8).
+//! envelope (`error`), bodies in OpenAI's shapes (`openai`), Prometheus metrics at `/metrics`
+//! (`metrics`). This slice answers one generation at a time; continuous batching, background
+//! loading with notify and load/unload come next (issue 8).
 
 pub mod error;
+pub mod metrics;
 pub mod openai;
 pub mod routes;
 pub mod state;

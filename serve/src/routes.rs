@@ -1,6 +1,7 @@
 //! The HTTP API (DESIGN.md "HTTP API"): `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`,
-//! `POST /v1/completions`, non-streaming or streamed as server-sent events ending in `data: [DONE]`.
-//! Every answer names the adapter that gave it (`pai` in the body, `x-pai-adapter` in the headers).
+//! `POST /v1/completions`, non-streaming or streamed as server-sent events ending in `data: [DONE]`,
+//! and `GET /metrics`. Every answer names the adapter that gave it (`pai` in the body, `x-pai-adapter`
+//! in the headers), and every request is counted by route, status and adapter.
 
 use std::convert::Infallible;
 use std::ops::ControlFlow;
@@ -19,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::error::ApiError;
+use crate::metrics::AdapterLabel;
 use crate::openai::{
     ChatRequest, ChatTokenLogprob, CompletionRequest, Content, Lineage, Prompt, Sampling,
     TopLogprob, Usage,
@@ -35,12 +37,47 @@ pub fn app(state: Arc<ServeState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/reports/", get(report_index))
         .route("/reports/{page}", get(report_page))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
         ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
+}
+
+/// Count every request (refused ones included) by route, status and the adapter that answered.
+async fn count(
+    State(s): State<Arc<ServeState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let resp = next.run(req).await;
+    let adapter = resp
+        .headers()
+        .get("x-pai-adapter")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(AdapterLabel::base, AdapterLabel::from_header);
+    s.metrics.request(&route, resp.status().as_u16(), adapter);
+    resp
+}
+
+async fn metrics(State(s): State<Arc<ServeState>>) -> Response {
+    let text = s.metrics.render(s.loaded_count(), s.broken().len());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// With API keys configured, every route (reports included) wants `Authorization: Bearer <key>`.
@@ -291,23 +328,42 @@ async fn run(
     adapter: Option<Arc<LoadedAdapter>>,
     prompt: Vec<u32>,
     opts: GenerateOptions,
-    on_text: impl FnMut(&str) -> ControlFlow<()> + Send + 'static,
+    mut on_text: impl FnMut(&str) -> ControlFlow<()> + Send + 'static,
 ) -> Result<Generation, ApiError> {
+    let arrived = std::time::Instant::now();
+    let label = AdapterLabel::from_header(&lineage(&adapter).header());
     tokio::task::spawn_blocking(move || {
+        let waiting = s.metrics.queued();
         let _turn = s
             .engine
             .lock()
             .map_err(|_| ApiError::internal("the model lock is poisoned"))?;
+        drop(waiting);
+        let _running = s.metrics.running();
         let list = stack(&adapter);
-        generate(
+        let mut first = true;
+        let metrics = &s.metrics;
+        let g = generate(
             &s.base.model,
             &s.base.tokenizer,
             &AdapterStack::new(&list),
             &prompt,
             &opts,
-            on_text,
+            |text| {
+                if std::mem::take(&mut first) {
+                    metrics.first_token(&label, arrived.elapsed());
+                }
+                on_text(text)
+            },
         )
-        .map_err(ApiError::from)
+        .map_err(ApiError::from)?;
+        if first && !g.tokens.is_empty() {
+            // Nothing was released before the end (held back for a stop sequence, say): the
+            // client's first text came with the last token.
+            metrics.first_token(&label, arrived.elapsed());
+        }
+        metrics.generation(&label, prompt.len(), g.tokens.len(), arrived.elapsed());
+        Ok(g)
     })
     .await
     .map_err(|e| ApiError::internal(format!("generation failed: {e}")))?

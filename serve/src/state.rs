@@ -60,6 +60,8 @@ pub struct ServeState {
     pub reports_dir: Option<std::path::PathBuf>,
     /// When any are set, every route wants `Authorization: Bearer <one of them>`.
     pub api_keys: Vec<String>,
+    /// What `/metrics` reports.
+    pub metrics: crate::metrics::Metrics,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -78,6 +80,7 @@ impl ServeState {
             max_tokens_limit: 4096,
             reports_dir: None,
             api_keys: Vec::new(),
+            metrics: Default::default(),
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }
@@ -200,6 +203,11 @@ impl ServeState {
     }
 
     /// Adapters whose current version cannot be served, with why (for /health).
+    /// Adapter versions resident now.
+    pub fn loaded_count(&self) -> usize {
+        self.loaded.lock().map_or(0, |m| m.len())
+    }
+
     pub fn broken(&self) -> Vec<(String, String)> {
         self.broken
             .lock()

@@ -469,3 +469,111 @@ async fn a_promoted_version_answers_the_next_request_and_a_broken_one_never_repl
     let (_, _, health) = call(app.clone(), "GET", "/health", None).await;
     assert_eq!(json_of(&health)["status"], "ok");
 }
+
+/// `/metrics` counts what was asked and answered, per adapter: requests by route and status (a 404
+/// included), tokens, time to first token and generation latency, in Prometheus' text format.
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_latency_per_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _registry) = server(dir.path());
+    let app = pai_serve::app(state.clone());
+    let ask = |model: &str| json!({"model": model, "prompt": "The heron", "max_tokens": 5, "temperature": 0});
+    for _ in 0..2 {
+        let (status, _, body) = call(
+            app.clone(),
+            "POST",
+            "/v1/completions",
+            Some(ask("personal")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, _, _) = call(app.clone(), "POST", "/v1/completions", Some(ask("ghost"))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let streamed = json!({"model": "personal", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3, "temperature": 0, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let (status, _, body) = call(app.clone(), "POST", "/v1/chat/completions", Some(streamed)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let chat_tokens = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(json_of)
+        .find_map(|v| v["usage"]["completion_tokens"].as_f64())
+        .expect("a usage chunk");
+
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let kind = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let personal = "adapter=\"personal\",version=\"v1\"";
+    assert_eq!(
+        value(&format!(
+            "pai_requests_total{{route=\"/v1/completions\",status=\"200\",{personal}}}"
+        )),
+        2.0
+    );
+    assert_eq!(
+        value(
+            "pai_requests_total{route=\"/v1/completions\",status=\"404\",adapter=\"base\",version=\"\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            "pai_requests_total{{route=\"/v1/chat/completions\",status=\"200\",{personal}}}"
+        )),
+        1.0
+    );
+    // 2 × 5 completion tokens, and the streamed chat's (the stream has ended: [DONE] was read).
+    assert_eq!(
+        value(&format!("pai_completion_tokens_total{{{personal}}}")),
+        10.0 + chat_tokens
+    );
+    assert!(value(&format!("pai_prompt_tokens_total{{{personal}}}")) > 0.0);
+    assert_eq!(
+        value(&format!(
+            "pai_generation_duration_seconds_count{{{personal}}}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        value(&format!(
+            "pai_time_to_first_token_seconds_count{{{personal}}}"
+        )),
+        2.0 + if chat_tokens > 0.0 { 1.0 } else { 0.0 }
+    );
+    assert!(
+        value(&format!(
+            "pai_time_to_first_token_seconds_sum{{{personal}}}"
+        )) <= value(&format!(
+            "pai_generation_duration_seconds_sum{{{personal}}}"
+        ))
+    );
+    assert_eq!(value("pai_queue_depth "), 0.0);
+    assert_eq!(value("pai_generations_running "), 0.0);
+    assert_eq!(value("pai_adapters_loaded "), 1.0);
+    assert_eq!(value("pai_adapters_broken "), 0.0);
+}
