@@ -22,19 +22,25 @@ use crate::loss::{cross_entropy_with_grad, weighted_cross_entropy};
 use crate::optim::{accumulate, Grads};
 use crate::params::LoraParams;
 
+/// Every position's target and loss weight (times `norm`), rows after one another.
+fn targets_and_weights(rows: &[Row], norm: f32) -> (Vec<u32>, Vec<f32>) {
+    let targets = rows
+        .iter()
+        .flat_map(|r| r.targets.iter().copied())
+        .collect();
+    let weights = rows
+        .iter()
+        .flat_map(|r| r.weights.iter().map(|w| w * norm))
+        .collect();
+    (targets, weights)
+}
+
 /// Σ weighted token losses of `rows` (weights times `norm`) from their final hidden states [rows, seq,
 /// hidden]: the output projection and the fused loss.
 pub(crate) fn head_loss(model: &Model, hidden: &Tensor, rows: &[Row], norm: f32) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
     let logits = model.logits(&hidden.reshape((b * t, h))?)?;
-    let targets: Vec<u32> = rows
-        .iter()
-        .flat_map(|r| r.targets.iter().copied())
-        .collect();
-    let weights: Vec<f32> = rows
-        .iter()
-        .flat_map(|r| r.weights.iter().map(|w| w * norm))
-        .collect();
+    let (targets, weights) = targets_and_weights(rows, norm);
     weighted_cross_entropy(&logits, &targets, &weights)
 }
 
@@ -161,14 +167,7 @@ pub fn own_loss_and_grads(
     let output = model.output();
     let mut logits = output.forward_rows(&xf)?;
     drop(xf);
-    let targets: Vec<u32> = rows
-        .iter()
-        .flat_map(|r| r.targets.iter().copied())
-        .collect();
-    let weights: Vec<f32> = rows
-        .iter()
-        .flat_map(|r| r.weights.iter().map(|w| w * norm))
-        .collect();
+    let (targets, weights) = targets_and_weights(rows, norm);
     let vocab = output.out_dim();
     let value = cross_entropy_with_grad(&mut logits, vocab, &targets, &weights)?;
     let dxf = output.backward_rows(&logits)?;
