@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             config: &cfg,
             train: &docs,
             holdout: &[],
+            retention: &[],
             init: None,
             base_name: None,
             run_dir: run_dir.path(),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use pai_datasets::{training_mix, MixMode, Split, Store};
-use pai_trainers::{DocEncoder, Strategy, TrainConfig, TrainJob, TrainOutcome};
+use pai_trainers::{DocEncoder, Strategy, TrainConfig, TrainDoc, TrainJob, TrainOutcome};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -239,6 +239,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let encoder = DocEncoder::new(&base.tokenizer);
     let train_docs = encoder.encode_all(&mix.examples)?;
     let holdout_docs = encoder.encode_all(&holdout)?;
+    // General text the base knows (the retention eval's corpus), so that no checkpoint that forgets
+    // more than `max_retention_rise` of it is shipped.
+    let retention_docs: Vec<TrainDoc> = base
+        .tokenizer
+        .encode(pai_evals::suite::RETENTION_CORPUS, false)?
+        .chunks(cfg.seq_len)
+        .map(|c| TrainDoc {
+            ids: c.to_vec(),
+            completion_start: 0,
+        })
+        .collect();
     let dataset_hash = {
         let mut ids: Vec<&str> = mix.examples.iter().map(|e| e.id.as_str()).collect();
         ids.sort_unstable();
@@ -283,6 +294,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             config: cfg,
             train: &train_docs,
             holdout: &holdout_docs,
+            retention: &retention_docs,
             init: from.first(),
             base_name: Some(base.name().to_string()),
             run_dir: &run_dir,
@@ -399,6 +411,8 @@ fn metrics_json(o: &TrainOutcome) -> serde_json::Value {
         "best_step": o.best_step,
         "initial_holdout_loss": o.initial_holdout,
         "best_holdout_loss": o.best_holdout,
+        "base_retention_loss": o.base_retention,
+        "best_retention_loss": o.best_retention,
         "final_train_loss": o.final_loss,
         "tokens": o.tokens,
         "elapsed_s": o.elapsed_s,

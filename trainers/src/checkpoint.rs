@@ -25,6 +25,9 @@ pub struct RunState {
     pub tokens: usize,
     pub elapsed_s: f64,
     pub best_holdout: Option<f64>,
+    /// The retention loss of the best checkpoint (when the job has retention text).
+    #[serde(default)]
+    pub best_retention: Option<f64>,
     pub best_step: usize,
     pub evals_without_improvement: usize,
     pub config: TrainConfig,

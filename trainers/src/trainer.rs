@@ -29,6 +29,10 @@ pub struct TrainJob<'a> {
     pub config: &'a TrainConfig,
     pub train: &'a [TrainDoc],
     pub holdout: &'a [TrainDoc],
+    /// General text the base model already knows (pai-evals' retention corpus): every evaluation
+    /// also measures it, and no checkpoint that raises its perplexity by more than
+    /// `max_retention_rise` is shipped. Empty: no guard.
+    pub retention: &'a [TrainDoc],
     /// The adapter to continue from (`continue` strategy); `None` starts fresh from the base.
     pub init: Option<&'a Adapter>,
     /// Recorded as `base_model_name_or_path`.
@@ -68,6 +72,9 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holdout_loss: Option<f64>,
+    /// Loss on the retention text, measured with the holdout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_loss: Option<f64>,
 }
 
 /// The result of a run.
@@ -81,11 +88,18 @@ pub struct TrainOutcome {
     pub stop: StopReason,
     pub initial_holdout: Option<f64>,
     pub best_holdout: Option<f64>,
+    /// The base model's loss on the retention text, and the shipped adapter's.
+    pub base_retention: Option<f64>,
+    pub best_retention: Option<f64>,
     pub final_loss: Option<f64>,
     pub tokens: usize,
     pub elapsed_s: f64,
     pub trainable_params: usize,
 }
+
+/// Tokens of retention text each evaluation reads, at most (a guard, not a score: fewer than the
+/// holdout).
+const RETENTION_TOKENS: usize = 2048;
 
 /// Mean weighted loss of fixed holdout rows under `adapter` (no gradient).
 pub fn holdout_loss(model: &Model, adapter: Option<&Adapter>, rows: &[Row]) -> Result<Option<f64>> {
@@ -241,6 +255,7 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         tokens: 0,
         elapsed_s: 0.0,
         best_holdout: None,
+        best_retention: None,
         best_step: 0,
         evals_without_improvement: 0,
         config: cfg.clone(),
@@ -313,6 +328,14 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
     // 3. The holdout rows, and the base's (or the starting adapter's) loss on them.
     let eval = eval_rows(job.holdout, cfg.seq_len, cfg.eval_tokens, job.pad)?;
     let initial_holdout = holdout_loss(model, Some(&params.frozen("eval", None)), &eval)?;
+    // The base's loss on the retention text: what a checkpoint's forgetting is measured against.
+    let retention = eval_rows(
+        job.retention,
+        cfg.seq_len,
+        cfg.eval_tokens.min(RETENTION_TOKENS),
+        job.pad,
+    )?;
+    let base_retention = holdout_loss(model, None, &retention)?;
     if !job.resume {
         if let Some(l) = initial_holdout {
             append_metrics(
@@ -408,6 +431,7 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             epoch: packer.epochs(),
             elapsed_s: state.elapsed_s,
             holdout_loss: None,
+            retention_loss: None,
         };
 
         // Holdout loss, the best adapter so far, early stopping. A step that uses up the time budget
@@ -420,11 +444,28 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         if !eval.is_empty()
             && ((cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) || last)
         {
-            let l =
-                holdout_loss(model, Some(&params.frozen("eval", None)), &eval)?.unwrap_or(f64::NAN);
+            let adapter = params.frozen("eval", None);
+            let l = holdout_loss(model, Some(&adapter), &eval)?.unwrap_or(f64::NAN);
             metrics.holdout_loss = Some(l);
-            if state.best_holdout.is_none_or(|b| l < b) {
+            let r = match base_retention {
+                Some(_) => holdout_loss(model, Some(&adapter), &retention)?,
+                None => None,
+            };
+            metrics.retention_loss = r;
+            let forgets = match (r, base_retention) {
+                (Some(r), Some(b)) => (r - b).exp() - 1.0 > cfg.max_retention_rise,
+                _ => false,
+            };
+            if forgets {
+                tracing::info!(
+                    step = state.step,
+                    rise = (r.unwrap_or(0.0) - base_retention.unwrap_or(0.0)).exp() - 1.0,
+                    "checkpoint forgets too much of the retention text; not kept"
+                );
+            }
+            if !forgets && state.best_holdout.is_none_or(|b| l < b) {
                 state.best_holdout = Some(l);
+                state.best_retention = r;
                 state.best_step = state.step;
                 state.evals_without_improvement = 0;
                 best = snapshot(&params)?;
@@ -452,6 +493,13 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             break;
         }
     }
+    if !eval.is_empty() && state.best_holdout.is_none() && base_retention.is_some() {
+        tracing::warn!(
+            max_retention_rise = cfg.max_retention_rise,
+            "every checkpoint forgot more of the retention text than allowed: shipping the \
+             weights the run started from"
+        );
+    }
     if matches!(stop, StopReason::Interrupted | StopReason::TimeBudget) {
         checkpoint(&state, &opt, &best)?;
     }
@@ -470,6 +518,8 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         stop,
         initial_holdout,
         best_holdout: state.best_holdout,
+        base_retention,
+        best_retention: state.best_retention,
         final_loss: last_loss,
         tokens: state.tokens,
         elapsed_s: state.elapsed_s,

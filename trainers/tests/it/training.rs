@@ -51,6 +51,7 @@ fn job<'a>(
         config: cfg,
         train: docs,
         holdout: docs,
+        retention: &[],
         init: None,
         base_name: Some("tiny".into()),
         run_dir,
@@ -270,4 +271,86 @@ fn a_time_budget_stop_ships_the_weights_it_reached() {
         })
         .sum();
     assert!(b_norm > 0.0, "the shipped adapter is not the initial one");
+}
+
+/// With retention text (here: other patterns the corpus does not teach), a checkpoint that raises its
+/// loss past `max_retention_rise` is never shipped, however good its holdout loss; with a generous
+/// bound the same run ships its best holdout.
+#[test]
+fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = tiny(&dir.path().join("m"), GgmlDType::Q8_0, TinySpec::default());
+    let docs = corpus();
+    // Text the base model knows: its own greedy continuations, which training on the corpus can only
+    // make less likely.
+    let retention: Vec<TrainDoc> = (0..6u32)
+        .map(|d| {
+            let mut ids = vec![150 + d * 13];
+            let mut cache = base.model.new_cache(32);
+            for _ in 0..23 {
+                let last = ids.last().copied().unwrap_or(0);
+                let t = candle_core::Tensor::new(&[[last]], base.model.device()).expect("ids");
+                let logits = base
+                    .model
+                    .forward_last(&t, &mut cache, &AdapterStack::new(&[]))
+                    .expect("forward");
+                let next = logits
+                    .argmax(candle_core::D::Minus1)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<u32>())
+                    .expect("argmax")[0];
+                ids.push(next);
+            }
+            TrainDoc {
+                ids,
+                completion_start: 0,
+            }
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let run_with = |rise: f64, name: &str| {
+        let cfg = TrainConfig {
+            max_steps: Some(24),
+            eval_every: 4,
+            learning_rate: 2e-2,
+            max_retention_rise: rise,
+            ..config()
+        };
+        let run = dir.path().join(name);
+        let job = TrainJob {
+            retention: &retention,
+            ..job(&base, &cfg, &docs, &run, false, &stop)
+        };
+        let out = train(&job, &mut |_| {}).expect("train");
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+        let retention_losses: Vec<f64> = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["retention_loss"].as_f64())
+            .collect();
+        (out, retention_losses)
+    };
+
+    let (loose, losses) = run_with(100.0, "loose");
+    let base_r = loose.base_retention.expect("base retention loss");
+    assert_eq!(losses.len(), 6, "one retention loss per evaluation");
+    // The case the guard exists for: the best holdout checkpoint forgot.
+    let loose_r = loose.best_retention.expect("loose best retention");
+    assert!(
+        loose_r > base_r,
+        "best checkpoint's retention {loose_r} vs base {base_r}: {losses:?}"
+    );
+
+    // Strict: no rise allowed. Whatever ships has a retention loss at or below the base's, and the
+    // checkpoints that forgot were passed over.
+    let (strict, _) = run_with(0.0, "strict");
+    match (strict.best_retention, strict.best_holdout) {
+        (Some(r), Some(_)) => assert!(r <= base_r + 1e-9, "{r} vs base {base_r}"),
+        (None, None) => {} // every checkpoint forgot: the starting weights ship
+        other => panic!("best retention and holdout disagree: {other:?}"),
+    }
+    assert_ne!(
+        strict.best_step, loose.best_step,
+        "the strict run shipped the checkpoint the guard should have refused"
+    );
 }
