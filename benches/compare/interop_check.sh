@@ -26,7 +26,8 @@ trap 'rm -rf "$WORK"' EXIT
 export PAI_HOME="$WORK/home"
 mkdir -p "$PAI_HOME"
 # Plain code examples only (no FIM), so every trained token counts.
-printf '[ingest.fim]\nrate = 0.0\n' > "$PAI_HOME/pai.toml"
+# The retention guard off: this adapter is meant to move the logits far (see below).
+printf '[ingest.fim]\nrate = 0.0\n\n[train]\nmax_retention_rise = 1e9\n' > "$PAI_HOME/pai.toml"
 "$TRAIN" ingest --model "$MODEL" --source "$PWD/trainers/src:code" --day 2026-01-01 >&2
 # Every projection, a high learning rate and a few steps: an adapter that moves the logits by ~17, far
 # above the ~1 by which int8 activation rounding moves a quantized model's logits (pai's and llama.cpp's

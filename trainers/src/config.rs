@@ -53,7 +53,8 @@ pub struct TrainConfig {
     pub early_stopping_patience: usize,
     /// The most a checkpoint may raise the perplexity of general text the base model knew (the job's
     /// retention text), as a fraction: 0.03 is 3%. A checkpoint past it is never the one shipped,
-    /// however good its holdout loss, and counts as no improvement for early stopping.
+    /// however good its holdout loss, and counts as no improvement for early stopping. A huge value
+    /// (1e9) turns the guard off.
     pub max_retention_rise: f64,
     pub checkpoint_every: usize,
     /// Stop at a checkpoint after this many seconds (the run still writes its adapter).
@@ -195,7 +196,7 @@ impl TrainConfig {
             return bad(
                 "max_retention_rise",
                 self.max_retention_rise.to_string(),
-                "0 or more (a fraction: 0.03 is 3%)",
+                "a finite fraction, 0 or more (0.03 is 3%; 1e9 turns the guard off)",
             );
         }
         if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
