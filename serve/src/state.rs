@@ -2,7 +2,9 @@
 //! names what answers it (`model`: the base, an adapter, `base::adapter`, or `adapter@vN`; or the
 //! `adapter` field); the current version of a name is served unless a version is named. Every
 //! adapter is loaded through `Registry::verify` (each file's sha256) and the base's own check of its
-//! fingerprint, once, then kept by name and version. CURRENT is read on every request, so a promoted
+//! fingerprint, once, then kept by name and version (at most `max_resident` versions and
+//! `max_resident_bytes` of weights; the least recently used is evicted and reloads when asked for).
+//! CURRENT is read on every request, so a promoted
 //! version answers the next request with no restart (requests in flight keep the version they
 //! started with); a promoted version that fails to verify or load never replaces the one being
 //! served, and `/health` reports it.
@@ -19,6 +21,8 @@ use crate::openai::Lineage;
 /// An adapter as served: its weights and where they came from.
 pub struct LoadedAdapter {
     pub adapter: Adapter,
+    /// Bytes its weights take.
+    pub bytes: usize,
     pub name: String,
     pub version: Version,
     pub meta: AdapterMeta,
@@ -40,12 +44,22 @@ impl LoadedAdapter {
     }
 }
 
+/// Resident adapter versions by (name, version), with the tick of each one's last use.
+type Resident = HashMap<(String, Version), (Arc<LoadedAdapter>, u64)>;
+
 pub struct ServeState {
     pub base: BaseModel,
     /// The id clients use for the bare base (the model file's name).
     pub base_id: String,
     pub registry: Option<Registry>,
-    loaded: Mutex<HashMap<(String, Version), Arc<LoadedAdapter>>>,
+    /// Resident adapter versions, with the tick of their last use (least recently used evicted past
+    /// `max_resident`; an evicted one reloads, verified again, when next asked for).
+    loaded: Mutex<Resident>,
+    /// Most adapter versions kept resident, and most bytes of their weights (the newest loaded is
+    /// always kept).
+    pub max_resident: usize,
+    pub max_resident_bytes: usize,
+    uses: std::sync::atomic::AtomicU64,
     /// The version each name was last served at (what answers while a newer current is broken).
     serving: Mutex<HashMap<String, Arc<LoadedAdapter>>>,
     /// Names whose current version fails, with the error.
@@ -81,6 +95,9 @@ impl ServeState {
             reports_dir: None,
             api_keys: Vec::new(),
             metrics: Default::default(),
+            max_resident: 16,
+            max_resident_bytes: 1 << 30,
+            uses: std::sync::atomic::AtomicU64::new(0),
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }
@@ -171,8 +188,12 @@ impl ServeState {
         version: Version,
     ) -> Result<Arc<LoadedAdapter>, ApiError> {
         let key = (name.to_string(), version);
-        if let Some(a) = self.loaded.lock().ok().and_then(|m| m.get(&key).cloned()) {
-            return Ok(a);
+        let tick = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if let Ok(mut m) = self.loaded.lock() {
+            if let Some((a, used)) = m.get_mut(&key) {
+                *used = tick;
+                return Ok(a.clone());
+            }
         }
         let unavailable = |message: String| ApiError {
             status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -189,25 +210,45 @@ impl ServeState {
                 "adapter {name}@{version} does not load onto this base: {e}"
             ))
         })?;
+        let bytes = adapter
+            .iter()
+            .map(|(_, w)| (w.a.elem_count() + w.b.elem_count()) * w.a.dtype().size_in_bytes())
+            .sum();
         let loaded = Arc::new(LoadedAdapter {
+            bytes,
             adapter,
             name: name.to_string(),
             version,
             meta: verified.meta,
         });
         if let Ok(mut m) = self.loaded.lock() {
-            m.insert(key, loaded.clone());
+            m.insert(key, (loaded.clone(), tick));
+            // Past the bound, the least recently used go (requests holding one keep their Arc).
+            let resident = |m: &Resident| -> usize { m.values().map(|(a, _)| a.bytes).sum() };
+            while m.len() > 1
+                && (m.len() > self.max_resident || resident(&m) > self.max_resident_bytes)
+            {
+                let Some(oldest) = m
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                m.remove(&oldest);
+                tracing::info!(adapter = %oldest.0, version = %oldest.1, "adapter evicted");
+            }
         }
         tracing::info!(adapter = %loaded.name, version = %loaded.version, "adapter loaded");
         Ok(loaded)
     }
 
-    /// Adapters whose current version cannot be served, with why (for /health).
     /// Adapter versions resident now.
     pub fn loaded_count(&self) -> usize {
         self.loaded.lock().map_or(0, |m| m.len())
     }
 
+    /// Adapters whose current version cannot be served, with why (for /health).
     pub fn broken(&self) -> Vec<(String, String)> {
         self.broken
             .lock()

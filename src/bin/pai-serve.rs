@@ -50,6 +50,12 @@ struct ServeArgs {
         hide_env_values = true
     )]
     api_keys: Vec<String>,
+    /// Adapter versions kept loaded at most (least recently used evicted; reloaded when asked for).
+    #[arg(long, default_value_t = 16)]
+    max_adapters: usize,
+    /// Memory adapter weights may take, in MiB (least recently used evicted past it).
+    #[arg(long, default_value_t = 1024)]
+    max_adapter_mib: usize,
 }
 
 #[derive(Args)]
@@ -140,6 +146,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let mut state = pai_serve::ServeState::new(base, Some(registry));
     state.reports_dir = Some(pai::pai_home().join("reports"));
+    anyhow::ensure!(args.max_adapters > 0, "--max-adapters must be at least 1");
+    state.max_resident = args.max_adapters;
+    state.max_resident_bytes = args.max_adapter_mib << 20;
     state.api_keys = args
         .api_keys
         .into_iter()

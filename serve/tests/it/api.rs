@@ -577,3 +577,34 @@ async fn metrics_count_requests_tokens_and_latency_per_adapter() {
     assert_eq!(value("pai_adapters_loaded "), 1.0);
     assert_eq!(value("pai_adapters_broken "), 0.0);
 }
+
+/// Resident adapters are bounded by count and by bytes: past either bound the least recently used
+/// version is evicted, and reloads (verified again) when asked for.
+#[tokio::test]
+async fn resident_adapters_are_bounded_and_evicted_ones_reload() {
+    // (most versions, most bytes, versions resident after v1, v2, v1)
+    for (count, bytes, resident) in [(1, 1 << 30, 1), (16, 1, 1), (16, 1 << 30, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, registry) = server(dir.path());
+        let v1 = registry.dir("personal", pai_adapters::Version(1));
+        let meta = registry.meta("personal", pai_adapters::Version(1)).unwrap();
+        registry.add("personal", &v1, meta).unwrap();
+        let mut state = std::sync::Arc::try_unwrap(state).ok().expect("sole owner");
+        state.max_resident = count;
+        state.max_resident_bytes = bytes;
+        let state = std::sync::Arc::new(state);
+        let app = pai_serve::app(state.clone());
+        let ask = |model: &str| json!({"model": model, "prompt": "The heron", "max_tokens": 2, "temperature": 0});
+        for model in ["personal@v1", "personal@v2", "personal@v1"] {
+            let (status, who, body) =
+                call(app.clone(), "POST", "/v1/completions", Some(ask(model))).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(who.as_deref(), Some(model));
+            assert!(
+                state.loaded_count() <= resident,
+                "bounds ({count}, {bytes}), after {model}"
+            );
+        }
+        assert_eq!(state.loaded_count(), resident, "bounds ({count}, {bytes})");
+    }
+}
