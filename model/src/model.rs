@@ -226,11 +226,6 @@ impl Model {
         &self.output
     }
 
-    /// The RoPE tables every block rotates q and k by.
-    pub fn rope(&self) -> &Rope {
-        &self.rope
-    }
-
     /// Every frozen projection, the output one last (for memory policies such as
     /// [`crate::FrozenLinear::keep_backward_copy`]).
     pub fn frozen_linears(&self) -> impl Iterator<Item = &FrozenLinear> {

@@ -27,6 +27,12 @@ pub struct Packed {
 }
 
 impl Packed {
+    /// The cos and sin of every token's position in its document, [rows, 1, seq, head_dim / 2] (for
+    /// trainers that rotate q and k themselves).
+    pub fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Build the batch; every row must have the same length, and no document may be longer than
     /// `max_positions` (the model's context).
     pub(crate) fn new(

@@ -31,11 +31,6 @@ impl Rope {
         })
     }
 
-    /// The cos and sin tables [max_positions, head_dim / 2].
-    pub fn tables(&self) -> (&Tensor, &Tensor) {
-        (&self.cos, &self.sin)
-    }
-
     /// Rotate x: [batch, heads, seq, head_dim] whose first position is `offset`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;

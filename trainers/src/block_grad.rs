@@ -50,21 +50,18 @@ pub(crate) struct SiteGrad {
 }
 
 impl SiteLora {
-    /// The input as the LoRA branch sees it: with this step's dropout mask applied.
-    fn dropped<'x>(&self, x: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
-        match self.dropout {
-            Some(d) if d.p > 0.0 => {
-                let mask = d.mask_values(x.len());
-                std::borrow::Cow::Owned(x.iter().zip(&mask).map(|(x, m)| x * m).collect())
-            }
-            _ => std::borrow::Cow::Borrowed(x),
-        }
+    /// This step's dropout mask for an input of `len` values (`None`: no dropout).
+    fn mask(&self, len: usize) -> Option<Vec<f32>> {
+        self.dropout
+            .filter(|d| d.p > 0.0)
+            .map(|d| d.mask_values(len))
     }
 
     /// y += scale · (dropout(x)·Aᵀ)·Bᵀ for x [n, in]; returns u = dropout(x)·Aᵀ [n, r] (kept for the
     /// backward).
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) -> Vec<f32> {
-        let xd = self.dropped(x);
+        let mask = self.mask(x.len());
+        let xd = dropped(x, mask.as_deref());
         let mut u = vec![0f32; n * self.r];
         let a = View::rows(&self.a, self.r, self.fan_in, self.fan_in);
         let b = View::rows(&self.b, self.out, self.r, self.r);
@@ -96,23 +93,31 @@ impl SiteLora {
         let mut gu = vec![0f32; n * r];
         matmul(&mut gu, r, gyv, b, Out::Set(self.scale), true);
         let guv = View::rows(&gu, n, r, r);
-        let xd = self.dropped(x);
+        let mask = self.mask(x.len());
+        let xd = dropped(x, mask.as_deref());
         grad.a.resize(r * fan_in, 0.0);
         let xv = View::rows(&xd, n, fan_in, fan_in);
         matmul(&mut grad.a, fan_in, guv.t(), xv, Out::Add(1.0), true);
         if let Some(gx) = gx {
-            match self.dropout {
-                Some(d) if d.p > 0.0 => {
+            match &mask {
+                Some(mask) => {
                     let mut through = vec![0f32; n * fan_in];
                     matmul(&mut through, fan_in, guv, a, Out::Set(1.0), true);
-                    let mask = d.mask_values(n * fan_in);
-                    for ((g, t), m) in gx.iter_mut().zip(&through).zip(&mask) {
+                    for ((g, t), m) in gx.iter_mut().zip(&through).zip(mask) {
                         *g += t * m;
                     }
                 }
-                _ => matmul(gx, fan_in, guv, a, Out::Add(1.0), true),
+                None => matmul(gx, fan_in, guv, a, Out::Add(1.0), true),
             }
         }
+    }
+}
+
+/// The input as the LoRA branch sees it: with the dropout mask applied, if any.
+fn dropped<'x>(x: &'x [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'x, [f32]> {
+    match mask {
+        Some(mask) => std::borrow::Cow::Owned(x.iter().zip(mask).map(|(x, m)| x * m).collect()),
+        None => std::borrow::Cow::Borrowed(x),
     }
 }
 

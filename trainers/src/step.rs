@@ -62,20 +62,17 @@ pub fn loss_and_grads(
     }
 }
 
-/// The documents of packed rows (each row `seq` tokens, one after the other) and each token's
-/// position inside its document.
-fn documents(rows: &[PackedRow]) -> (Vec<Doc>, Vec<u32>) {
+/// The documents of packed rows (each row `seq` tokens, one after the other).
+fn documents(rows: &[PackedRow]) -> Vec<Doc> {
     let mut docs = Vec::new();
-    let mut positions = Vec::new();
     let mut start = 0;
     for row in rows {
         for &len in &row.doc_lens {
             docs.push(Doc { start, len });
-            positions.extend(0..len as u32);
             start += len;
         }
     }
-    (docs, positions)
+    docs
 }
 
 /// [`loss_and_grads`] by pai's own step (CPU): see the module doc.
@@ -89,17 +86,16 @@ pub fn own_loss_and_grads(
 ) -> Result<f64> {
     let cfg = model.config();
     let packed_rows: Vec<PackedRow> = rows.iter().map(|r| r.row.clone()).collect();
-    // Checks the rows as the model's packing does (equal lengths, documents within the context).
-    let _ = model.pack(&packed_rows)?;
-    let (docs, positions) = documents(&packed_rows);
+    // The model's packing checks the rows (equal lengths, documents within the context) and gives
+    // each token's RoPE angles.
+    let packed = model.pack(&packed_rows)?;
+    let (cos, sin) = packed.rope_tables();
+    let docs = documents(&packed_rows);
     let ids: Vec<u32> = packed_rows
         .iter()
         .flat_map(|r| r.ids.iter().copied())
         .collect();
     let n = ids.len();
-    let (cos, sin) = model
-        .rope()
-        .tables_at(&Tensor::from_slice(&positions, n, model.device())?)?;
     let batch = StepBatch {
         tokens: n,
         docs,
