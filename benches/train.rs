@@ -56,10 +56,7 @@ fn main() -> anyhow::Result<()> {
         .take(256 * 4 * (steps + 1))
         .collect::<Vec<_>>()
         .chunks(256)
-        .map(|c| pai_trainers::TrainDoc {
-            ids: c.to_vec(),
-            completion_start: 0,
-        })
+        .map(|c| pai_trainers::TrainDoc::plain(c.to_vec()))
         .collect();
     let cfg = pai_trainers::TrainConfig {
         target_modules: ["q", "k", "v", "o"].map(String::from).to_vec(),

@@ -74,7 +74,7 @@ pub(crate) fn prepare(
     }
     anyhow::ensure!(
         !config.sources.is_empty(),
-        "no sources: add [[sources]] to {} or pass --source DIR[:notes|code]",
+        "no sources: add [[sources]] to {} or pass --source DIR[:notes|code|chat]",
         home.join("pai.toml").display()
     );
     let sources = resolve_sources(&config.sources)?;

@@ -236,7 +236,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let encoder = DocEncoder::new(&base.tokenizer);
+    let encoder = DocEncoder::new(&base.tokenizer, base.chat_template().ok());
     let train_docs = encoder.encode_all(&mix.examples)?;
     let holdout_docs = encoder.encode_all(&holdout)?;
     // General text the base knows (the retention eval's corpus), so that no checkpoint that forgets
@@ -245,10 +245,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         .tokenizer
         .encode(pai_evals::suite::RETENTION_CORPUS, false)?
         .chunks(cfg.seq_len)
-        .map(|c| TrainDoc {
-            ids: c.to_vec(),
-            completion_start: 0,
-        })
+        .map(|c| TrainDoc::plain(c.to_vec()))
         .collect();
     let dataset_hash = {
         let mut ids: Vec<&str> = mix.examples.iter().map(|e| e.id.as_str()).collect();

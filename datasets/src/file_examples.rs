@@ -1,10 +1,12 @@
 //! One file's text → its examples: scrubbed whole, then split (notes by heading, code by top-level
 //! item), packed to the token budget, counted, signed for near-dup detection, plus the FIM examples
-//! of its code. What ingest's workers run for every new or changed file.
+//! of its code; a chat file's conversations one example a line. What ingest's workers run for every
+//! new or changed file.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::chat::Conversation;
 use crate::code::{split_items, Language};
 use crate::example::{content_id, pack, Budget, CountTokens, Example, Kind, Split};
 use crate::fim::fim_example;
@@ -28,6 +30,9 @@ pub(crate) fn file_examples(
     relative: &str,
     text: &str,
 ) -> FileExamples {
+    if source.kind == SourceKind::Chat {
+        return chat_examples(opts, source, relative, text);
+    }
     let scrubbed = scrub(text, opts.settings.pii);
     let text = scrubbed.text.as_str();
     let counter = opts.count_tokens;
@@ -99,6 +104,7 @@ pub(crate) fn file_examples(
                 .collect();
             (Kind::Code, source.privacy, packed)
         }
+        SourceKind::Chat => unreachable!("chat files are read by chat_examples"),
     };
     let mut examples: Vec<Example> = pieces
         .into_iter()
@@ -128,6 +134,68 @@ pub(crate) fn file_examples(
         .collect();
     examples.extend(fims);
     (examples, false, scrubbed.redactions)
+}
+
+/// Tokens a chat template adds around each message (ChatML: `<|im_start|>`, the role, a newline,
+/// `<|im_end|>`, a newline); a chat example's count is its contents plus this per message, an estimate
+/// until a model's own template renders it.
+const CHAT_TOKENS_PER_MESSAGE: usize = 5;
+
+/// A chat file's examples: one per conversation line, contents scrubbed one by one (a JSON line cannot
+/// be scrubbed whole without risking its quoting). Lines that are not conversations are skipped with a
+/// warning naming the file and line.
+fn chat_examples(
+    opts: &IngestOptions,
+    source: &Source,
+    relative: &str,
+    text: &str,
+) -> FileExamples {
+    if source.privacy == Privacy::Exclude {
+        return (Vec::new(), true, BTreeMap::new());
+    }
+    let mut examples = Vec::new();
+    let mut redactions: BTreeMap<String, usize> = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let conversation = match Conversation::parse(line) {
+            Ok(c) => c,
+            Err(reason) => {
+                tracing::warn!("{}/{relative}:{}: skipped: {reason}", source.name, n + 1);
+                continue;
+            }
+        };
+        let (conversation, removed) = conversation.scrubbed(opts.settings.pii);
+        let mut redacted = 0;
+        for (kind, count) in removed {
+            redacted += count;
+            *redactions.entry(kind).or_default() += count;
+        }
+        let n_tokens: usize = conversation
+            .messages
+            .iter()
+            .map(|m| opts.count_tokens.count(&m.content) + CHAT_TOKENS_PER_MESSAGE)
+            .sum();
+        let text = conversation.to_text();
+        let id = content_id(&text);
+        examples.push(Example {
+            split: Split::of(&id, opts.settings.holdout_fraction),
+            id,
+            day: opts.day.clone(),
+            source: source.name.clone(),
+            path: relative.to_string(),
+            kind: Kind::Chat,
+            context: format!("{relative}:{}", n + 1),
+            n_tokens: n_tokens as u32,
+            redactions: redacted as u32,
+            private: source.privacy == Privacy::Private,
+            fim: None,
+            minhash: Signature::of(&text).map(Box::new),
+            text,
+        });
+    }
+    (examples, false, redactions)
 }
 
 /// Short note sections merge with the next section of the same note (the next one's heading kept

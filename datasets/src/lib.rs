@@ -2,13 +2,14 @@
 //!
 //! `ingest::run` walks the configured sources (`source`, `walk`), reads only what the change journal
 //! (`journal`) says is new or changed, splits notes by heading (`notes`) and code at top-level items
-//! (`code`) into examples of a token budget (`example`), adds fill-in-the-middle variants of code
-//! (`fim`), removes secrets and PII (`scrub`), drops exact and near duplicates (`minhash`), and writes
+//! (`code`) into examples of a token budget (`example`), reads conversations one a line (`chat`),
+//! adds fill-in-the-middle variants of code (`fim`), removes secrets and PII (`scrub`), drops exact and near duplicates (`minhash`), and writes
 //! one parquet partition per day (`store`). Examples of deleted or newly excluded files leave the
 //! dataset at the next ingest; the privacy index of private text (`privacy_index`) is rebuilt with it.
 //! `mix::training_mix` is the one door from the dataset into training: the night's mix, replay
 //! recency-weighted, holdout and eval items kept out.
 
+pub mod chat;
 pub mod code;
 mod error;
 pub mod example;
@@ -26,6 +27,7 @@ pub mod source;
 pub mod store;
 pub mod walk;
 
+pub use chat::{ChatMessage, Conversation};
 pub use error::{DatasetError, Result};
 pub use example::{Budget, CountTokens, Example, Kind, Split};
 pub use fim::{FimMode, FimSettings, FimSpan, FimTokens};

@@ -1,5 +1,6 @@
-//! Where notes and code come from: the `[[sources]]` of `pai.toml`, and `--source DIR[:notes|code]` on
-//! the command line. Parsed and checked once here; the rest of the crate sees only `Source`.
+//! Where notes, code and conversations come from: the `[[sources]]` of `pai.toml`, and
+//! `--source DIR[:notes|code|chat]` on the command line. Parsed and checked once here; the rest of the
+//! crate sees only `Source`.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,9 @@ pub enum SourceKind {
     Notes,
     /// Source code in a git working tree.
     Code,
+    /// Conversations to learn replies from: JSON Lines files, one `{"messages": [...]}` per line
+    /// (OpenAI's fine-tuning format), the loss on assistant replies only.
+    Chat,
 }
 
 /// How private a source is. A note's frontmatter can raise it (`private: true`, `pai: exclude`), never
@@ -59,17 +63,18 @@ fn default_max_file_size() -> u64 {
 }
 
 impl SourceConfig {
-    /// `DIR`, `DIR:notes` or `DIR:code` from the command line (notes when no kind is given).
+    /// `DIR`, `DIR:notes`, `DIR:code` or `DIR:chat` from the command line (notes when no kind is given).
     pub fn from_arg(arg: &str) -> Result<Self> {
         let (path, kind) = match arg.rsplit_once(':') {
             Some((p, "notes")) => (p, SourceKind::Notes),
             Some((p, "code")) => (p, SourceKind::Code),
+            Some((p, "chat")) => (p, SourceKind::Chat),
             Some((_, other)) if !other.contains('/') && !other.contains('\\') => {
                 return Err(DatasetError::BadSource {
                     index: 0,
                     field: "kind",
                     value: other.to_string(),
-                    reason: "expected DIR, DIR:notes or DIR:code".into(),
+                    reason: "expected DIR, DIR:notes, DIR:code or DIR:chat".into(),
                 })
             }
             _ => (arg, SourceKind::Notes),
@@ -214,6 +219,10 @@ mod tests {
         assert_eq!(
             (c.path.as_path(), c.kind),
             (Path::new("/tmp/x"), SourceKind::Code)
+        );
+        assert_eq!(
+            SourceConfig::from_arg("/tmp/x:chat").unwrap().kind,
+            SourceKind::Chat
         );
         assert!(SourceConfig::from_arg("/tmp/x:pictures").is_err());
     }

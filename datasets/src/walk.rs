@@ -221,6 +221,7 @@ fn path_check(source: &Source, rel: &Path) -> Option<SkipReason> {
         SourceKind::Notes => {
             (!NOTE_EXTENSIONS.contains(&ext.as_str())).then_some(SkipReason::FileType)
         }
+        SourceKind::Chat => (ext != "jsonl").then_some(SkipReason::FileType),
         SourceKind::Code => {
             if LOCKFILES.contains(&name.as_str()) {
                 return Some(SkipReason::Lockfile);

@@ -9,6 +9,7 @@
 
 use candle_core::{Module, Tensor, D};
 
+use crate::batch::{BatchRow, RowGroups};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kernels::{self, AttentionSpec};
@@ -143,16 +144,59 @@ impl Attention {
 
     /// q, k, v of x [b, t, hidden], split into heads: [b, heads, t, head_dim].
     fn project(&self, x: &Tensor, adapters: &AdapterStack) -> Result<(Tensor, Tensor, Tensor)> {
+        self.project_with(x, |linear, x| linear.forward(x, adapters))
+    }
+
+    /// q, k and v split into heads ([b, heads, t, hd]), each projection made by `proj`.
+    fn project_with(
+        &self,
+        x: &Tensor,
+        proj: impl Fn(&LoraLinear, &Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
         };
         Ok((
-            heads(self.q.forward(x, adapters)?, self.num_heads)?,
-            heads(self.k.forward(x, adapters)?, self.num_kv_heads)?,
-            heads(self.v.forward(x, adapters)?, self.num_kv_heads)?,
+            heads(proj(&self.q, x)?, self.num_heads)?,
+            heads(proj(&self.k, x)?, self.num_kv_heads)?,
+            heads(proj(&self.v, x)?, self.num_kv_heads)?,
         ))
+    }
+
+    /// One decode step of many sequences (x: [rows, 1, hidden]; see [`crate::batch`]): projections
+    /// over every row at once, then rotation, cache and attention per row at its own position.
+    pub fn forward_batch(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &Rope,
+        rows: &mut [BatchRow],
+        groups: &RowGroups,
+    ) -> Result<Tensor> {
+        // 1. Project every row.
+        let (q, k, v) = self.project_with(x, |linear, x| linear.forward_grouped(x, groups))?;
+
+        // 2–3. Each row at its own position, over its own cache.
+        let mut outs = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter_mut().enumerate() {
+            let offset = row.cache.len();
+            let q = rope.apply(&q.narrow(0, i, 1)?, offset)?;
+            let k = rope.apply(&k.narrow(0, i, 1)?, offset)?;
+            let v = v.narrow(0, i, 1)?.contiguous()?;
+            let (k, v) = row.cache.append(layer, &k, &v)?;
+            let spec = self.spec(offset);
+            let out = match kernels::attention(&q, &k, &v, spec)? {
+                Some(out) => out,
+                None => {
+                    let mask = attention_mask(1, offset, self.sliding_window, q.device())?;
+                    Self::attend_with_candle(&q, &k, &v, mask.as_ref(), spec)?
+                }
+            };
+            outs.push(out);
+        }
+        self.o.forward_grouped(&Tensor::cat(&outs, 0)?, groups)
     }
 
     fn spec(&self, offset: usize) -> AttentionSpec {
@@ -214,8 +258,17 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor, adapters: &AdapterStack) -> Result<Tensor> {
-        let gate = self.gate.forward(x, adapters)?;
-        let up = self.up.forward(x, adapters)?;
+        self.forward_with(x, |linear, x| linear.forward(x, adapters))
+    }
+
+    /// SwiGLU with each projection made by `proj`.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        proj: impl Fn(&LoraLinear, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let gate = proj(&self.gate, x)?;
+        let up = proj(&self.up, x)?;
         let fast = if gate.track_op() || up.track_op() {
             None
         } else {
@@ -225,7 +278,7 @@ impl Mlp {
             Some(h) => h,
             None => (candle_nn::Activation::Silu.forward(&gate)? * up)?,
         };
-        self.down.forward(&h, adapters)
+        proj(&self.down, &h)
     }
 }
 
@@ -258,6 +311,27 @@ impl Block {
         )?;
         let x = residual(x, &h)?;
         let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, adapters)?;
+        residual(&x, &h)
+    }
+
+    /// One decode step of many sequences (see [`crate::batch`]).
+    pub fn forward_batch(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &Rope,
+        rows: &mut [BatchRow],
+        groups: &RowGroups,
+    ) -> Result<Tensor> {
+        let h = self
+            .attn
+            .forward_batch(&self.attn_norm.forward(x)?, layer, rope, rows, groups)?;
+        let x = residual(x, &h)?;
+        let h = self
+            .mlp
+            .forward_with(&self.mlp_norm.forward(&x)?, |linear, x| {
+                linear.forward_grouped(x, groups)
+            })?;
         residual(&x, &h)
     }
 

@@ -2,6 +2,8 @@
 //! and turned into token ids so that what a user wrote is always tokenized as plain text: the template's
 //! markup becomes control tokens, message contents never do.
 
+use std::ops::Range;
+
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
@@ -90,38 +92,142 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let marked: Vec<Message> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Message::new(m.role.clone(), format!("{OPEN}{i}{CLOSE}")))
-            .collect();
-        let rendered = self.render(&marked, add_generation_prompt)?;
+        let rendered = self.render(&marked(messages), add_generation_prompt)?;
+        Ok(self.tokenize(tokenizer, messages, &rendered, &[])?.ids)
+    }
+
+    /// A conversation to train on: its tokens (as [`ChatTemplate::encode`] gives them) and the token
+    /// ranges the loss covers. Those are each assistant message whose `trained` flag is set, with the
+    /// template text that closes its turn (`<|im_end|>\n`), so the model learns where a reply ends. A
+    /// reply's text is what rendering the conversation through it adds to rendering the turns before it
+    /// with the generation prompt. A template that renders earlier turns differently from the last (one
+    /// that drops reasoning from history, say) can only train the last reply; one that cannot even do
+    /// that is an error naming the message.
+    pub fn encode_for_training(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        trained: &[bool],
+    ) -> Result<TrainingTokens> {
+        let marked = marked(messages);
+        let full = self.render(&marked, false)?;
+        let last_reply = messages.iter().rposition(|m| m.role == "assistant");
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" || !trained.get(i).copied().unwrap_or(true) {
+                continue;
+            }
+            let before = self.render(&marked[..i], true)?;
+            let through = self.render(&marked[..=i], false)?;
+            if full.starts_with(&through) && through.starts_with(&before) {
+                spans.push(before.len()..through.len());
+            } else if Some(i) == last_reply && full.starts_with(&before) {
+                spans.push(before.len()..full.len());
+            } else {
+                return Err(ModelError::InvalidRequest {
+                    field: "messages",
+                    reason: format!(
+                        "the chat template does not render message {i} (assistant) as it renders \
+                         the conversation, so its reply cannot be told apart from the prompt"
+                    ),
+                });
+            }
+        }
+        self.tokenize(tokenizer, messages, &full, &spans)
+    }
+
+    /// Tokens of a rendering of `marked(messages)`, with the tokens whose text starts inside one of
+    /// `spans` (byte ranges of `rendered`) reported as trained.
+    fn tokenize(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        rendered: &str,
+        spans: &[Range<usize>],
+    ) -> Result<TrainingTokens> {
         let pieces =
-            split_marked(&rendered, messages.len()).ok_or_else(|| ModelError::InvalidRequest {
+            split_marked(rendered, messages.len()).ok_or_else(|| ModelError::InvalidRequest {
                 field: "messages",
                 reason:
                     "the chat template rewrites message contents, so pai cannot keep them apart \
                          from its markup"
                         .into(),
             })?;
-        let mut ids = Vec::new();
+        let mut out = TrainingTokens::default();
         if tokenizer.adds_bos() {
             if let Some(bos) = tokenizer.bos() {
                 let starts_with_bos =
                     !self.bos_token.is_empty() && rendered.starts_with(&self.bos_token);
                 if !starts_with_bos {
-                    ids.push(bos);
+                    out.ids.push(bos);
                 }
             }
         }
+        let in_span = |at: usize| spans.iter().any(|s| s.contains(&at));
+        let push = |out: &mut TrainingTokens, ids: Vec<u32>, trained: bool| {
+            let start = out.ids.len();
+            out.ids.extend(ids);
+            if !trained || out.ids.len() == start {
+                return;
+            }
+            match out.trained.last_mut() {
+                Some(last) if last.end == start => last.end = out.ids.len(),
+                _ => out.trained.push(start..out.ids.len()),
+            }
+        };
+        let mut pos = 0;
         for piece in pieces {
             match piece {
-                Piece::Template(text) => ids.extend(tokenizer.encode(text, true)?),
-                Piece::Content(i) => ids.extend(tokenizer.encode(&messages[i].content, false)?),
+                Piece::Template(text) => {
+                    // Cut the markup where a trained span starts or ends, so each part is one or
+                    // the other.
+                    let end = pos + text.len();
+                    let mut cuts: Vec<usize> = spans
+                        .iter()
+                        .flat_map(|s| [s.start, s.end])
+                        .filter(|&c| c > pos && c < end)
+                        .collect();
+                    cuts.sort_unstable();
+                    cuts.push(end);
+                    let mut from = pos;
+                    for cut in cuts {
+                        if cut > from {
+                            let ids = tokenizer.encode(&rendered[from..cut], true)?;
+                            push(&mut out, ids, in_span(from));
+                        }
+                        from = cut;
+                    }
+                    pos = end;
+                }
+                Piece::Content(i) => {
+                    let ids = tokenizer.encode(&messages[i].content, false)?;
+                    push(&mut out, ids, in_span(pos));
+                    pos += marker(i).len();
+                }
             }
         }
-        Ok(ids)
+        Ok(out)
     }
+}
+
+/// A conversation's tokens and the ranges of them the loss covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrainingTokens {
+    pub ids: Vec<u32>,
+    pub trained: Vec<Range<usize>>,
+}
+
+/// The conversation with each content replaced by its marker, for rendering.
+fn marked(messages: &[Message]) -> Vec<Message> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Message::new(m.role.clone(), marker(i)))
+        .collect()
+}
+
+fn marker(i: usize) -> String {
+    format!("{OPEN}{i}{CLOSE}")
 }
 
 enum Piece<'a> {

@@ -1,5 +1,6 @@
 //! Text generation: prefill the prompt through the KV cache, then decode one token at a time with a
-//! [`Sampler`], streaming text as it becomes final. Stops at an end-of-generation token, a stop string
+//! [`Sampler`], streaming text as it becomes final. [`Sequence`] is one generation as a state machine
+//! (what a batching scheduler steps); [`generate`] drives one to the end. Stops at an end-of-generation token, a stop string
 //! (which is never emitted), `max_tokens`, or when the caller's callback says so.
 
 use std::ops::ControlFlow;
@@ -7,10 +8,11 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 
 use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
 use crate::lora::AdapterStack;
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Prompt positions run through the model per forward pass during prefill (bounds attention memory).
 const PREFILL_CHUNK: usize = 512;
@@ -84,141 +86,246 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
-    let ctx = model.config().context_length;
-    if prompt.is_empty() {
-        return Err(ModelError::InvalidRequest {
+    let mut seq = Sequence::new(model, tokenizer, prompt, opts.clone())?;
+    let mut logits = seq.prefill(model, adapters)?;
+    loop {
+        let step = seq.accept(&logits)?;
+        if !step.text.is_empty() && on_text(&step.text).is_break() {
+            return Ok(seq.cancel());
+        }
+        let Some(token) = step.next else {
+            break;
+        };
+        let ids = Tensor::new(&[token], model.device())?.unsqueeze(0)?;
+        logits = model.forward_last(&ids, seq.cache_mut(), adapters)?;
+    }
+    let (generation, tail) = seq.finish()?;
+    if !tail.is_empty() {
+        let _ = on_text(&tail);
+    }
+    Ok(generation)
+}
+
+/// What one sampled token did to a [`Sequence`]: the text it released (possibly none: held back for a
+/// stop string, or half a character), and the token to run next (`None`: the sequence is done).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub text: String,
+    pub next: Option<u32>,
+}
+
+/// One generation as a state machine, so that a scheduler can step many of them in one batched
+/// forward pass: [`Sequence::prefill`] runs the prompt, then each [`Sequence::accept`] samples from
+/// the logits of the last position and says which token to run next, until [`Sequence::finish`].
+/// The sequence owns its KV cache.
+pub struct Sequence<'t> {
+    tokenizer: &'t Tokenizer,
+    opts: GenerateOptions,
+    sampler: Sampler,
+    cache: KvCache,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    text: String,
+    emitted: usize,
+    decoder: StreamDecoder<'t>,
+    stop_text: StopMatcher,
+    finish: Option<FinishReason>,
+    prefill_seconds: f64,
+    decode_started: Option<std::time::Instant>,
+}
+
+impl<'t> Sequence<'t> {
+    /// Check the prompt and the budget against the context, and set up the cache.
+    pub fn new(
+        model: &Model,
+        tokenizer: &'t Tokenizer,
+        prompt: &[u32],
+        opts: GenerateOptions,
+    ) -> Result<Self> {
+        let ctx = model.config().context_length;
+        if prompt.is_empty() {
+            return Err(ModelError::InvalidRequest {
+                field: "prompt",
+                reason: "is empty".into(),
+            });
+        }
+        let vocab = model.config().vocab_size as u32;
+        if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(ModelError::InvalidRequest {
+                field: "prompt",
+                reason: format!("token id {bad} is outside the vocabulary (size {vocab})"),
+            });
+        }
+        let max_tokens = opts.max_tokens.unwrap_or(ctx.saturating_sub(prompt.len()));
+        if prompt.len() + max_tokens > ctx || prompt.len() >= ctx {
+            return Err(ModelError::ContextOverflow {
+                max: ctx,
+                requested: prompt.len() + max_tokens,
+                prompt: prompt.len(),
+                completion: max_tokens,
+            });
+        }
+        Ok(Self {
+            tokenizer,
+            sampler: Sampler::new(opts.sampling.clone())?,
+            stop_text: StopMatcher::new(&opts.stop),
+            opts,
+            cache: model.new_cache(prompt.len() + max_tokens),
+            prompt: prompt.to_vec(),
+            max_tokens,
+            history: prompt.to_vec(),
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            decoder: tokenizer.stream_decoder(),
+            finish: None,
+            prefill_seconds: 0.0,
+            decode_started: None,
+        })
+    }
+
+    /// Run the prompt through the cache; the logits of its last position ([1, vocab]).
+    pub fn prefill(&mut self, model: &Model, adapters: &AdapterStack) -> Result<Tensor> {
+        let started = std::time::Instant::now();
+        let mut logits = None;
+        for chunk in self.prompt.chunks(PREFILL_CHUNK) {
+            let ids = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
+            logits = Some(model.forward_last(&ids, &mut self.cache, adapters)?);
+        }
+        self.prefill_seconds = started.elapsed().as_secs_f64();
+        self.decode_started = Some(std::time::Instant::now());
+        logits.ok_or_else(|| ModelError::InvalidRequest {
             field: "prompt",
             reason: "is empty".into(),
-        });
+        })
     }
-    let vocab = model.config().vocab_size as u32;
-    if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
-        return Err(ModelError::InvalidRequest {
-            field: "prompt",
-            reason: format!("token id {bad} is outside the vocabulary (size {vocab})"),
-        });
-    }
-    let max_tokens = opts.max_tokens.unwrap_or(ctx.saturating_sub(prompt.len()));
-    if prompt.len() + max_tokens > ctx || prompt.len() >= ctx {
-        return Err(ModelError::ContextOverflow {
-            max: ctx,
-            requested: prompt.len() + max_tokens,
-            prompt: prompt.len(),
-            completion: max_tokens,
-        });
-    }
-    let mut sampler = Sampler::new(opts.sampling.clone())?;
-    let device = model.device();
-    let mut cache = model.new_cache(prompt.len() + max_tokens);
 
-    // 1. Prefill: run the prompt, keep the logits of its last position.
-    let started = std::time::Instant::now();
-    let mut logits = None;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        let ids = Tensor::new(chunk, device)?.unsqueeze(0)?;
-        logits = Some(model.forward_last(&ids, &mut cache, adapters)?);
+    /// The cache the next token runs through.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
     }
-    let Some(mut logits) = logits else {
-        unreachable!("the prompt is not empty")
-    };
-    let prefill_seconds = started.elapsed().as_secs_f64();
 
-    // 2. Decode.
-    let started = std::time::Instant::now();
-    let mut history = prompt.to_vec();
-    let mut tokens = Vec::new();
-    let mut logprobs = Vec::new();
-    let mut text = String::new();
-    let mut emitted = 0;
-    let mut decoder = tokenizer.stream_decoder();
-    let mut stop_text = StopMatcher::new(&opts.stop);
-    let mut finish = FinishReason::Length;
-    while tokens.len() < max_tokens {
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt.len()
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Sample the next token from the logits of the last position run ([1, vocab] or [vocab]).
+    pub fn accept(&mut self, logits: &Tensor) -> Result<Step> {
+        let done = Step {
+            text: String::new(),
+            next: None,
+        };
+        if self.finish.is_some() {
+            return Ok(done);
+        }
+        if self.tokens.len() >= self.max_tokens {
+            self.finish = Some(FinishReason::Length);
+            return Ok(done);
+        }
         let row = logits
-            .squeeze(0)?
+            .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1::<f32>()?;
-        let chosen = sampler.sample(&row, &history, opts.logprobs.unwrap_or(0));
+        let chosen = self
+            .sampler
+            .sample(&row, &self.history, self.opts.logprobs.unwrap_or(0));
         let token = chosen.token;
-        if !opts.ignore_eos && tokenizer.is_end_of_generation(token) {
-            finish = FinishReason::Stop;
-            break;
+        if !self.opts.ignore_eos && self.tokenizer.is_end_of_generation(token) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(done);
         }
-        tokens.push(token);
-        history.push(token);
-        if opts.logprobs.is_some() {
-            logprobs.push(chosen);
+        self.tokens.push(token);
+        self.history.push(token);
+        if self.opts.logprobs.is_some() {
+            self.logprobs.push(chosen);
         }
-        if let Some(piece) = decoder.push(token)? {
-            text.push_str(&piece);
+        if let Some(piece) = self.decoder.push(token)? {
+            self.text.push_str(&piece);
         }
         // Release what can no longer turn into a stop string; stop at the first one found.
-        let (end, stopped) = stop_text.check(&text, emitted);
+        let (end, stopped) = self.stop_text.check(&self.text, self.emitted);
         if stopped {
-            text.truncate(end);
+            self.text.truncate(end);
         }
-        if end > emitted {
-            let flow = on_text(&text[emitted..end]);
-            emitted = end;
-            if flow.is_break() {
-                finish = FinishReason::Cancelled;
-                break;
+        let text = self.text[self.emitted.min(end)..end].to_string();
+        self.emitted = self.emitted.max(end);
+        if stopped {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.tokens.len() == self.max_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(Step {
+            text,
+            next: self.finish.is_none().then_some(token),
+        })
+    }
+
+    /// The caller stopped listening: what was released so far, finished as cancelled.
+    pub fn cancel(mut self) -> Generation {
+        self.text.truncate(self.emitted);
+        self.into_generation(FinishReason::Cancelled)
+    }
+
+    /// The generation, and the text held back for a stop string that never came (cut at one that
+    /// did), which the caller has not been given yet.
+    pub fn finish(mut self) -> Result<(Generation, String)> {
+        let mut finish = self.finish.unwrap_or(FinishReason::Length);
+        let mut tail = String::new();
+        if !self.stop_text.matched {
+            if let Some(piece) = self.decoder.finish()? {
+                self.text.push_str(&piece);
             }
-        }
-        if stopped {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if tokens.len() == max_tokens {
-            break;
-        }
-        let ids = Tensor::new(&[token], device)?.unsqueeze(0)?;
-        logits = model.forward_last(&ids, &mut cache, adapters)?;
-    }
-    // 3. Release the text held back for a stop string that never came (cut at one that did).
-    if finish != FinishReason::Cancelled && !stop_text.matched {
-        if let Some(piece) = decoder.finish()? {
-            text.push_str(&piece);
-        }
-        let (end, stopped) = stop_text.check(&text, emitted);
-        let end = if stopped {
-            finish = FinishReason::Stop;
-            end
+            let (end, stopped) = self.stop_text.check(&self.text, self.emitted);
+            let end = if stopped {
+                finish = FinishReason::Stop;
+                end
+            } else {
+                self.text.len()
+            };
+            self.text.truncate(end);
+            if end > self.emitted {
+                tail = self.text[self.emitted..].to_string();
+            }
         } else {
-            text.len()
-        };
-        text.truncate(end);
-        if end > emitted {
-            let _ = on_text(&text[emitted..]);
+            self.text.truncate(self.emitted);
         }
-    } else {
-        text.truncate(emitted);
+        Ok((self.into_generation(finish), tail))
     }
-    Ok(Generation {
-        text,
-        tokens,
-        logprobs,
-        finish_reason: finish,
-        prompt_tokens: prompt.len(),
-        prefill_seconds,
-        decode_seconds: started.elapsed().as_secs_f64(),
-    })
+
+    fn into_generation(self, finish_reason: FinishReason) -> Generation {
+        Generation {
+            text: self.text,
+            tokens: self.tokens,
+            logprobs: self.logprobs,
+            finish_reason,
+            prompt_tokens: self.prompt.len(),
+            prefill_seconds: self.prefill_seconds,
+            decode_seconds: self
+                .decode_started
+                .map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        }
+    }
 }
 
 /// Finds stop strings in generated text and tells how much of it is safe to release.
-struct StopMatcher<'a> {
-    stops: Vec<&'a str>,
+struct StopMatcher {
+    stops: Vec<String>,
     longest: usize,
     matched: bool,
 }
 
-impl<'a> StopMatcher<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        let stops: Vec<&str> = stops
-            .iter()
-            .map(String::as_str)
-            .filter(|s| !s.is_empty())
-            .collect();
+impl StopMatcher {
+    fn new(stops: &[String]) -> Self {
+        let stops: Vec<String> = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
         let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
         Self {
             stops,
@@ -240,7 +347,7 @@ impl<'a> StopMatcher<'a> {
         let first = self
             .stops
             .iter()
-            .filter_map(|s| text[from..].find(s).map(|i| from + i))
+            .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
             .min();
         if let Some(at) = first {
             self.matched = true;

@@ -6,6 +6,7 @@
 //! datasets or registries.
 
 pub mod base;
+pub mod batch;
 pub mod block;
 pub mod chat;
 pub mod config;
@@ -26,10 +27,11 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use base::{BaseModel, LoadOptions, ModelFormat};
-pub use chat::{ChatTemplate, Message};
+pub use batch::BatchRow;
+pub use chat::{ChatTemplate, Message, TrainingTokens};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
-pub use generate::{generate, FinishReason, GenerateOptions, Generation};
+pub use generate::{generate, FinishReason, GenerateOptions, Generation, Sequence, Step};
 pub use kv_cache::KvCache;
 pub use linear::{BackwardCopyKind, FrozenLinear, LoraLinear, LoraSite, Proj};
 pub use lora::{Adapter, AdapterStack, LoraConfig, LoraDropout, LoraWeights};

@@ -14,6 +14,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Storage, Tensor};
 
+use crate::batch::RowGroups;
 use crate::error::{ModelError, Result};
 use crate::kernels::amx::{self, Bf16Tiles};
 use crate::kernels::{gemm, QuantMatrix};
@@ -500,6 +501,34 @@ impl LoraLinear {
         let mut y = self.base.forward(x)?;
         for lora in adapters.weights_at(self.site) {
             y = (y + lora.delta(x)?)?;
+        }
+        Ok(y)
+    }
+
+    /// The projection of a batched decode step's rows (x: [rows, 1, in]): the base product once over
+    /// all rows, then each group's LoRA deltas over that group's rows only.
+    pub fn forward_grouped(&self, x: &Tensor, groups: &RowGroups) -> Result<Tensor> {
+        if let Some(adapters) = groups.single() {
+            return self.forward(x, adapters);
+        }
+        let mut y = self.base.forward(x)?;
+        for (adapters, rows) in groups.iter() {
+            let mut delta: Option<Tensor> = None;
+            let mut picked: Option<Tensor> = None;
+            for lora in adapters.weights_at(self.site) {
+                let xs = match &picked {
+                    Some(xs) => xs.clone(),
+                    None => picked.insert(x.index_select(rows, 0)?).clone(),
+                };
+                let d = lora.delta(&xs)?;
+                delta = Some(match delta {
+                    Some(sum) => (sum + d)?,
+                    None => d,
+                });
+            }
+            if let Some(d) = delta {
+                y = y.index_add(rows, &d.to_dtype(y.dtype())?, 0)?;
+            }
         }
         Ok(y)
     }

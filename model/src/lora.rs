@@ -652,6 +652,16 @@ impl<'a> AdapterStack<'a> {
     pub fn weights_at(&self, site: LoraSite) -> impl Iterator<Item = &'a LoraWeights> + 'a {
         self.adapters.iter().filter_map(move |a| a.get(site))
     }
+
+    /// Whether both stacks apply the same adapters (the same objects, in the same order).
+    pub fn same_as(&self, other: &AdapterStack) -> bool {
+        self.adapters.len() == other.adapters.len()
+            && self
+                .adapters
+                .iter()
+                .zip(other.adapters)
+                .all(|(a, b)| std::ptr::eq(*a, *b))
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::batch::{BatchRow, RowGroups};
 use crate::block::{attention_mask, Attention, Block, Mlp, RmsNorm};
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -260,6 +261,24 @@ impl Model {
     ) -> Result<Tensor> {
         let hidden = self.forward_hidden(ids, cache, adapters)?;
         self.logits(&hidden)
+    }
+
+    /// One decode step of many sequences, each with its own token, cache and adapters (continuous
+    /// batching; see [`crate::batch`]): logits [rows, vocab]. Every row's cache advances by one.
+    pub fn decode_batch(&self, rows: &mut [BatchRow]) -> Result<Tensor> {
+        let groups = RowGroups::of(rows, &self.device)?;
+        // 1. Embed: [rows, 1, hidden].
+        let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let mut x = self.embed(&Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(1)?)?;
+        // 2. The blocks.
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward_batch(&x, layer, &self.rope, rows, &groups)?;
+        }
+        for row in rows.iter_mut() {
+            row.cache.advance(1);
+        }
+        // 3. Final norm and the logits of each row.
+        self.logits(&self.norm.forward(&x)?.squeeze(1)?)
     }
 
     /// Logits of the last position only: [batch, vocab]. What a decode step needs.

@@ -28,8 +28,8 @@ enum Command {
     /// Keep the dataset current as files change: ingest each source a few seconds after its changes
     /// settle, so the nightly run has little left to read.
     Watch {
-        /// A source on top of pai.toml's [[sources]]: DIR, DIR:notes or DIR:code.
-        #[arg(long = "source", value_name = "DIR[:notes|code]")]
+        /// A source on top of pai.toml's [[sources]]: DIR, DIR:notes, DIR:code or DIR:chat.
+        #[arg(long = "source", value_name = "DIR[:notes|code|chat]")]
         sources: Vec<String>,
         /// The model whose tokenizer counts tokens (the default model when not given).
         #[arg(long, env = "PAI_MODEL")]
@@ -259,8 +259,8 @@ enum StrategyArg {
 
 #[derive(Args)]
 struct IngestArgs {
-    /// A source for this run on top of pai.toml's [[sources]]: DIR, DIR:notes or DIR:code.
-    #[arg(long = "source", value_name = "DIR[:notes|code]")]
+    /// A source for this run on top of pai.toml's [[sources]]: DIR, DIR:notes, DIR:code or DIR:chat.
+    #[arg(long = "source", value_name = "DIR[:notes|code|chat]")]
     sources: Vec<String>,
     /// The day the new examples belong to (YYYY-MM-DD; today by default).
     #[arg(long)]

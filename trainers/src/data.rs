@@ -1,30 +1,55 @@
-//! From dataset examples to packed token rows. Each example becomes a [`TrainDoc`] (tokens, and where
-//! its completion starts: the loss covers every token of notes and code, only the middle of FIM
-//! examples); a [`Packer`] lays shuffled documents back to back into rows of `seq_len` tokens, cutting a
+//! From dataset examples to packed token rows. Each example becomes a [`TrainDoc`] (tokens, and which
+//! of them the loss covers: every token of notes and code, only the middle of FIM examples, only the
+//! assistant replies of a conversation, rendered with the model's own chat template); a [`Packer`] lays shuffled documents back to back into rows of `seq_len` tokens, cutting a
 //! document that reaches the end of a row and continuing it in the next (positions restart, attention
 //! never crosses a document: see `pai_model::packed`). The packer's position is a small [`Cursor`], so a
 //! resumed run reads exactly the rows an uninterrupted one would.
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 use pai_datasets::fim::{self, Piece};
-use pai_datasets::{Example, FimTokens, Kind};
-use pai_model::{PackedRow, Tokenizer};
+use pai_datasets::{Conversation, Example, FimTokens, Kind};
+use pai_model::{ChatTemplate, Message, PackedRow, Tokenizer};
 
 use crate::error::{Result, TrainError};
 use crate::rng::SplitMix;
 
-/// One training document: tokens, and the index of the first token the loss covers (0: all of them).
+/// One training document: tokens, and which of them the loss covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrainDoc {
     pub ids: Vec<u32>,
+    /// The first token the loss covers: 0 for a plain document (all of it), else the end of a prompt
+    /// that must stay in view of what follows.
     pub completion_start: usize,
+    /// Ranges after `completion_start` the loss skips: a conversation's later user turns and the
+    /// markup between replies. Empty for other documents.
+    pub skipped: Vec<Range<usize>>,
+}
+
+impl TrainDoc {
+    /// A document the loss covers whole.
+    pub fn plain(ids: Vec<u32>) -> Self {
+        Self {
+            ids,
+            completion_start: 0,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Whether predicting token `k` counts in the loss.
+    pub fn counts(&self, k: usize) -> bool {
+        k >= self.completion_start && !self.skipped.iter().any(|r| r.contains(&k))
+    }
 }
 
 /// How examples become token sequences for one model.
 #[derive(Debug, Clone)]
 pub struct DocEncoder<'a> {
     tokenizer: &'a Tokenizer,
+    /// The model's chat template, which renders conversations (none: chat examples are an error).
+    chat: Option<&'a ChatTemplate>,
     fim: FimTokens,
     /// Whether the FIM markers are control tokens of the model (else they are learnt as text).
     fim_are_tokens: bool,
@@ -36,10 +61,11 @@ pub struct DocEncoder<'a> {
 }
 
 impl<'a> DocEncoder<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+    pub fn new(tokenizer: &'a Tokenizer, chat: Option<&'a ChatTemplate>) -> Self {
         let own = FimTokens::from_vocab(|t| tokenizer.token_id(t).is_some());
         Self {
             tokenizer,
+            chat,
             fim_are_tokens: own.is_some(),
             fim: own.unwrap_or_else(FimTokens::sentinels),
             bos: tokenizer.bos().filter(|_| tokenizer.adds_bos()),
@@ -49,8 +75,12 @@ impl<'a> DocEncoder<'a> {
 
     /// The document of one example: context and text for notes and code (user text, never parsed for
     /// control tokens), the FIM prompt then its middle for FIM examples; an end-of-text token closes
-    /// each, so the model learns where documents end.
+    /// each, so the model learns where documents end. A conversation is rendered by the model's chat
+    /// template, which closes its own turns.
     pub fn encode(&self, e: &Example) -> Result<TrainDoc> {
+        if e.kind == Kind::Chat {
+            return self.encode_chat(e);
+        }
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         let completion_start = match (e.kind, e.fim) {
             (Kind::Fim, Some(span)) => {
@@ -73,13 +103,51 @@ impl<'a> DocEncoder<'a> {
                     ids.extend(self.tokenizer.encode("\n\n", false)?);
                 }
                 ids.extend(self.tokenizer.encode(&e.text, false)?);
-                usize::from(self.bos.is_some())
+                0
             }
         };
         ids.extend(self.end);
         Ok(TrainDoc {
             ids,
             completion_start,
+            skipped: Vec::new(),
+        })
+    }
+
+    /// A conversation: the loss on its trained assistant replies (each with the markup that closes
+    /// its turn), nothing else.
+    fn encode_chat(&self, e: &Example) -> Result<TrainDoc> {
+        let chat_error = |reason: String| TrainError::Chat {
+            example: e.id.clone(),
+            at: format!("{}/{}", e.source, e.context),
+            reason,
+        };
+        let template = self.chat.ok_or_else(|| {
+            chat_error(
+                "the model has no chat template to render conversations with; use a model that \
+                 has one, or leave the chat source out"
+                    .into(),
+            )
+        })?;
+        let conversation = Conversation::parse(&e.text).map_err(chat_error)?;
+        let messages: Vec<Message> = conversation
+            .messages
+            .iter()
+            .map(|m| Message::new(m.role.clone(), m.content.clone()))
+            .collect();
+        let trained: Vec<bool> = conversation.messages.iter().map(|m| m.trained()).collect();
+        let t = template.encode_for_training(self.tokenizer, &messages, &trained)?;
+        let (Some(first), Some(last)) = (t.trained.first(), t.trained.last()) else {
+            return Err(chat_error("the template left no reply to learn".into()));
+        };
+        let mut skipped: Vec<Range<usize>> =
+            t.trained.windows(2).map(|w| w[0].end..w[1].start).collect();
+        skipped.push(last.end..t.ids.len());
+        skipped.retain(|r| !r.is_empty());
+        Ok(TrainDoc {
+            completion_start: first.start,
+            ids: t.ids,
+            skipped,
         })
     }
 
@@ -92,20 +160,33 @@ impl<'a> DocEncoder<'a> {
     }
 }
 
-/// Documents as rows of `seq_len` can train on them. A document with a prompt (FIM) must keep its
-/// prompt in view of its completion, and a row's continuation of a cut document restarts with no
-/// context: so a prompted document longer than a row is cut to the row, and one whose prompt leaves no
-/// completion token inside the row is dropped (it would train nothing). Plain documents are kept whole
-/// (their later parts still teach, from the start of the row they land in).
+/// Documents as rows of `seq_len` can train on them. A document with a prompt (FIM, a conversation)
+/// must keep its prompt in view of its completion, and a row's continuation of a cut document restarts
+/// with no context: so a prompted document longer than a row is cut to the row (a conversation loses
+/// its later turns), and one that leaves no trained token inside the row is dropped (it would train
+/// nothing). Plain documents are kept whole (their later parts still teach, from the start of the row
+/// they land in).
 pub fn fit_to_rows(docs: &[TrainDoc], seq_len: usize) -> Vec<TrainDoc> {
     docs.iter()
-        .filter(|d| d.completion_start == 0 || d.completion_start + 1 < seq_len.min(d.ids.len()))
+        .filter(|d| {
+            let end = seq_len.min(d.ids.len());
+            d.completion_start == 0 || (d.completion_start.max(1)..end).any(|k| d.counts(k))
+        })
         .map(|d| match d.completion_start {
             0 => d.clone(),
-            _ => TrainDoc {
-                ids: d.ids[..d.ids.len().min(seq_len)].to_vec(),
-                completion_start: d.completion_start,
-            },
+            _ => {
+                let end = d.ids.len().min(seq_len);
+                TrainDoc {
+                    ids: d.ids[..end].to_vec(),
+                    completion_start: d.completion_start,
+                    skipped: d
+                        .skipped
+                        .iter()
+                        .filter(|r| r.start < end)
+                        .map(|r| r.start..r.end.min(end))
+                        .collect(),
+                }
+            }
         })
         .collect()
 }
@@ -230,8 +311,7 @@ impl<'a> Packer<'a> {
             row.row.doc_lens.push(take);
             for k in start + 1..start + take {
                 row.targets.push(doc.ids[k]);
-                row.weights
-                    .push(if k >= doc.completion_start { 1.0 } else { 0.0 });
+                row.weights.push(if doc.counts(k) { 1.0 } else { 0.0 });
             }
             // The segment's last token: its successor is in the next row or nowhere.
             row.targets.push(0);
@@ -265,6 +345,7 @@ mod tests {
         TrainDoc {
             ids: ids.to_vec(),
             completion_start,
+            skipped: Vec::new(),
         }
     }
 
@@ -308,7 +389,7 @@ mod tests {
         let docs = [
             doc(&[1; 10], 0), // plain: kept whole
             doc(&[2; 10], 3), // prompt 3, cut to 6 tokens
-            doc(&[3; 10], 5), // prompt fills the row but for one token: nothing to learn, dropped
+            doc(&[3; 10], 6), // the prompt fills the row: nothing to learn, dropped
             doc(&[4; 4], 2),  // fits
         ];
         let fitted = fit_to_rows(&docs, 6);

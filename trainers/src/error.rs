@@ -14,6 +14,12 @@ pub enum TrainError {
     },
     #[error("nothing to train on: {reason}")]
     EmptyDataset { reason: String },
+    #[error("chat example {example} ({at}): {reason}")]
+    Chat {
+        example: String,
+        at: String,
+        reason: String,
+    },
     #[error("cannot read or write {path}: {source}")]
     Io {
         path: PathBuf,

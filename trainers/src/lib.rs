@@ -20,7 +20,7 @@ pub mod step;
 pub mod trainer;
 
 pub use config::{Strategy, TrainConfig};
-pub use data::{Cursor, DocEncoder, Packer, Row, TrainDoc};
+pub use data::{fit_to_rows, Cursor, DocEncoder, Packer, Row, TrainDoc};
 pub use error::{Result, TrainError};
 pub use loss::weighted_cross_entropy;
 pub use params::LoraParams;

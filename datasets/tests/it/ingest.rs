@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use pai_datasets::ingest::{run, IngestOptions, IngestSettings, IngestSummary};
-use pai_datasets::{resolve_sources, CountTokens, Example, Kind, SourceConfig, Store};
+use pai_datasets::{
+    resolve_sources, Conversation, CountTokens, Example, Kind, SourceConfig, Store,
+};
 
 /// Counts words (joins by counting the join).
 struct Words;
@@ -25,6 +27,7 @@ struct World {
     home: tempfile::TempDir,
     notes: tempfile::TempDir,
     code: tempfile::TempDir,
+    chat: tempfile::TempDir,
 }
 
 impl World {
@@ -33,6 +36,7 @@ impl World {
             home: tempfile::tempdir().unwrap(),
             notes: tempfile::tempdir().unwrap(),
             code: tempfile::tempdir().unwrap(),
+            chat: tempfile::tempdir().unwrap(),
         }
     }
 
@@ -53,10 +57,12 @@ impl World {
         let configs = [
             SourceConfig::from_arg(&format!("{}:notes", self.notes.path().display())).unwrap(),
             SourceConfig::from_arg(&format!("{}:code", self.code.path().display())).unwrap(),
+            SourceConfig::from_arg(&format!("{}:chat", self.chat.path().display())).unwrap(),
         ];
         let mut configs = configs.to_vec();
         configs[0].name = Some("notes".into());
         configs[1].name = Some("code".into());
+        configs[2].name = Some("chat".into());
         let sources = resolve_sources(&configs).unwrap();
         let mut settings = IngestSettings::default();
         settings.budget.min_tokens = 4;
@@ -296,6 +302,70 @@ fn rows_written_out_as_they_come_make_the_same_dataset() {
         r
     };
     assert_eq!(rows(&worlds[0]), rows(&worlds[1]));
+}
+
+#[test]
+fn conversations_become_chat_examples_scrubbed_one_a_line() {
+    let w = World::new();
+    let email = ["owner", "@", "mailbox.net"].concat();
+    let line = |q: &str, a: &str| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "{q}"}}, {{"role": "assistant", "content": "{a}"}}]}}"#
+        )
+    };
+    let lines = [
+        line("where do backups go", "to the nas, nightly"),
+        line("who do I mail", &format!("write to {email}")),
+        "not json at all".to_string(),
+        line("which editor", "helix, with the rust analyzer"),
+    ];
+    write(w.chat.path(), "2026/replies.jsonl", &lines.join("\n"));
+    write(w.chat.path(), "readme.md", "# not a conversation file");
+    let summary = w.ingest("2026-03-01");
+    assert_eq!(summary.examples_added.get(&Kind::Chat), Some(&3));
+    let chats: Vec<Example> = w
+        .dataset()
+        .into_iter()
+        .filter(|e| e.kind == Kind::Chat)
+        .collect();
+    assert_eq!(chats.len(), 3);
+    let mut replies = Vec::new();
+    for e in &chats {
+        assert_eq!(
+            (e.source.as_str(), e.path.as_str()),
+            ("chat", "2026/replies.jsonl")
+        );
+        assert!(!e.text.contains(&email), "{}", e.text);
+        let c = Conversation::parse(&e.text).unwrap();
+        replies.push(c.messages[1].content.clone());
+        assert_eq!(
+            e.redactions,
+            u32::from(c.messages[1].content.contains("<PII:"))
+        );
+        assert!(
+            e.n_tokens as usize
+                > c.messages
+                    .iter()
+                    .map(|m| m.content.split_whitespace().count())
+                    .sum::<usize>()
+        );
+    }
+    replies.sort();
+    assert_eq!(replies[0], "helix, with the rust analyzer");
+    assert!(replies[2].starts_with("write to <PII:"), "{}", replies[2]);
+    // A conversation deleted from the file leaves the dataset at the next ingest.
+    write(
+        w.chat.path(),
+        "2026/replies.jsonl",
+        &[&lines[0], &lines[3]].map(|s| s.as_str()).join("\n"),
+    );
+    w.ingest("2026-03-02");
+    let left = w
+        .dataset()
+        .into_iter()
+        .filter(|e| e.kind == Kind::Chat)
+        .count();
+    assert_eq!(left, 2);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! write themselves; `reference` checks the real default model against llama.cpp's fixtures.
 
 mod adapters;
+mod batch;
 mod reference;
 mod tiny;
 

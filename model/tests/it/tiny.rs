@@ -281,6 +281,62 @@ fn chat_markup_typed_by_a_user_stays_text() {
 }
 
 #[test]
+fn chat_training_covers_trained_replies_and_their_turn_ends_only() {
+    let (_dir, base) = tiny_gguf(TinySpec::default(), GgmlDType::F32);
+    let tpl = base.chat_template().unwrap();
+    let tok = &base.tokenizer;
+    let conversation = [
+        Message::system("Be brief."),
+        Message::user("first question"),
+        Message::assistant("first answer"),
+        Message::user("second question"),
+        Message::assistant("second answer"),
+    ];
+    let t = tpl
+        .encode_for_training(tok, &conversation, &[true; 5])
+        .unwrap();
+    // The same tokens serving would see for the whole conversation.
+    assert_eq!(t.ids, tpl.encode(tok, &conversation, false).unwrap());
+    // Two trained spans: each reply's text then `<|im_end|>` and the newline after it.
+    let texts_of = |t: &pai_model::TrainingTokens| -> Vec<String> {
+        t.trained
+            .iter()
+            .map(|r| tok.decode(&t.ids[r.clone()], false).unwrap())
+            .collect()
+    };
+    let texts = texts_of(&t);
+    assert_eq!(
+        texts,
+        ["first answer<|im_end|>\n", "second answer<|im_end|>\n"]
+    );
+    // What precedes a reply is exactly the generation prompt of the turns before it.
+    let prompt = tpl.encode(tok, &conversation[..2], true).unwrap();
+    assert_eq!(t.trained[0].start, prompt.len());
+    assert_eq!(&t.ids[..prompt.len()], &prompt[..]);
+    // A reply marked untrained (OpenAI's `weight: 0`) leaves only the other.
+    let t = tpl
+        .encode_for_training(tok, &conversation, &[true, true, false, true, true])
+        .unwrap();
+    assert_eq!(texts_of(&t), ["second answer<|im_end|>\n"]);
+    // A template that renders history differently from the last turn trains the last reply only;
+    // one that hides the reply's place entirely is refused.
+    let drops_history = pai_model::ChatTemplate::new(
+        "{% for m in messages %}{% if loop.last or m.role != 'assistant' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        None,
+        None,
+    )
+    .unwrap();
+    let err = drops_history
+        .encode_for_training(tok, &conversation, &[true; 5])
+        .unwrap_err();
+    assert!(err.to_string().contains("message 2"), "{err}");
+    let t = drops_history
+        .encode_for_training(tok, &conversation, &[true, true, false, true, true])
+        .unwrap();
+    assert_eq!(texts_of(&t), ["second answer<|im_end|>\n"]);
+}
+
+#[test]
 fn tokenizer_round_trips_and_streams_split_characters() {
     let (_dir, base) = tiny_gguf(TinySpec::default(), GgmlDType::F32);
     let text = "naïve café — 日本語 🙂 \t\n  x = 42";

@@ -32,10 +32,7 @@ fn rows(base: &BaseModel) -> Vec<pai_trainers::Row> {
     let docs: Vec<TrainDoc> = ids
         .chunks(128)
         .take(2)
-        .map(|c| TrainDoc {
-            ids: c.to_vec(),
-            completion_start: 0,
-        })
+        .map(|c| TrainDoc::plain(c.to_vec()))
         .collect();
     let mut packer = Packer::new(&docs, 128, 0, false, 0).expect("packer");
     (0..2).filter_map(|_| packer.next_row(true)).collect()
@@ -176,10 +173,7 @@ fn learns_this_projects_code_without_forgetting_general_text() {
             .encode(&std::fs::read_to_string(f).expect("read"), false)
             .expect("encode");
         for c in ids.chunks(200) {
-            let doc = TrainDoc {
-                ids: c.to_vec(),
-                completion_start: 0,
-            };
+            let doc = TrainDoc::plain(c.to_vec());
             if (train_docs.len() + holdout.len()) % 5 == 4 {
                 holdout.push(doc);
             } else {

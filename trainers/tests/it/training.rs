@@ -4,19 +4,20 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::quantized::GgmlDType;
+use pai_datasets::{Conversation, Example, Kind, Split};
 use pai_model::testing::TinySpec;
 use pai_model::{Adapter, AdapterStack, BaseModel};
-use pai_trainers::{eval_rows, holdout_loss, train, StopReason, TrainConfig, TrainDoc, TrainJob};
+use pai_trainers::{
+    eval_rows, fit_to_rows, holdout_loss, train, DocEncoder, Packer, StopReason, TrainConfig,
+    TrainDoc, TrainJob,
+};
 
 use crate::{max_abs_diff, tiny};
 
 /// A small corpus of repeated patterns the random model cannot predict before training.
 fn corpus() -> Vec<TrainDoc> {
     (0..24u32)
-        .map(|d| TrainDoc {
-            ids: (0..20).map(|i| 10 + (d % 4) * 30 + (i * 3) % 17).collect(),
-            completion_start: 0,
-        })
+        .map(|d| TrainDoc::plain((0..20).map(|i| 10 + (d % 4) * 30 + (i * 3) % 17).collect()))
         .collect()
 }
 
@@ -223,10 +224,7 @@ fn bad_settings_fail_before_any_work() {
 #[test]
 fn capped_evaluation_samples_the_whole_holdout() {
     let docs: Vec<TrainDoc> = (0..40u32)
-        .map(|d| TrainDoc {
-            ids: vec![if d < 20 { 1 } else { 2 }; 8],
-            completion_start: 0,
-        })
+        .map(|d| TrainDoc::plain(vec![if d < 20 { 1 } else { 2 }; 8]))
         .collect();
     let rows = eval_rows(&docs, 16, 64, 0).expect("rows");
     assert_eq!(rows.len(), 4);
@@ -301,10 +299,7 @@ fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
                     .expect("argmax")[0];
                 ids.push(next);
             }
-            TrainDoc {
-                ids,
-                completion_start: 0,
-            }
+            TrainDoc::plain(ids)
         })
         .collect();
     let stop = AtomicBool::new(false);
@@ -352,5 +347,68 @@ fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
     assert_ne!(
         strict.best_step, loose.best_step,
         "the strict run shipped the checkpoint the guard should have refused"
+    );
+}
+
+#[test]
+fn a_conversation_trains_only_its_replies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = tiny(dir.path(), GgmlDType::F32, TinySpec::default());
+    let conversation = Conversation::parse(
+        r#"{"messages": [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "an answer kept as context", "weight": 0},
+            {"role": "user", "content": "second question"},
+            {"role": "assistant", "content": "the answer to learn"}]}"#,
+    )
+    .expect("conversation");
+    let example = Example {
+        id: "c1".into(),
+        day: "2026-12-02".into(),
+        source: "chats".into(),
+        path: "a.jsonl".into(),
+        kind: Kind::Chat,
+        context: "a.jsonl:1".into(),
+        text: conversation.to_text(),
+        n_tokens: 40,
+        split: Split::Train,
+        redactions: 0,
+        private: false,
+        fim: None,
+        minhash: None,
+    };
+    let encoder = DocEncoder::new(&base.tokenizer, base.chat_template().ok());
+    let doc = encoder.encode(&example).expect("encode");
+    // Packed, the counted targets are exactly the second reply and the markup closing its turn.
+    let docs = [doc.clone()];
+    let mut packer = Packer::new(&docs, doc.ids.len() + 4, 0, false, 0).expect("packer");
+    let row = packer.next_row(true).expect("row");
+    let learnt: Vec<u32> = row
+        .targets
+        .iter()
+        .zip(&row.weights)
+        .filter(|(_, w)| **w != 0.0)
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(
+        base.tokenizer.decode(&learnt, false).expect("decode"),
+        "the answer to learn<|im_end|>\n"
+    );
+    // Cut to a row that ends inside the reply, what remains of it still trains.
+    let cut = fit_to_rows(&docs, doc.completion_start + 3);
+    assert_eq!(cut.len(), 1);
+    assert_eq!(
+        (1..cut[0].ids.len()).filter(|&k| cut[0].counts(k)).count(),
+        3
+    );
+    // A row that ends before the reply trains nothing from this conversation.
+    assert!(fit_to_rows(&docs, doc.completion_start).is_empty());
+    // A model without a chat template cannot render it: an error naming the example.
+    let err = DocEncoder::new(&base.tokenizer, None)
+        .encode(&example)
+        .expect_err("no template");
+    assert!(
+        err.to_string().contains("c1") && err.to_string().contains("chat template"),
+        "{err}"
     );
 }
