@@ -41,7 +41,7 @@ pub use perplexity::{perplexity, Perplexity};
 pub use sampling::{Sampler, SamplingParams, TokenLogprob};
 pub use tokenizer::{StreamDecoder, Tokenizer};
 
-pub use candle_core::Device;
+pub use candle_core::{Device, Tensor};
 
 /// The device pai computes on: the first CUDA GPU when built with `cuda` and one is present, the Metal
 /// GPU when built with `metal`, else the CPU.

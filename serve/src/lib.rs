@@ -1,9 +1,11 @@
 //! pai-serve: the OpenAI-compatible HTTP server. One quantized base model serves the owner's adapters,
 //! chosen per request by `model` (`state`), through the routes of `routes::app`; errors in OpenAI's
 //! envelope (`error`), bodies in OpenAI's shapes (`openai`), Prometheus metrics at `/metrics`
-//! (`metrics`). This slice answers one generation at a time; continuous batching, background
-//! loading with notify and load/unload come next (issue 8).
+//! (`metrics`). Generations run in the continuous-batching engine (`engine`): concurrent requests
+//! decode together, whatever adapters they ask for. Background loading with notify and load/unload
+//! come next (issue 8).
 
+pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod openai;

@@ -1,7 +1,7 @@
 //! What `GET /metrics` reports, in Prometheus' text format (version 0.0.4): requests by route, status
 //! and adapter; prompt and completion tokens by adapter; time to first token and whole-generation
-//! latency as histograms by adapter; the generation queue's depth and what is running; adapters
-//! loaded and broken. Counters live behind one mutex (a request touches it a handful of times,
+//! latency as histograms by adapter; batched decode steps (rows, mixed-adapter steps, largest batch);
+//! the generation queue's depth and what is running; adapters loaded and broken. Counters live behind one mutex (a request touches it a handful of times,
 //! nowhere near a decode step's cost) and are rendered on demand; no exporter crate is needed.
 
 use std::collections::BTreeMap;
@@ -81,6 +81,11 @@ pub struct Metrics {
     queued: AtomicI64,
     /// Generations running on the model.
     running: AtomicI64,
+    /// Batched decode steps, the rows they decoded, the steps that mixed adapters, the largest batch.
+    steps: AtomicI64,
+    step_rows: AtomicI64,
+    mixed_steps: AtomicI64,
+    max_rows: AtomicI64,
 }
 
 /// Holds a place in a gauge while alive.
@@ -143,6 +148,21 @@ impl Metrics {
     pub fn queued(&self) -> Gauge<'_> {
         self.queued.fetch_add(1, Ordering::Relaxed);
         Gauge(&self.queued)
+    }
+
+    /// One batched decode step of `rows` sequences using `adapters` different adapter stacks.
+    pub fn decode_step(&self, rows: usize, adapters: usize) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.step_rows.fetch_add(rows as i64, Ordering::Relaxed);
+        if adapters > 1 {
+            self.mixed_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.max_rows.fetch_max(rows as i64, Ordering::Relaxed);
+    }
+
+    /// Requests that joined (+1) or left (-1) the engine's queue.
+    pub fn queue_changed(&self, delta: i64) {
+        self.queued.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// A generation on the model, until the guard drops.
@@ -224,6 +244,31 @@ impl Metrics {
             }
         }
         for (name, help, value) in [
+            (
+                "pai_decode_steps_total",
+                "Batched decode steps.",
+                self.steps.load(Ordering::Relaxed),
+            ),
+            (
+                "pai_decode_rows_total",
+                "Sequences advanced by batched decode steps (rows / steps = mean batch).",
+                self.step_rows.load(Ordering::Relaxed),
+            ),
+            (
+                "pai_decode_mixed_adapter_steps_total",
+                "Decode steps whose rows used more than one adapter.",
+                self.mixed_steps.load(Ordering::Relaxed),
+            ),
+        ] {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        for (name, help, value) in [
+            (
+                "pai_decode_batch_rows_max",
+                "The most sequences one decode step has advanced.",
+                self.max_rows.load(Ordering::Relaxed),
+            ),
             (
                 "pai_queue_depth",
                 "Generations waiting for the model.",

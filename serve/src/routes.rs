@@ -14,9 +14,9 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pai_model::{generate, AdapterStack, FinishReason, GenerateOptions, Generation, Message};
+use pai_model::{FinishReason, GenerateOptions, Generation, Message};
 use serde_json::{json, Value};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::error::ApiError;
@@ -282,10 +282,6 @@ fn options(
     Ok(opts)
 }
 
-fn stack(adapter: &Option<Arc<LoadedAdapter>>) -> Vec<&pai_model::Adapter> {
-    adapter.iter().map(|a| &a.adapter).collect()
-}
-
 fn lineage(adapter: &Option<Arc<LoadedAdapter>>) -> Lineage {
     adapter.as_ref().map_or(
         Lineage {
@@ -322,51 +318,31 @@ fn with_lineage(body: Value, lineage: &Lineage) -> Response {
     resp
 }
 
-/// Generate on a blocking thread, one generation at a time on the model.
+/// Generate through the engine, batched with whatever else is running.
 async fn run(
     s: Arc<ServeState>,
     adapter: Option<Arc<LoadedAdapter>>,
     prompt: Vec<u32>,
     opts: GenerateOptions,
-    mut on_text: impl FnMut(&str) -> ControlFlow<()> + Send + 'static,
+    on_text: impl FnMut(&str) -> ControlFlow<()> + Send + 'static,
 ) -> Result<Generation, ApiError> {
-    let arrived = std::time::Instant::now();
     let label = AdapterLabel::from_header(&lineage(&adapter).header());
-    tokio::task::spawn_blocking(move || {
-        let waiting = s.metrics.queued();
-        let _turn = s
-            .engine
-            .lock()
-            .map_err(|_| ApiError::internal("the model lock is poisoned"))?;
-        drop(waiting);
-        let _running = s.metrics.running();
-        let list = stack(&adapter);
-        let mut first = true;
-        let metrics = &s.metrics;
-        let g = generate(
-            &s.base.model,
-            &s.base.tokenizer,
-            &AdapterStack::new(&list),
-            &prompt,
-            &opts,
-            |text| {
-                if std::mem::take(&mut first) {
-                    metrics.first_token(&label, arrived.elapsed());
-                }
-                on_text(text)
-            },
-        )
-        .map_err(ApiError::from)?;
-        if first && !g.tokens.is_empty() {
-            // Nothing was released before the end (held back for a stop sequence, say): the
-            // client's first text came with the last token.
-            metrics.first_token(&label, arrived.elapsed());
-        }
-        metrics.generation(&label, prompt.len(), g.tokens.len(), arrived.elapsed());
-        Ok(g)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("generation failed: {e}")))?
+    let (done, answer) = tokio::sync::oneshot::channel();
+    s.engine()?.submit(
+        &s,
+        crate::engine::Request {
+            adapter,
+            prompt,
+            opts,
+            on_text: Box::new(on_text),
+            done,
+            arrived: std::time::Instant::now(),
+            label,
+        },
+    )?;
+    answer
+        .await
+        .map_err(|_| ApiError::internal("the engine dropped the request"))?
 }
 
 /// One accepted request, ready to generate: who answers, what, and how the reply is labelled.
@@ -634,7 +610,9 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
         id,
         model,
     } = job;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    // Unbounded: the engine thread must never wait on a slow client (the text is bounded by
+    // max_tokens).
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let created = now();
     let chunk = {
         let (id, model, lineage) = (id.clone(), model.clone(), lineage.clone());
@@ -656,12 +634,12 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
     let tx_text = tx.clone();
     let piece_chunk = chunk.clone();
     tokio::spawn(async move {
-        if chat && tx.send(event(first)).await.is_err() {
+        if chat && tx.send(event(first)).is_err() {
             return;
         }
         let result = run(s, adapter, prompt, opts, move |text| {
             let ev = event(piece_chunk(json!({"content": text}), None));
-            match tx_text.blocking_send(ev) {
+            match tx_text.send(ev) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
@@ -669,27 +647,24 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
         .await;
         match result {
             Ok(g) => {
-                let _ = tx
-                    .send(event(chunk(json!({}), Some(finish(g.finish_reason)))))
-                    .await;
+                let _ = tx.send(event(chunk(json!({}), Some(finish(g.finish_reason)))));
                 if include_usage {
                     let mut last = chunk(json!({}), None);
                     last["choices"] = json!([]);
                     last["usage"] = json!(Usage::new(prompt_tokens, g.tokens.len()));
-                    let _ = tx.send(event(last)).await;
+                    let _ = tx.send(event(last));
                 }
             }
             Err(e) => {
-                let _ = tx
-                    .send(event(
-                        json!({"error": {"message": e.message, "type": e.kind, "code": e.code}}),
-                    ))
-                    .await;
+                let _ = tx.send(event(
+                    json!({"error": {"message": e.message, "type": e.kind, "code": e.code}}),
+                ));
             }
         }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        let _ = tx.send(Event::default().data("[DONE]"));
     });
-    let mut resp = Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response();
+    let mut resp =
+        Sse::new(UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response();
     if let Ok(v) = HeaderValue::from_str(&lineage.header()) {
         resp.headers_mut()
             .insert(HeaderName::from_static("x-pai-adapter"), v);

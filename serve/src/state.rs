@@ -64,8 +64,12 @@ pub struct ServeState {
     serving: Mutex<HashMap<String, Arc<LoadedAdapter>>>,
     /// Names whose current version fails, with the error.
     broken: Mutex<std::collections::BTreeMap<String, String>>,
-    /// One generation at a time on the model (requests queue here).
-    pub engine: Mutex<()>,
+    /// The continuous-batching engine, started with the first generation.
+    engine: std::sync::OnceLock<Result<crate::engine::Engine, String>>,
+    /// Most sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Most requests waiting for a place in the batch; more are refused with 503.
+    pub max_queue: usize,
     /// Largest request body, in bytes.
     pub max_request_bytes: usize,
     /// Largest `max_tokens` a request may ask for.
@@ -89,7 +93,9 @@ impl ServeState {
             loaded: Mutex::new(HashMap::new()),
             serving: Mutex::new(HashMap::new()),
             broken: Mutex::new(std::collections::BTreeMap::new()),
-            engine: Mutex::new(()),
+            engine: std::sync::OnceLock::new(),
+            max_batch: 8,
+            max_queue: 64,
             max_request_bytes: 4 << 20,
             max_tokens_limit: 4096,
             reports_dir: None,
@@ -100,6 +106,17 @@ impl ServeState {
             uses: std::sync::atomic::AtomicU64::new(0),
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    /// The engine that runs generations (started on first use, for this state).
+    pub fn engine(self: &Arc<Self>) -> Result<&crate::engine::Engine, ApiError> {
+        self.engine
+            .get_or_init(|| {
+                crate::engine::Engine::start(Arc::downgrade(self), self.max_queue)
+                    .map_err(|e| format!("cannot start the engine thread: {e}"))
+            })
+            .as_ref()
+            .map_err(|e| ApiError::internal(e.clone()))
     }
 
     /// A fresh response id suffix.

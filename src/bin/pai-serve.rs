@@ -56,6 +56,12 @@ struct ServeArgs {
     /// Memory adapter weights may take, in MiB (least recently used evicted past it).
     #[arg(long, default_value_t = 1024)]
     max_adapter_mib: usize,
+    /// Sequences decoded together in one batched step (continuous batching).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Requests that may wait for a place in the batch; more are answered 503 at once.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
 }
 
 #[derive(Args)]
@@ -149,6 +155,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_adapters > 0, "--max-adapters must be at least 1");
     state.max_resident = args.max_adapters;
     state.max_resident_bytes = args.max_adapter_mib << 20;
+    anyhow::ensure!(args.max_batch > 0, "--max-batch must be at least 1");
+    state.max_batch = args.max_batch;
+    state.max_queue = args.max_queue;
     state.api_keys = args
         .api_keys
         .into_iter()

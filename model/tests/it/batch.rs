@@ -67,7 +67,7 @@ fn argmax(row: &[f32]) -> u32 {
 
 #[test]
 fn a_batched_step_gives_each_row_its_own_logits() {
-    for dtype in [GgmlDType::F32, GgmlDType::Q4_1] {
+    for dtype in [GgmlDType::F32, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         let (_dir, base) = tiny_gguf(TinySpec::default(), dtype);
         let model = &base.model;
         let (a, b) = (random_adapter(&base, "a", 1), random_adapter(&base, "b", 2));
@@ -77,8 +77,9 @@ fn a_batched_step_gives_each_row_its_own_logits() {
             AdapterStack::new(&with_b),
             AdapterStack::NONE,
             AdapterStack::new(&with_a),
+            AdapterStack::new(&with_b),
         ];
-        let prompts: Vec<Vec<u32>> = [5usize, 9, 13, 2]
+        let prompts: Vec<Vec<u32>> = [5usize, 9, 13, 2, 7]
             .iter()
             .enumerate()
             .map(|(r, &n)| {

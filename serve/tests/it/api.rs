@@ -608,3 +608,63 @@ async fn resident_adapters_are_bounded_and_evicted_ones_reload() {
         assert_eq!(state.loaded_count(), resident, "bounds ({count}, {bytes})");
     }
 }
+
+#[tokio::test]
+async fn concurrent_requests_decode_together_and_each_gets_what_it_would_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, registry) = server(dir.path());
+    crate::add_random_adapter(&registry, &state.base, dir.path(), "work");
+    let app = pai_serve::app(state.clone());
+    let requests: Vec<Value> = ["base", "personal", "work", "personal", "base", "work"]
+        .iter()
+        .enumerate()
+        .map(|(i, model)| {
+            let prompt = ["The heron", "A quiet river", "Stones and", "The heron"][i % 4];
+            json!({"model": model, "prompt": prompt, "max_tokens": 120, "temperature": 0})
+        })
+        .collect();
+    let text_of = |status: StatusCode, body: &str| {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        json_of(body)["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Each alone, one after another.
+    let mut alone = Vec::new();
+    for r in &requests {
+        let (status, _, body) = call(app.clone(), "POST", "/v1/completions", Some(r.clone())).await;
+        alone.push(text_of(status, &body));
+    }
+    let metrics = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let (_, _, before) = call(app.clone(), "GET", "/metrics", None).await;
+    assert_eq!(metrics(&before, "pai_decode_batch_rows_max"), 1.0);
+    // All at once: they share decode steps, across adapters, and each says what it said alone.
+    let tasks: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let (app, r) = (app.clone(), r.clone());
+            tokio::spawn(async move { call(app, "POST", "/v1/completions", Some(r)).await })
+        })
+        .collect();
+    for (task, expected) in tasks.into_iter().zip(&alone) {
+        let (status, _, body) = task.await.unwrap();
+        assert_eq!(&text_of(status, &body), expected);
+    }
+    let (_, _, after) = call(app.clone(), "GET", "/metrics", None).await;
+    assert!(
+        metrics(&after, "pai_decode_batch_rows_max") > 1.0,
+        "{after}"
+    );
+    assert!(
+        metrics(&after, "pai_decode_mixed_adapter_steps_total") > 0.0,
+        "{after}"
+    );
+    assert_eq!(metrics(&after, "pai_generations_running"), 0.0);
+    assert_eq!(metrics(&after, "pai_queue_depth"), 0.0);
+}

@@ -21,6 +21,17 @@ pub fn server(dir: &Path) -> (Arc<ServeState>, Registry) {
         .write_gguf(&dir.join("tiny.gguf"), GgmlDType::Q8_0)
         .expect("write gguf");
     let base = BaseModel::load(&path, &Device::Cpu).expect("load");
+    let home = dir.join("home");
+    let registry = Registry::new(&home);
+    add_random_adapter(&registry, &base, dir, "personal");
+    (
+        Arc::new(ServeState::new(base, Some(Registry::new(&home)))),
+        registry,
+    )
+}
+
+/// Add and promote a new version of `name` with random q/v weights.
+pub fn add_random_adapter(registry: &Registry, base: &BaseModel, dir: &Path, name: &str) {
     let cfg = base.model.config().clone();
     let r = 4;
     let weights = (0..cfg.num_layers).flat_map(|layer| {
@@ -53,12 +64,10 @@ pub fn server(dir: &Path) -> (Arc<ServeState>, Registry) {
         layers: None,
         base_model_name_or_path: Some(base.name().to_string()),
     };
-    let adapter = Adapter::new("personal", config, cfg.num_layers, weights);
-    let peft = dir.join("peft");
+    let adapter = Adapter::new(name, config, cfg.num_layers, weights);
+    let peft = dir.join(format!("peft-{name}"));
     std::fs::create_dir_all(&peft).expect("mkdir");
     adapter.save_peft(&peft).expect("save");
-    let home = dir.join("home");
-    let registry = Registry::new(&home);
     let meta = AdapterMeta {
         base: BaseFingerprint {
             sha256: base.sha256().expect("sha").to_string(),
@@ -73,10 +82,6 @@ pub fn server(dir: &Path) -> (Arc<ServeState>, Registry) {
         created: "2026-12-02T00:00:00Z".into(),
         ..Default::default()
     };
-    let v = registry.add("personal", &peft, meta).expect("add");
-    registry.promote("personal", v, "test").expect("promote");
-    (
-        Arc::new(ServeState::new(base, Some(Registry::new(&home)))),
-        registry,
-    )
+    let v = registry.add(name, &peft, meta).expect("add");
+    registry.promote(name, v, "test").expect("promote");
 }
