@@ -255,39 +255,48 @@ fn advance(s: &ServeState, a: &mut Active, logits: &pai_model::Tensor) -> Result
     }
 }
 
-/// A sequence leaves the batch: its last text and its generation (or error) go to its request.
-fn finish(s: &ServeState, mut a: Active, error: Option<ApiError>) {
+/// A sequence leaves the batch: its last text and its generation (or error) go to its request. It
+/// stops counting as running before its request hears back.
+fn finish(s: &ServeState, a: Active, error: Option<ApiError>) {
+    let Active {
+        seq,
+        mut on_text,
+        done,
+        arrived,
+        label,
+        first_text,
+        cancelled,
+        _running,
+        ..
+    } = a;
+    drop(_running);
     if let Some(e) = error {
-        let _ = a.done.send(Err(e));
+        let _ = done.send(Err(e));
         return;
     }
-    let generation = if a.cancelled || a.done.is_closed() {
-        Ok(a.seq.cancel())
+    let generation = if cancelled || done.is_closed() {
+        Ok(seq.cancel())
     } else {
-        a.seq.finish().map(|(g, tail)| {
+        seq.finish().map(|(g, tail)| {
             if !tail.is_empty() {
-                let _ = (a.on_text)(&tail);
+                let _ = on_text(&tail);
             }
             g
         })
     };
     match generation {
         Ok(g) => {
-            if a.first_text && !g.tokens.is_empty() {
+            if first_text && !g.tokens.is_empty() {
                 // Nothing was released before the end (held back for a stop sequence, say): the
                 // client's first text came with the last token.
-                s.metrics.first_token(&a.label, a.arrived.elapsed());
+                s.metrics.first_token(&label, arrived.elapsed());
             }
-            s.metrics.generation(
-                &a.label,
-                g.prompt_tokens,
-                g.tokens.len(),
-                a.arrived.elapsed(),
-            );
-            let _ = a.done.send(Ok(g));
+            s.metrics
+                .generation(&label, g.prompt_tokens, g.tokens.len(), arrived.elapsed());
+            let _ = done.send(Ok(g));
         }
         Err(e) => {
-            let _ = a.done.send(Err(ApiError::from(e)));
+            let _ = done.send(Err(ApiError::from(e)));
         }
     }
 }

@@ -5,6 +5,7 @@
 //! decode together, whatever adapters they ask for. Background loading with notify and load/unload
 //! come next (issue 8).
 
+pub mod by_path;
 pub mod engine;
 pub mod error;
 pub mod metrics;

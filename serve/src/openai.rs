@@ -185,6 +185,8 @@ pub struct Lineage {
     /// The adapter name, or null for the bare base.
     pub adapter: Option<String>,
     pub version: Option<String>,
+    /// The load that answered (a new one each time an adapter is loaded).
+    pub generation: Option<u64>,
     /// The hash of the dataset the adapter was trained on.
     pub dataset_hash: Option<String>,
     /// The eval report that promoted it.

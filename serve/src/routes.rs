@@ -38,6 +38,14 @@ pub fn app(state: Arc<ServeState>) -> Router {
         .route("/reports/", get(report_index))
         .route("/reports/{page}", get(report_page))
         .route("/metrics", get(metrics))
+        .route(
+            "/v1/load_lora_adapter",
+            post(crate::by_path::load_lora_adapter),
+        )
+        .route(
+            "/v1/unload_lora_adapter",
+            post(crate::by_path::unload_lora_adapter),
+        )
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -174,11 +182,23 @@ async fn models(State(s): State<Arc<ServeState>>) -> Json<Value> {
             }));
         }
     }
+    let by_path: Vec<Arc<LoadedAdapter>> = s
+        .by_path
+        .lock()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    for a in by_path {
+        data.push(json!({
+            "id": a.name, "object": "model", "created": 0, "owned_by": "pai",
+            "root": s.base_id, "parent": s.base_id, "generation": a.generation,
+            "dataset_hash": a.meta.dataset.as_ref().map(|d| d.hash.clone()),
+        }));
+    }
     Json(json!({"object": "list", "data": data}))
 }
 
 /// A request body, with serde's refusal of a field turned into OpenAI's `unsupported_parameter`.
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
         match msg
@@ -287,6 +307,7 @@ fn lineage(adapter: &Option<Arc<LoadedAdapter>>) -> Lineage {
         Lineage {
             adapter: None,
             version: None,
+            generation: None,
             dataset_hash: None,
             report: None,
         },
@@ -308,14 +329,25 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The response with the lineage header.
+/// The response with the lineage headers.
 fn with_lineage(body: Value, lineage: &Lineage) -> Response {
     let mut resp = Json(body).into_response();
+    lineage_headers(&mut resp, lineage);
+    resp
+}
+
+/// `x-pai-adapter` (`name@vN` or `base`) and, for an adapter, `x-pai-generation`.
+fn lineage_headers(resp: &mut Response, lineage: &Lineage) {
     if let Ok(v) = HeaderValue::from_str(&lineage.header()) {
         resp.headers_mut()
             .insert(HeaderName::from_static("x-pai-adapter"), v);
     }
-    resp
+    if let Some(g) = lineage.generation {
+        resp.headers_mut().insert(
+            HeaderName::from_static("x-pai-generation"),
+            HeaderValue::from(g),
+        );
+    }
 }
 
 /// Generate through the engine, batched with whatever else is running.
@@ -665,9 +697,6 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
     });
     let mut resp =
         Sse::new(UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&lineage.header()) {
-        resp.headers_mut()
-            .insert(HeaderName::from_static("x-pai-adapter"), v);
-    }
+    lineage_headers(&mut resp, &lineage);
     resp
 }

@@ -24,7 +24,10 @@ pub struct LoadedAdapter {
     /// Bytes its weights take.
     pub bytes: usize,
     pub name: String,
-    pub version: Version,
+    /// The registry version (none for an adapter loaded by path).
+    pub version: Option<Version>,
+    /// This load's id, unique in the server's life: a reload of the same files is a new generation.
+    pub generation: u64,
     pub meta: AdapterMeta,
 }
 
@@ -32,7 +35,8 @@ impl LoadedAdapter {
     pub fn lineage(&self) -> Lineage {
         Lineage {
             adapter: Some(self.name.clone()),
-            version: Some(self.version.to_string()),
+            version: self.version.map(|v| v.to_string()),
+            generation: Some(self.generation),
             dataset_hash: self.meta.dataset.as_ref().map(|d| d.hash.clone()),
             report: self
                 .meta
@@ -81,6 +85,19 @@ pub struct ServeState {
     /// What `/metrics` reports.
     pub metrics: crate::metrics::Metrics,
     next_id: std::sync::atomic::AtomicU64,
+    generations: std::sync::atomic::AtomicU64,
+    /// Adapters loaded by path (`/v1/load_lora_adapter`), by name.
+    pub(crate) by_path: Mutex<HashMap<String, Arc<LoadedAdapter>>>,
+    /// Where adapters may be loaded from by path (none: loading by path is off).
+    pub adapter_root: Option<std::path::PathBuf>,
+}
+
+/// Bytes an adapter's weights take.
+pub fn weight_bytes(adapter: &Adapter) -> usize {
+    adapter
+        .iter()
+        .map(|(_, w)| (w.a.elem_count() + w.b.elem_count()) * w.a.dtype().size_in_bytes())
+        .sum()
 }
 
 impl ServeState {
@@ -105,6 +122,9 @@ impl ServeState {
             max_resident_bytes: 1 << 30,
             uses: std::sync::atomic::AtomicU64::new(0),
             next_id: std::sync::atomic::AtomicU64::new(1),
+            generations: std::sync::atomic::AtomicU64::new(1),
+            by_path: Mutex::new(HashMap::new()),
+            adapter_root: None,
         }
     }
 
@@ -119,15 +139,27 @@ impl ServeState {
             .map_err(|e| ApiError::internal(e.clone()))
     }
 
+    /// A fresh generation id for a load.
+    pub fn next_generation(&self) -> u64 {
+        self.generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A fresh response id suffix.
     pub fn next_id(&self) -> u64 {
         self.next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Every model id this server answers to: the base, then each adapter with a current version.
+    /// Every model id this server answers to: the base, each adapter with a current version, then
+    /// those loaded by path.
     pub fn model_ids(&self) -> Vec<String> {
         let mut ids = vec![self.base_id.clone()];
+        if let Ok(m) = self.by_path.lock() {
+            let mut names: Vec<String> = m.keys().cloned().collect();
+            names.sort();
+            ids.extend(names);
+        }
         if let Some(r) = &self.registry {
             if let Ok(list) = r.list() {
                 ids.extend(
@@ -163,6 +195,9 @@ impl ServeState {
             (None, None) if model == self.base_id || model == "base" => return Ok(None),
             (None, None) => model,
         };
+        if let Some(loaded) = self.by_path.lock().ok().and_then(|m| m.get(spec).cloned()) {
+            return Ok(Some(loaded));
+        }
         let registry = self.registry.as_ref().ok_or_else(|| not_found(spec))?;
         let (name, version) = registry.resolve(spec).map_err(|_| not_found(spec))?;
         let current = !spec.contains('@');
@@ -227,15 +262,13 @@ impl ServeState {
                 "adapter {name}@{version} does not load onto this base: {e}"
             ))
         })?;
-        let bytes = adapter
-            .iter()
-            .map(|(_, w)| (w.a.elem_count() + w.b.elem_count()) * w.a.dtype().size_in_bytes())
-            .sum();
+        let bytes = weight_bytes(&adapter);
         let loaded = Arc::new(LoadedAdapter {
             bytes,
             adapter,
             name: name.to_string(),
-            version,
+            version: Some(version),
+            generation: self.next_generation(),
             meta: verified.meta,
         });
         if let Ok(mut m) = self.loaded.lock() {
@@ -256,7 +289,7 @@ impl ServeState {
                 tracing::info!(adapter = %oldest.0, version = %oldest.1, "adapter evicted");
             }
         }
-        tracing::info!(adapter = %loaded.name, version = %loaded.version, "adapter loaded");
+        tracing::info!(adapter = %loaded.name, %version, generation = loaded.generation, "adapter loaded");
         Ok(loaded)
     }
 

@@ -62,6 +62,10 @@ struct ServeArgs {
     /// Requests that may wait for a place in the batch; more are answered 503 at once.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Allow POST /v1/load_lora_adapter for adapter directories inside DIR (and nowhere else: symlinks
+    /// out of it are refused). Off when not given.
+    #[arg(long, value_name = "DIR")]
+    adapter_root: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -158,6 +162,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_batch > 0, "--max-batch must be at least 1");
     state.max_batch = args.max_batch;
     state.max_queue = args.max_queue;
+    if let Some(root) = args.adapter_root {
+        anyhow::ensure!(
+            root.is_dir(),
+            "--adapter-root {} is not a directory",
+            root.display()
+        );
+        eprintln!(
+            "pai-serve: adapters may be loaded by path from {}",
+            root.display()
+        );
+        state.adapter_root = Some(root);
+    }
     state.api_keys = args
         .api_keys
         .into_iter()

@@ -668,3 +668,109 @@ async fn concurrent_requests_decode_together_and_each_gets_what_it_would_alone()
     assert_eq!(metrics(&after, "pai_generations_running"), 0.0);
     assert_eq!(metrics(&after, "pai_queue_depth"), 0.0);
 }
+
+#[tokio::test]
+async fn adapters_load_and_unload_by_path_inside_the_root_with_compare_and_swap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _registry) = server(dir.path());
+    let root = dir.path().join("root");
+    let first = crate::write_random_peft(&state.base, &root.join("mine-1"), "mine");
+    let second = crate::write_random_peft(&state.base, &root.join("mine-2"), "mine");
+    let stranger = crate::write_random_peft(&state.base, &dir.path().join("elsewhere"), "x");
+    let load = |path: &std::path::Path, extra: Value| {
+        let mut body = json!({"lora_name": "mine", "lora_path": path});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    // With no root configured, loading by path is off.
+    let app = pai_serve::app(state.clone());
+    let (status, _, body) = call(
+        app,
+        "POST",
+        "/v1/load_lora_adapter",
+        Some(load(&first, json!({}))),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let mut state = std::sync::Arc::try_unwrap(state).ok().expect("sole owner");
+    state.adapter_root = Some(root.clone());
+    let state = std::sync::Arc::new(state);
+    let app = pai_serve::app(state.clone());
+    let post = |uri: &'static str, body: Value| call(app.clone(), "POST", uri, Some(body));
+
+    let (status, _, body) = post("/v1/load_lora_adapter", load(&first, json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let g1 = json_of(&body)["generation"].as_u64().unwrap();
+    let ask = json!({"model": "mine", "prompt": "The heron", "max_tokens": 3, "temperature": 0});
+    let generation_of = |body: &str| json_of(body)["pai"]["generation"].as_u64();
+    let (status, who, body) = post("/v1/completions", ask.clone()).await;
+    assert_eq!(
+        (status, who.as_deref()),
+        (StatusCode::OK, Some("mine")),
+        "{body}"
+    );
+    assert_eq!(generation_of(&body), Some(g1));
+    let (_, _, models) = call(app.clone(), "GET", "/v1/models", None).await;
+    assert!(models.contains("\"mine\""), "{models}");
+
+    // Loaded already: refused without a flag; a stale expected generation is a conflict.
+    let (status, _, body) = post("/v1/load_lora_adapter", load(&second, json!({}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let stale = json!({"expected_generation": g1 + 100});
+    let (status, _, body) = post("/v1/load_lora_adapter", load(&second, stale)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    // The generation it saw: swapped, and the next answer runs on the new one.
+    let (status, _, body) = post(
+        "/v1/load_lora_adapter",
+        load(&second, json!({"expected_generation": g1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let g2 = json_of(&body)["generation"].as_u64().unwrap();
+    assert!(g2 > g1);
+    assert_eq!(json_of(&body)["replaced_generation"].as_u64(), Some(g1));
+    let (_, _, body) = post("/v1/completions", ask.clone()).await;
+    assert_eq!(generation_of(&body), Some(g2));
+
+    // Out of the root (directly or by a symlink), a registry name, the base's name: refused.
+    let (status, _, body) = post(
+        "/v1/load_lora_adapter",
+        load(&stranger, json!({"load_inplace": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&stranger, root.join("link")).unwrap();
+        let (status, _, body) = post(
+            "/v1/load_lora_adapter",
+            load(std::path::Path::new("link"), json!({"load_inplace": true})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    }
+    for name in ["personal", state.base_id.as_str()] {
+        let (status, _, body) = post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": name, "lora_path": first}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body}");
+    }
+
+    // Unload: only the generation it is at; then the name is gone (404, never the base).
+    let (status, _, body) = post(
+        "/v1/unload_lora_adapter",
+        json!({"lora_name": "mine", "expected_generation": g1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, _, body) = post("/v1/unload_lora_adapter", json!({"lora_name": "mine"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, body) = post("/v1/completions", ask).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _, _) = post("/v1/unload_lora_adapter", json!({"lora_name": "mine"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -32,6 +32,27 @@ pub fn server(dir: &Path) -> (Arc<ServeState>, Registry) {
 
 /// Add and promote a new version of `name` with random q/v weights.
 pub fn add_random_adapter(registry: &Registry, base: &BaseModel, dir: &Path, name: &str) {
+    let peft = write_random_peft(base, &dir.join(format!("peft-{name}")), name);
+    let meta = AdapterMeta {
+        base: BaseFingerprint {
+            sha256: base.sha256().expect("sha").to_string(),
+            name: Some(base.name().into()),
+            path: None,
+        },
+        dataset: Some(DatasetInfo {
+            day: "2026-12-01".into(),
+            hash: "d5e7".into(),
+            ..Default::default()
+        }),
+        created: "2026-12-02T00:00:00Z".into(),
+        ..Default::default()
+    };
+    let v = registry.add(name, &peft, meta).expect("add");
+    registry.promote(name, v, "test").expect("promote");
+}
+
+/// A PEFT directory at `peft` with random q/v weights for `base`.
+pub fn write_random_peft(base: &BaseModel, peft: &Path, name: &str) -> std::path::PathBuf {
     let cfg = base.model.config().clone();
     let r = 4;
     let weights = (0..cfg.num_layers).flat_map(|layer| {
@@ -65,23 +86,7 @@ pub fn add_random_adapter(registry: &Registry, base: &BaseModel, dir: &Path, nam
         base_model_name_or_path: Some(base.name().to_string()),
     };
     let adapter = Adapter::new(name, config, cfg.num_layers, weights);
-    let peft = dir.join(format!("peft-{name}"));
-    std::fs::create_dir_all(&peft).expect("mkdir");
-    adapter.save_peft(&peft).expect("save");
-    let meta = AdapterMeta {
-        base: BaseFingerprint {
-            sha256: base.sha256().expect("sha").to_string(),
-            name: Some(base.name().into()),
-            path: None,
-        },
-        dataset: Some(DatasetInfo {
-            day: "2026-12-01".into(),
-            hash: "d5e7".into(),
-            ..Default::default()
-        }),
-        created: "2026-12-02T00:00:00Z".into(),
-        ..Default::default()
-    };
-    let v = registry.add(name, &peft, meta).expect("add");
-    registry.promote(name, v, "test").expect("promote");
+    std::fs::create_dir_all(peft).expect("mkdir");
+    adapter.save_peft(peft).expect("save");
+    peft.to_path_buf()
 }
