@@ -2,8 +2,9 @@
 //! chosen per request by `model` (`state`), through the routes of `routes::app`; errors in OpenAI's
 //! envelope (`error`), bodies in OpenAI's shapes (`openai`), Prometheus metrics at `/metrics`
 //! (`metrics`). Generations run in the continuous-batching engine (`engine`): concurrent requests
-//! decode together, whatever adapters they ask for. Background loading with notify and load/unload
-//! come next (issue 8).
+//! decode together, whatever adapters they ask for. A promoted version is loaded, verified and swapped
+//! in by a background loader as soon as the registry watch sees CURRENT move (`state`); adapters can
+//! also be loaded by path (`by_path`).
 
 pub mod by_path;
 pub mod engine;
@@ -25,6 +26,9 @@ pub fn run(addr: std::net::SocketAddr, state: Arc<ServeState>) -> std::io::Resul
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Err(e) = state.watch_registry() {
+        tracing::warn!(error = %e, "cannot watch the registry: promoted versions load on first request");
+    }
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;

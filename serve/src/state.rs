@@ -2,14 +2,17 @@
 //! names what answers it (`model`: the base, an adapter, `base::adapter`, or `adapter@vN`; or the
 //! `adapter` field); the current version of a name is served unless a version is named. Every
 //! adapter is loaded through `Registry::verify` (each file's sha256) and the base's own check of its
-//! fingerprint, once, then kept by name and version (at most `max_resident` versions and
-//! `max_resident_bytes` of weights; the least recently used is evicted and reloads when asked for).
-//! CURRENT is read on every request, so a promoted
-//! version answers the next request with no restart (requests in flight keep the version they
-//! started with); a promoted version that fails to verify or load never replaces the one being
-//! served, and `/health` reports it.
+//! fingerprint, and gets a generation id; loaded versions are kept by name and version (at most
+//! `max_resident` of them and `max_resident_bytes` of weights; the least recently used is evicted and
+//! reloads when asked for).
+//!
+//! Hot swap: each name has the version it serves. When CURRENT moves (seen by the registry watch, or
+//! by a request that reads it), a background loader loads and verifies the new version while the old
+//! one keeps answering, then swaps it in under a lock; requests in flight finish on the version they
+//! started with (they hold its Arc). A version that fails to verify or load never replaces the one
+//! being served: it is reported in `/health` and not retried until CURRENT moves again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use pai_adapters::{AdapterMeta, Registry, Version};
@@ -86,6 +89,10 @@ pub struct ServeState {
     pub metrics: crate::metrics::Metrics,
     next_id: std::sync::atomic::AtomicU64,
     generations: std::sync::atomic::AtomicU64,
+    /// The background loader's queue of names to bring to their current version.
+    loader: std::sync::OnceLock<std::sync::mpsc::Sender<String>>,
+    /// The registry watch (`watch_registry`), kept alive with the state.
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
     /// Adapters loaded by path (`/v1/load_lora_adapter`), by name.
     pub(crate) by_path: Mutex<HashMap<String, Arc<LoadedAdapter>>>,
     /// Where adapters may be loaded from by path (none: loading by path is off).
@@ -124,6 +131,8 @@ impl ServeState {
             next_id: std::sync::atomic::AtomicU64::new(1),
             generations: std::sync::atomic::AtomicU64::new(1),
             by_path: Mutex::new(HashMap::new()),
+            loader: std::sync::OnceLock::new(),
+            watcher: Mutex::new(None),
             adapter_root: None,
         }
     }
@@ -174,7 +183,7 @@ impl ServeState {
 
     /// What answers a request: `None` for the bare base.
     pub fn resolve(
-        &self,
+        self: &Arc<Self>,
         model: &str,
         adapter: Option<&str>,
     ) -> Result<Option<Arc<LoadedAdapter>>, ApiError> {
@@ -200,35 +209,138 @@ impl ServeState {
         }
         let registry = self.registry.as_ref().ok_or_else(|| not_found(spec))?;
         let (name, version) = registry.resolve(spec).map_err(|_| not_found(spec))?;
-        let current = !spec.contains('@');
-        match self.load(registry, &name, version) {
-            Ok(loaded) => {
-                if current {
-                    if let Ok(mut good) = self.serving.lock() {
-                        good.insert(name.clone(), loaded.clone());
-                    }
-                    if let Ok(mut broken) = self.broken.lock() {
-                        broken.remove(&name);
-                    }
-                }
-                Ok(Some(loaded))
-            }
-            Err(e) => {
-                // A newly promoted version that does not verify or load never replaces the one
-                // that was being served: that one answers, and /health says what is wrong.
-                let previous = self
-                    .serving
-                    .lock()
-                    .ok()
-                    .and_then(|good| good.get(&name).cloned())
-                    .filter(|_| current);
-                tracing::error!(adapter = %name, %version, error = %e.message, "adapter not served");
+        if spec.contains('@') {
+            // A version asked for by number: that one or an error.
+            return self.load(registry, &name, version).map(Some);
+        }
+        let serving = self.serving.lock().ok().and_then(|m| m.get(&name).cloned());
+        match serving {
+            Some(served) if served.version == Some(version) => {
                 if let Ok(mut broken) = self.broken.lock() {
-                    broken.insert(name.clone(), e.message.clone());
+                    broken.remove(&name);
                 }
-                previous.map(Some).ok_or(e)
+                Ok(Some(served))
+            }
+            // A newer current version: the served one answers while the loader brings the new
+            // one in (or finds it broken).
+            Some(served) => {
+                self.refresh_in_background(&name);
+                Ok(Some(served))
+            }
+            // Nothing served yet: this request waits for the first load.
+            None => {
+                self.refresh(&name, &mut HashSet::new());
+                let served = self.serving.lock().ok().and_then(|m| m.get(&name).cloned());
+                match served {
+                    Some(served) => Ok(Some(served)),
+                    None => Err(self
+                        .load(registry, &name, version)
+                        .err()
+                        .unwrap_or_else(|| {
+                            ApiError::internal(format!("adapter {name} could not be swapped in"))
+                        })),
+                }
             }
         }
+    }
+
+    /// Bring `name`'s served version to its current one: load and verify it, then swap it in (one
+    /// pointer under a lock; requests in flight keep the Arc they hold). A version that fails stays
+    /// out, is reported in /health, and is not retried (`failed`) while the served one answers.
+    fn refresh(&self, name: &str, failed: &mut HashSet<(String, Version)>) {
+        let Some(registry) = &self.registry else {
+            return;
+        };
+        let Ok((_, version)) = registry.resolve(name) else {
+            return;
+        };
+        let served = self
+            .serving
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).map(|a| a.version));
+        if served == Some(Some(version)) || failed.contains(&(name.to_string(), version)) {
+            return;
+        }
+        match self.load(registry, name, version) {
+            Ok(loaded) => {
+                let generation = loaded.generation;
+                if let Ok(mut m) = self.serving.lock() {
+                    m.insert(name.to_string(), loaded);
+                }
+                if let Ok(mut broken) = self.broken.lock() {
+                    broken.remove(name);
+                }
+                tracing::info!(adapter = %name, %version, generation, "swapped in");
+            }
+            Err(e) => {
+                failed.insert((name.to_string(), version));
+                tracing::error!(adapter = %name, %version, error = %e.message, "adapter not served");
+                if let Ok(mut broken) = self.broken.lock() {
+                    broken.insert(name.to_string(), e.message);
+                }
+            }
+        }
+    }
+
+    /// Ask the background loader to bring `name` to its current version.
+    fn refresh_in_background(self: &Arc<Self>, name: &str) {
+        let loader = self.loader.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<String>();
+            let state = Arc::downgrade(self);
+            let started = std::thread::Builder::new()
+                .name("pai-loader".into())
+                .spawn(move || {
+                    let mut failed = HashSet::new();
+                    while let Ok(name) = rx.recv() {
+                        let Some(s) = state.upgrade() else {
+                            return;
+                        };
+                        s.refresh(&name, &mut failed);
+                    }
+                });
+            if let Err(e) = started {
+                tracing::error!(error = %e, "cannot start the adapter loader");
+            }
+            tx
+        });
+        let _ = loader.send(name.to_string());
+    }
+
+    /// Watch the registry's CURRENT pointers and swap each newly promoted version in as soon as it
+    /// is promoted, before any request asks for it. The watch lasts as long as the state.
+    pub fn watch_registry(self: &Arc<Self>) -> Result<(), notify::Error> {
+        use notify::Watcher;
+        let Some(registry) = &self.registry else {
+            return Ok(());
+        };
+        let root = registry.root().to_path_buf();
+        std::fs::create_dir_all(&root).map_err(notify::Error::io)?;
+        let state = Arc::downgrade(self);
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let (Ok(event), Some(s)) = (event, state.upgrade()) else {
+                    return;
+                };
+                for path in &event.paths {
+                    if path.file_name().is_some_and(|n| n == "CURRENT") {
+                        if let Some(name) = path.parent().and_then(|p| p.file_name()) {
+                            s.refresh_in_background(&name.to_string_lossy());
+                        }
+                    }
+                }
+            })?;
+        watcher.watch(&root, notify::RecursiveMode::Recursive)?;
+        if let Ok(mut w) = self.watcher.lock() {
+            *w = Some(watcher);
+        }
+        // What was promoted while the server was down or starting.
+        if let Ok(list) = registry.list() {
+            for a in list.into_iter().filter(|a| a.current.is_some()) {
+                self.refresh_in_background(&a.name);
+            }
+        }
+        Ok(())
     }
 
     /// `name@version`, loaded once: verified against the registry's digests, then onto the base

@@ -396,8 +396,26 @@ async fn streams_send_text_as_it_comes_then_usage_and_done() {
         .all(|c| c["object"] == "chat.completion.chunk" && c["pai"]["adapter"] == "personal"));
 }
 
+/// Ask until `done` holds of the answer (10 s at most), checking every answer on the way.
+async fn until<T>(
+    mut ask: impl FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>,
+    mut check: impl FnMut(&T),
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        let got = ask().await;
+        check(&got);
+        if done(&got) {
+            return got;
+        }
+        assert!(started.elapsed().as_secs() < 10, "no change within 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
-async fn a_promoted_version_answers_the_next_request_and_a_broken_one_never_replaces_it() {
+async fn a_promoted_version_is_swapped_in_and_a_broken_one_never_replaces_it() {
     let dir = tempfile::tempdir().unwrap();
     let (state, registry) = server(dir.path());
     let app = pai_serve::app(state);
@@ -409,13 +427,23 @@ async fn a_promoted_version_answers_the_next_request_and_a_broken_one_never_repl
     };
     assert_eq!(who(app.clone()).await.1.as_deref(), Some("personal@v1"));
 
-    // Promoted while the server runs: the next request gets it, no restart.
+    // Promoted while the server runs: swapped in by the loader, no restart, no failed request.
     let v1 = registry.dir("personal", pai_adapters::Version(1));
     // The same weights and base fingerprint as v1 (the server checks the fingerprint).
     let meta = registry.meta("personal", pai_adapters::Version(1)).unwrap();
     let v2 = registry.add("personal", &v1, meta.clone()).unwrap();
     registry.promote("personal", v2, "gate").unwrap();
-    assert_eq!(who(app.clone()).await.1.as_deref(), Some("personal@v2"));
+    let answered = |r: &(StatusCode, Option<String>, String)| {
+        assert_eq!(r.0, StatusCode::OK, "{}", r.2);
+        let who = r.1.as_deref().unwrap_or("");
+        assert!(who == "personal@v1" || who == "personal@v2", "{who}");
+    };
+    until(
+        || Box::pin(who(app.clone())),
+        answered,
+        |r| r.1.as_deref() == Some("personal@v2"),
+    )
+    .await;
 
     // A promoted version whose weights do not verify: v2 keeps answering, /health says why.
     let v3 = registry.add("personal", &v1, meta.clone()).unwrap();
@@ -443,8 +471,20 @@ async fn a_promoted_version_answers_the_next_request_and_a_broken_one_never_repl
         (StatusCode::OK, Some("personal@v2")),
         "{body}"
     );
-    let (_, _, health) = call(app.clone(), "GET", "/health", None).await;
-    let health = json_of(&health);
+    let health = until(
+        || {
+            let app = app.clone();
+            Box::pin(async move { json_of(&call(app, "GET", "/health", None).await.2) })
+        },
+        |_| {},
+        |h| h["status"] == "degraded",
+    )
+    .await;
+    let (status, header, _) = who(app.clone()).await;
+    assert_eq!(
+        (status, header.as_deref()),
+        (StatusCode::OK, Some("personal@v2"))
+    );
     assert_eq!(health["status"], "degraded");
     assert!(
         health["adapter_errors"]["personal"]
@@ -773,4 +813,87 @@ async fn adapters_load_and_unload_by_path_inside_the_root_with_compare_and_swap(
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     let (status, _, _) = post("/v1/unload_lora_adapter", json!({"lora_name": "mine"})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// Streams running without a pause while a good version is promoted and then one that cannot load
+/// onto this base: no request fails, every answer names the version and generation it ran on (the
+/// same in its headers and in every chunk), and the broken version never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_swap_under_load_fails_no_request_and_never_serves_a_broken_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, registry) = server(dir.path());
+    state.watch_registry().expect("watch");
+    let app = pai_serve::app(state.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..6)
+        .map(|k| {
+            let (app, stop) = (app.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ask = json!({"model": "personal", "prompt": format!("Stream {k}"),
+                        "max_tokens": 12, "temperature": 0, "stream": true});
+                    let req = Request::builder()
+                        .method("POST")
+                        .uri("/v1/completions")
+                        .header("content-type", "application/json")
+                        .body(Body::from(ask.to_string()))
+                        .unwrap();
+                    let resp = app.clone().oneshot(req).await.unwrap();
+                    assert_eq!(resp.status(), StatusCode::OK);
+                    let (who, generation) = {
+                        let header = |name: &str| {
+                            resp.headers()
+                                .get(name)
+                                .map(|v| v.to_str().unwrap().to_string())
+                                .unwrap_or_else(|| panic!("no {name} header"))
+                        };
+                        (header("x-pai-adapter"), header("x-pai-generation"))
+                    };
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+                    for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                        if data == "[DONE]" {
+                            continue;
+                        }
+                        let chunk = json_of(data);
+                        assert!(chunk.get("error").is_none(), "{data}");
+                        assert_eq!(chunk["pai"]["generation"].to_string(), generation, "{data}");
+                    }
+                    seen.push(who);
+                }
+                seen
+            })
+        })
+        .collect();
+    let v1 = registry.dir("personal", pai_adapters::Version(1));
+    let meta = registry.meta("personal", pai_adapters::Version(1)).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let v2 = registry.add("personal", &v1, meta.clone()).unwrap();
+    registry.promote("personal", v2, "gate").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Verifies as files, but was made for another base: it must never answer.
+    let mut foreign = meta.clone();
+    foreign.base.sha256 = "0".repeat(64);
+    let v3 = registry.add("personal", &v1, foreign).unwrap();
+    registry.promote("personal", v3, "gate").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for c in clients {
+        seen.extend(c.await.expect("a client failed"));
+    }
+    assert!(seen.len() >= 12, "only {} requests ran", seen.len());
+    assert!(
+        seen.iter()
+            .all(|w| w == "personal@v1" || w == "personal@v2"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|w| w == "personal@v2"),
+        "v2 never answered: {seen:?}"
+    );
+    let (_, _, health) = call(app.clone(), "GET", "/health", None).await;
+    assert_eq!(json_of(&health)["status"], "degraded", "{health}");
 }
