@@ -209,3 +209,71 @@ pub fn run(
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
+
+/// Decode tokens/s of `rows` sequences advancing together in batched steps (continuous batching's
+/// inner loop), each row with the adapter `adapters[row % len]` (none when empty): `reps`
+/// repetitions after a warm-up of `gen_tokens` steps after a 16-token prompt per row.
+pub fn batched(
+    base: &BaseModel,
+    adapters: &[pai_model::Adapter],
+    rows: usize,
+    gen_tokens: usize,
+    reps: usize,
+) -> pai_model::Result<Phase> {
+    let ids = base.tokenizer.encode(PROMPT_TEXT, false)?;
+    let stacks: Vec<Vec<&pai_model::Adapter>> = (0..rows)
+        .map(|r| {
+            adapters
+                .get(r % adapters.len().max(1))
+                .into_iter()
+                .collect()
+        })
+        .collect();
+    let mut phase = Phase {
+        tokens_per_second: Vec::new(),
+        others_cores: Vec::new(),
+    };
+    for rep in 0..=reps {
+        // Each row its own prompt (a different window of the text) and cache.
+        let mut caches = Vec::with_capacity(rows);
+        let mut next = Vec::with_capacity(rows);
+        for (r, stack) in stacks.iter().enumerate() {
+            let prompt = &ids[r * 7 % (ids.len() - 16)..][..16];
+            let mut cache = base.model.new_cache(16 + gen_tokens + 1);
+            let t = pai_model::Tensor::new(prompt, base.model.device())?.unsqueeze(0)?;
+            base.model
+                .forward_last(&t, &mut cache, &AdapterStack::new(stack))?;
+            caches.push(cache);
+            next.push(prompt[15]);
+        }
+        let (b0, o0) = cpu_jiffies();
+        let wall = Instant::now();
+        for _ in 0..gen_tokens {
+            let mut batch: Vec<pai_model::BatchRow> = caches
+                .iter_mut()
+                .zip(&stacks)
+                .zip(&next)
+                .map(|((cache, stack), &token)| pai_model::BatchRow {
+                    token,
+                    cache,
+                    adapters: AdapterStack::new(stack),
+                })
+                .collect();
+            let logits = base.model.decode_batch(&mut batch)?;
+            next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        }
+        let elapsed = wall.elapsed().as_secs_f64();
+        let (b1, o1) = cpu_jiffies();
+        if rep == 0 {
+            continue;
+        }
+        let others = (b1.saturating_sub(b0) as f64 - o1.saturating_sub(o0) as f64).max(0.0)
+            / 100.0
+            / elapsed;
+        phase
+            .tokens_per_second
+            .push((rows * gen_tokens) as f64 / elapsed);
+        phase.others_cores.push(others);
+    }
+    Ok(phase)
+}

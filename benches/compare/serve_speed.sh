@@ -2,8 +2,9 @@
 # pai-serve against llama.cpp's server (llama-cpp-python[server]) on the same GGUF and threads, in the
 # same run, rounds alternating the two: single-stream decode tokens/s and time to first token (p50,
 # p99), and total throughput of 8 concurrent streams — for pai with 4 different adapters in the batch
-# and with one, for llama.cpp on the bare model (its server runs one request at a time). Clients are
-# the official `openai` SDK (serve_client.py). The 4 adapters are random r-16 q/k/v/o LoRAs imported
+# and with one, for llama.cpp on the bare model (its server runs one request at a time; queued,
+# not interrupted). The client
+# (serve_client.py) streams over plain HTTP with a distinct prompt per request. The 4 adapters are random r-16 q/k/v/o LoRAs imported
 # into a temporary PAI_HOME. Writes benches/compare/results/serve-<date>.jsonl and prints medians and
 # ratios.
 # Usage: benches/compare/serve_speed.sh [--rounds 3] [--threads 2] [--max-tokens 128] [--streams 8]
@@ -12,7 +13,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 # shellcheck disable=SC1091
 source "$here/env.sh"
-pip install -q uvicorn fastapi pydantic-settings sse-starlette starlette-context openai >&2
+pip install -q uvicorn fastapi pydantic-settings sse-starlette starlette-context httpx >&2
 rounds=3 threads=2 max_tokens=128 streams=8
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -79,18 +80,18 @@ for round in $(seq 1 "$rounds"); do
   "$bin/pai-serve" serve --port 18080 --max-batch "$streams" >"$home/pai.log" 2>&1 &
   pids=($!)
   wait_up http://127.0.0.1:18080/v1
-  base_id="$(basename "$model")"
-  r4="$("${client[@]}" --url http://127.0.0.1:18080/v1 --single-model "$base_id" --models a0,a1,a2,a3)"
-  r1="$("${client[@]}" --url http://127.0.0.1:18080/v1 --single-model "$base_id" --models a0 --skip-single)"
-  rb="$("${client[@]}" --url http://127.0.0.1:18080/v1 --single-model "$base_id" --models "$base_id" --skip-single)"
+  r4="$("${client[@]}" --url http://127.0.0.1:18080/v1 --single-model auto --models a0,a1,a2,a3)"
+  r1="$("${client[@]}" --url http://127.0.0.1:18080/v1 --single-model auto --models a0 --skip-single)"
+  rb="$("${client[@]}" --url http://127.0.0.1:18080/v1 --single-model auto --models auto --skip-single)"
   echo "{\"round\": $round, \"tool\": \"pai\", \"four_adapters\": $r4, \"one_adapter\": $r1, \"base\": $rb}" >>"$out"
   stop "${pids[0]}"
 
   python -m llama_cpp.server --model "$model" --n_threads "$threads" --n_ctx 2048 --host 127.0.0.1 \
+    --interrupt_requests False \
     --port 18081 >"$home/llama.log" 2>&1 &
   pids=($!)
   wait_up http://127.0.0.1:18081/v1
-  rl="$("${client[@]}" --url http://127.0.0.1:18081/v1 --single-model "$base_id" --models "$base_id")"
+  rl="$("${client[@]}" --url http://127.0.0.1:18081/v1 --single-model auto --models auto)"
   echo "{\"round\": $round, \"tool\": \"llama.cpp\", \"base\": $rl}" >>"$out"
   stop "${pids[0]}"
 done

@@ -21,7 +21,15 @@ pub struct BatchRow<'r> {
 
 /// The rows of a step grouped by the adapter stack they use.
 pub struct RowGroups<'a> {
-    groups: Vec<(AdapterStack<'a>, Tensor)>,
+    groups: Vec<RowGroup<'a>>,
+}
+
+/// Rows that use the same adapters.
+pub struct RowGroup<'a> {
+    pub adapters: AdapterStack<'a>,
+    /// Row indices, and the same as a u32 tensor on the rows' device.
+    pub rows: Vec<usize>,
+    pub index: Tensor,
 }
 
 impl<'a> RowGroups<'a> {
@@ -42,7 +50,13 @@ impl<'a> RowGroups<'a> {
         }
         let groups = members
             .into_iter()
-            .map(|(a, m)| Ok((a, Tensor::new(m.as_slice(), device)?)))
+            .map(|(adapters, m)| {
+                Ok(RowGroup {
+                    adapters,
+                    index: Tensor::new(m.as_slice(), device)?,
+                    rows: m.into_iter().map(|i| i as usize).collect(),
+                })
+            })
             .collect::<Result<_>>()?;
         Ok(Self { groups })
     }
@@ -50,13 +64,12 @@ impl<'a> RowGroups<'a> {
     /// The one adapter stack every row uses, if they all use the same.
     pub fn single(&self) -> Option<&AdapterStack<'a>> {
         match self.groups.as_slice() {
-            [(a, _)] => Some(a),
+            [g] => Some(&g.adapters),
             _ => None,
         }
     }
 
-    /// Each group's adapters and row indices (u32, on the rows' device).
-    pub fn iter(&self) -> impl Iterator<Item = &(AdapterStack<'a>, Tensor)> {
+    pub fn iter(&self) -> impl Iterator<Item = &RowGroup<'a>> {
         self.groups.iter()
     }
 }

@@ -178,12 +178,20 @@ impl Attention {
         // 1. Project every row.
         let (q, k, v) = self.project_with(x, |linear, x| linear.forward_grouped(x, groups))?;
 
-        // 2–3. Each row at its own position, over its own cache.
+        // 2. Rotate each row at its own position, all rows in one op.
+        let positions: Vec<u32> = rows.iter().map(|r| r.cache.len() as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), x.device())?;
+        let (q, k) = (
+            rope.apply_rows(&q, &positions)?,
+            rope.apply_rows(&k, &positions)?,
+        );
+
+        // 3. Each row over its own cache.
         let mut outs = Vec::with_capacity(rows.len());
         for (i, row) in rows.iter_mut().enumerate() {
             let offset = row.cache.len();
-            let q = rope.apply(&q.narrow(0, i, 1)?, offset)?;
-            let k = rope.apply(&k.narrow(0, i, 1)?, offset)?;
+            let q = q.narrow(0, i, 1)?;
+            let k = k.narrow(0, i, 1)?;
             let v = v.narrow(0, i, 1)?.contiguous()?;
             let (k, v) = row.cache.append(layer, &k, &v)?;
             let spec = self.spec(offset);

@@ -17,8 +17,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, S
 use crate::batch::RowGroups;
 use crate::error::{ModelError, Result};
 use crate::kernels::amx::{self, Bf16Tiles};
-use crate::kernels::{gemm, QuantMatrix};
-use crate::lora::AdapterStack;
+use crate::kernels::{gemm, lora, QuantMatrix};
+use crate::lora::{AdapterStack, LoraWeights};
 
 /// The seven projections of a llama block; the places a LoRA adapter can attach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -498,8 +498,16 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor, adapters: &AdapterStack) -> Result<Tensor> {
-        let mut y = self.base.forward(x)?;
-        for lora in adapters.weights_at(self.site) {
+        let y = self.base.forward(x)?;
+        let weights: Vec<&LoraWeights> = adapters.weights_at(self.site).collect();
+        if weights.is_empty() {
+            return Ok(y);
+        }
+        if let Some(y) = lora::add_deltas(x, &y, &[(weights.clone(), None)])? {
+            return Ok(y);
+        }
+        let mut y = y;
+        for lora in weights {
             y = (y + lora.delta(x)?)?;
         }
         Ok(y)
@@ -511,14 +519,31 @@ impl LoraLinear {
         if let Some(adapters) = groups.single() {
             return self.forward(x, adapters);
         }
-        let mut y = self.base.forward(x)?;
-        for (adapters, rows) in groups.iter() {
+        let y = self.base.forward(x)?;
+        let per_group: Vec<lora::RowsOf> = groups
+            .iter()
+            .map(|g| {
+                (
+                    g.adapters.weights_at(self.site).collect::<Vec<_>>(),
+                    Some(g.rows.as_slice()),
+                )
+            })
+            .filter(|(w, _)| !w.is_empty())
+            .collect();
+        if per_group.is_empty() {
+            return Ok(y);
+        }
+        if let Some(y) = lora::add_deltas(x, &y, &per_group)? {
+            return Ok(y);
+        }
+        let mut y = y;
+        for g in groups.iter() {
             let mut delta: Option<Tensor> = None;
             let mut picked: Option<Tensor> = None;
-            for lora in adapters.weights_at(self.site) {
+            for lora in g.adapters.weights_at(self.site) {
                 let xs = match &picked {
                     Some(xs) => xs.clone(),
-                    None => picked.insert(x.index_select(rows, 0)?).clone(),
+                    None => picked.insert(x.index_select(&g.index, 0)?).clone(),
                 };
                 let d = lora.delta(&xs)?;
                 delta = Some(match delta {
@@ -527,7 +552,7 @@ impl LoraLinear {
                 });
             }
             if let Some(d) = delta {
-                y = y.index_add(rows, &d.to_dtype(y.dtype())?, 0)?;
+                y = y.index_add(&g.index, &d.to_dtype(y.dtype())?, 0)?;
             }
         }
         Ok(y)

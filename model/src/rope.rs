@@ -39,6 +39,17 @@ impl Rope {
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 
+    /// Rotate one token per row, each at its own position: x [rows, heads, 1, head_dim], positions
+    /// [rows] (u32). One fused op for a batched decode step.
+    pub fn apply_rows(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let (cos, sin) = self.tables_at(positions)?;
+        let half = cos.dim(1)?;
+        let cos = cos.reshape((rows, 1, half))?.to_dtype(x.dtype())?;
+        let sin = sin.reshape((rows, 1, half))?.to_dtype(x.dtype())?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+
     /// cos and sin [n, head_dim / 2] of the given positions [n] (u32).
     pub fn tables_at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((

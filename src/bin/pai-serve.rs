@@ -88,6 +88,12 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also measure decode with this many sequences advancing together (batched steps).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Adapters (PEFT directories) for the batched measurement, given to its rows in turn.
+    #[arg(long = "adapter", value_name = "DIR")]
+    adapters: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -199,7 +205,25 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         args.prompt_tokens > 0 && args.gen_tokens > 1,
         "--prompt-tokens must be ≥ 1 and --gen-tokens ≥ 2"
     );
-    let (base, _) = pai::load_model(args.model, &[], pai_model::LoadOptions::default())?;
+    let (base, adapters) = pai::load_model(
+        args.model,
+        &args.adapters,
+        pai_model::LoadOptions::default(),
+    )?;
+    if let Some(rows) = args.batch {
+        anyhow::ensure!(rows > 0, "--batch must be at least 1");
+        let phase = pai::bench::batched(&base, &adapters, rows, args.gen_tokens, args.reps.max(1))?;
+        let s = phase.summary();
+        println!(
+            "batched decode, {rows} sequences, {} adapters: {:.1} tok/s median ({:.1} .. {:.1}){}",
+            adapters.len(),
+            s.median,
+            s.min,
+            s.max,
+            if s.contended { ", contended" } else { "" }
+        );
+        return Ok(());
+    }
     let report = pai::bench::run(&base, args.prompt_tokens, args.gen_tokens, args.reps.max(1))?;
     if args.json {
         println!("{}", report.to_json(&base));

@@ -15,7 +15,7 @@ use crate::error::Result;
 const PARALLEL_MIN: usize = 1 << 16;
 
 /// Calls `f` with a CPU f32 tensor's contiguous data, or answers `None`.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 {
         return None;
     }

@@ -13,6 +13,7 @@ mod blocks;
 mod dot;
 mod elementwise;
 pub mod gemm;
+pub mod lora;
 mod pool;
 mod q4_1x8;
 #[cfg(target_arch = "x86_64")]
