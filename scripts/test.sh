@@ -33,3 +33,7 @@ if [ -z "${PAI_SKIP_INTEROP_CHECK:-}" ]; then
   benches/compare/interop_check.sh
   echo "interop check (PEFT, llama.cpp): passed"
 fi
+# pai-serve on a socket, as the official openai Python SDK and curl see it.
+if [ -z "${PAI_SKIP_SDK_CHECK:-}" ]; then
+  benches/compare/openai_sdk_check.sh
+fi

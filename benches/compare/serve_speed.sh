@@ -37,28 +37,7 @@ mkdir -p "$home/models"
 ln -s "$model" "$home/models/$(basename "$model")"
 
 # Four random adapters (what a user with several personal adapters serves).
-python - "$home/peft" <<'PY'
-import json, sys, os
-import numpy as np
-from safetensors.numpy import save_file
-root = sys.argv[1]
-hidden, kv, layers, r = 576, 192, 30, 16
-dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden)}
-for n in range(4):
-    rng = np.random.default_rng(n)
-    d = os.path.join(root, f"a{n}")
-    os.makedirs(d)
-    tensors = {}
-    for layer in range(layers):
-        for proj, (i, o) in dims.items():
-            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{key}.lora_A.weight"] = rng.uniform(-1, 1, (r, i)).astype(np.float32) / np.sqrt(i)
-            tensors[f"{key}.lora_B.weight"] = rng.normal(0, 0.002, (o, r)).astype(np.float32)
-    save_file(tensors, os.path.join(d, "adapter_model.safetensors"), metadata={"format": "pt"})
-    json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 32,
-               "lora_dropout": 0.0, "target_modules": list(dims), "use_rslora": False,
-               "base_model_name_or_path": "SmolLM2-135M-Instruct"}, open(os.path.join(d, "adapter_config.json"), "w"))
-PY
+python "$here/make_random_adapters.py" "$home/peft" 4
 for n in 0 1 2 3; do
   "$bin/pai-train" adapters import "$home/peft/a$n" --name "a$n" >/dev/null
   "$bin/pai-train" promote "a$n@v1" --reason bench >/dev/null
