@@ -897,3 +897,78 @@ async fn hot_swap_under_load_fails_no_request_and_never_serves_a_broken_version(
     let (_, _, health) = call(app.clone(), "GET", "/health", None).await;
     assert_eq!(json_of(&health)["status"], "degraded", "{health}");
 }
+
+/// A client that goes away frees its place in the batch at the next step: the generation stops long
+/// before its max_tokens, for a stream dropped after its first chunk and for a plain request whose
+/// response future is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _registry) = server(dir.path());
+    let app = pai_serve::app(state.clone());
+    let running = |app: axum::Router| async move {
+        let (_, _, text) = call(app, "GET", "/metrics", None).await;
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        (
+            value("pai_generations_running"),
+            value("pai_decode_rows_total"),
+        )
+    };
+    let long = |stream: bool| {
+        json!({"model": "base", "prompt": "The heron", "max_tokens": 240, "temperature": 0,
+               "stream": stream})
+    };
+    // Wait until nothing runs; the rows decoded since `before` must be far short of 240.
+    let settle = |before: f64, what: &'static str| {
+        let app = app.clone();
+        async move {
+            let started = std::time::Instant::now();
+            loop {
+                let (now_running, rows) = running(app.clone()).await;
+                if now_running == 0.0 {
+                    assert!(
+                        rows - before < 200.0,
+                        "{what}: {} rows decoded",
+                        rows - before
+                    );
+                    return rows;
+                }
+                assert!(
+                    started.elapsed().as_secs() < 10,
+                    "{what}: still running after 10 s"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    };
+    // A stream read for one chunk, then dropped.
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(long(true).to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a first chunk").unwrap();
+    assert!(first.is_data());
+    drop(body);
+    let rows = settle(0.0, "dropped stream").await;
+    // A plain request abandoned once it runs.
+    let abandoned = tokio::spawn(call(
+        app.clone(),
+        "POST",
+        "/v1/completions",
+        Some(long(false)),
+    ));
+    while running(app.clone()).await.0 == 0.0 {
+        tokio::task::yield_now().await;
+    }
+    abandoned.abort();
+    settle(rows, "abandoned request").await;
+}
