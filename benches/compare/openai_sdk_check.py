@@ -54,6 +54,13 @@ def main():
     chat_lp = client.chat.completions.create(model=base, messages=messages, max_tokens=4, temperature=0,
                                              logprobs=True, top_logprobs=3)
     assert all(len(t.top_logprobs) == 3 for t in chat_lp.choices[0].logprobs.content)
+    streamed_lp = []
+    for chunk in client.chat.completions.create(model=base, messages=messages, max_tokens=4, temperature=0,
+                                                logprobs=True, top_logprobs=3, stream=True):
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                streamed_lp.extend(t.token for t in c.logprobs.content)
+    assert streamed_lp == [t.token for t in chat_lp.choices[0].logprobs.content], streamed_lp
 
     # Errors as the SDK's exceptions: unknown model (404, never the base), an unsupported parameter,
     # a context overflow.

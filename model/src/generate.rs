@@ -100,17 +100,19 @@ pub fn generate(
         logits = model.forward_last(&ids, seq.cache_mut(), adapters)?;
     }
     let (generation, tail) = seq.finish()?;
-    if !tail.is_empty() {
-        let _ = on_text(&tail);
+    if !tail.text.is_empty() {
+        let _ = on_text(&tail.text);
     }
     Ok(generation)
 }
 
 /// What one sampled token did to a [`Sequence`]: the text it released (possibly none: held back for a
-/// stop string, or half a character), and the token to run next (`None`: the sequence is done).
+/// stop string, or half a character), the log-probabilities of the tokens that text completes (when
+/// asked for), and the token to run next (`None`: the sequence is done).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
     pub next: Option<u32>,
 }
 
@@ -128,6 +130,8 @@ pub struct Sequence<'t> {
     history: Vec<u32>,
     tokens: Vec<u32>,
     logprobs: Vec<TokenLogprob>,
+    /// How many of `logprobs` went out with released text.
+    logprobs_released: usize,
     text: String,
     emitted: usize,
     decoder: StreamDecoder<'t>,
@@ -179,6 +183,7 @@ impl<'t> Sequence<'t> {
             history: prompt.to_vec(),
             tokens: Vec::new(),
             logprobs: Vec::new(),
+            logprobs_released: 0,
             text: String::new(),
             emitted: 0,
             decoder: tokenizer.stream_decoder(),
@@ -222,6 +227,7 @@ impl<'t> Sequence<'t> {
     pub fn accept(&mut self, logits: &Tensor) -> Result<Step> {
         let done = Step {
             text: String::new(),
+            logprobs: Vec::new(),
             next: None,
         };
         if self.finish.is_some() {
@@ -263,10 +269,23 @@ impl<'t> Sequence<'t> {
         } else if self.tokens.len() == self.max_tokens {
             self.finish = Some(FinishReason::Length);
         }
+        let logprobs = if text.is_empty() {
+            Vec::new()
+        } else {
+            self.take_logprobs()
+        };
         Ok(Step {
             text,
+            logprobs,
             next: self.finish.is_none().then_some(token),
         })
+    }
+
+    /// The log-probabilities not yet released with text.
+    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        let out = self.logprobs[self.logprobs_released..].to_vec();
+        self.logprobs_released = self.logprobs.len();
+        out
     }
 
     /// The caller stopped listening: what was released so far, finished as cancelled.
@@ -276,10 +295,14 @@ impl<'t> Sequence<'t> {
     }
 
     /// The generation, and the text held back for a stop string that never came (cut at one that
-    /// did), which the caller has not been given yet.
-    pub fn finish(mut self) -> Result<(Generation, String)> {
+    /// did) with its tokens' log-probabilities, which the caller has not been given yet.
+    pub fn finish(mut self) -> Result<(Generation, Step)> {
         let mut finish = self.finish.unwrap_or(FinishReason::Length);
-        let mut tail = String::new();
+        let mut tail = Step {
+            text: String::new(),
+            logprobs: Vec::new(),
+            next: None,
+        };
         if !self.stop_text.matched {
             if let Some(piece) = self.decoder.finish()? {
                 self.text.push_str(&piece);
@@ -293,7 +316,8 @@ impl<'t> Sequence<'t> {
             };
             self.text.truncate(end);
             if end > self.emitted {
-                tail = self.text[self.emitted..].to_string();
+                tail.text = self.text[self.emitted..].to_string();
+                tail.logprobs = self.take_logprobs();
             }
         } else {
             self.text.truncate(self.emitted);

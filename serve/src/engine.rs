@@ -15,14 +15,15 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use axum::http::StatusCode;
-use pai_model::{AdapterStack, BatchRow, GenerateOptions, Generation, Sequence};
+use pai_model::{AdapterStack, BatchRow, GenerateOptions, Generation, Sequence, TokenLogprob};
 
 use crate::error::ApiError;
 use crate::metrics::{AdapterLabel, Gauge};
 use crate::state::{LoadedAdapter, ServeState};
 
-/// Receives each piece of text as soon as it is final; `Break` cancels the generation.
-pub type OnText = Box<dyn FnMut(&str) -> ControlFlow<()> + Send>;
+/// Receives each piece of text as soon as it is final, with the log-probabilities of its tokens (when
+/// asked for); `Break` cancels the generation.
+pub type OnText = Box<dyn FnMut(&str, &[TokenLogprob]) -> ControlFlow<()> + Send>;
 
 /// A generation the engine is asked for.
 pub struct Request {
@@ -241,7 +242,7 @@ fn advance(s: &ServeState, a: &mut Active, logits: &pai_model::Tensor) -> Result
         if std::mem::take(&mut a.first_text) {
             s.metrics.first_token(&a.label, a.arrived.elapsed());
         }
-        if (a.on_text)(&step.text).is_break() {
+        if (a.on_text)(&step.text, &step.logprobs).is_break() {
             a.cancelled = true;
             return Ok(false);
         }
@@ -278,8 +279,8 @@ fn finish(s: &ServeState, a: Active, error: Option<ApiError>) {
         Ok(seq.cancel())
     } else {
         seq.finish().map(|(g, tail)| {
-            if !tail.is_empty() {
-                let _ = on_text(&tail);
+            if !tail.text.is_empty() {
+                let _ = on_text(&tail.text, &tail.logprobs);
             }
             g
         })

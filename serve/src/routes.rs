@@ -14,7 +14,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pai_model::{FinishReason, GenerateOptions, Generation, Message};
+use pai_model::{FinishReason, GenerateOptions, Generation, Message, TokenLogprob};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
@@ -356,7 +356,7 @@ async fn run(
     adapter: Option<Arc<LoadedAdapter>>,
     prompt: Vec<u32>,
     opts: GenerateOptions,
-    on_text: impl FnMut(&str) -> ControlFlow<()> + Send + 'static,
+    on_text: impl FnMut(&str, &[TokenLogprob]) -> ControlFlow<()> + Send + 'static,
 ) -> Result<Generation, ApiError> {
     let label = AdapterLabel::from_header(&lineage(&adapter).header());
     let (done, answer) = tokio::sync::oneshot::channel();
@@ -382,6 +382,8 @@ struct Job {
     s: Arc<ServeState>,
     adapter: Option<Arc<LoadedAdapter>>,
     prompt: Vec<u32>,
+    /// Bytes of the prompt's text where completions' `text_offset` starts (0 for chat).
+    prompt_text_len: usize,
     opts: GenerateOptions,
     lineage: Lineage,
     id: String,
@@ -389,28 +391,6 @@ struct Job {
 }
 
 impl Job {
-    /// The streamed reply when `stream` was asked for (log-probabilities are not streamed yet).
-    fn stream_if_asked(
-        self,
-        stream_asked: bool,
-        options: Option<&crate::openai::StreamOptions>,
-        logprobs_asked: bool,
-        chat: bool,
-    ) -> Result<Result<Response, Job>, ApiError> {
-        if !stream_asked {
-            return Ok(Err(self));
-        }
-        if logprobs_asked {
-            return Err(ApiError::invalid(
-                Some("logprobs"),
-                "unsupported_parameter",
-                "logprobs are not streamed yet: ask without stream",
-            ));
-        }
-        let usage = options.is_some_and(|o| o.include_usage);
-        Ok(Ok(stream(self, usage, chat)))
-    }
-
     /// The whole generation.
     async fn complete(&self) -> Result<Generation, ApiError> {
         run(
@@ -418,7 +398,7 @@ impl Job {
             self.adapter.clone(),
             self.prompt.clone(),
             self.opts.clone(),
-            |_| ControlFlow::Continue(()),
+            |_, _| ControlFlow::Continue(()),
         )
         .await
     }
@@ -512,13 +492,13 @@ async fn chat_completions(
         s: s.clone(),
         adapter,
         prompt,
+        prompt_text_len: 0,
         opts,
     };
-    let job =
-        match job.stream_if_asked(req.stream, req.stream_options.as_ref(), req.logprobs, true)? {
-            Ok(streamed) => return Ok(streamed),
-            Err(job) => job,
-        };
+    let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    if req.stream {
+        return Ok(stream(job, usage, true));
+    }
     let (prompt_tokens, lineage, id, model) = (
         job.prompt.len(),
         job.lineage.clone(),
@@ -526,21 +506,9 @@ async fn chat_completions(
         job.model.clone(),
     );
     let g = job.complete().await?;
-    let logprobs = req.logprobs.then(|| {
-        json!({"content": g.logprobs.iter().map(|t| {
-            let piece = |id: u32| s.base.tokenizer.decode(&[id], false).unwrap_or_default();
-            let token = piece(t.token);
-            ChatTokenLogprob {
-                bytes: token.as_bytes().to_vec(),
-                token,
-                logprob: t.logprob,
-                top_logprobs: t.top.iter().map(|&(id, lp)| {
-                    let token = piece(id);
-                    TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob: lp }
-                }).collect(),
-            }
-        }).collect::<Vec<_>>()})
-    });
+    let logprobs = req
+        .logprobs
+        .then(|| chat_logprobs(&s.base.tokenizer, &g.logprobs));
     let body = json!({
         "id": id, "object": "chat.completion", "created": now(), "model": model,
         "choices": [{
@@ -585,13 +553,13 @@ async fn completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Result<Re
         s: s.clone(),
         adapter,
         prompt,
+        prompt_text_len: text.len(),
         opts,
     };
-    let asked = req.logprobs.is_some();
-    let job = match job.stream_if_asked(req.stream, req.stream_options.as_ref(), asked, false)? {
-        Ok(streamed) => return Ok(streamed),
-        Err(job) => job,
-    };
+    let usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    if req.stream {
+        return Ok(stream(job, usage, false));
+    }
     let (prompt_tokens, lineage, id, model) = (
         job.prompt.len(),
         job.lineage.clone(),
@@ -599,27 +567,9 @@ async fn completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Result<Re
         job.model.clone(),
     );
     let g = job.complete().await?;
-    let logprobs = req.logprobs.map(|_| {
-        let piece = |id: u32| s.base.tokenizer.decode(&[id], false).unwrap_or_default();
-        let tokens: Vec<String> = g.logprobs.iter().map(|t| piece(t.token)).collect();
-        let mut offset = text.len();
-        let offsets: Vec<usize> = tokens
-            .iter()
-            .map(|t| {
-                let at = offset;
-                offset += t.len();
-                at
-            })
-            .collect();
-        json!({
-            "tokens": tokens,
-            "token_logprobs": g.logprobs.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-            "top_logprobs": g.logprobs.iter().map(|t| {
-                t.top.iter().map(|&(id, lp)| (piece(id), json!(lp))).collect::<serde_json::Map<String, Value>>()
-            }).collect::<Vec<_>>(),
-            "text_offset": offsets,
-        })
-    });
+    let logprobs = req
+        .logprobs
+        .map(|_| completion_logprobs(&s.base.tokenizer, &g.logprobs, &mut text.len()));
     let body = json!({
         "id": id, "object": "text_completion", "created": now(), "model": model,
         "choices": [{"index": 0, "text": g.text, "logprobs": logprobs, "finish_reason": finish(g.finish_reason)}],
@@ -627,6 +577,69 @@ async fn completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Result<Re
         "pai": lineage,
     });
     Ok(with_lineage(body, &lineage))
+}
+
+/// Chat's `logprobs` object for these tokens.
+fn chat_logprobs(tokenizer: &pai_model::Tokenizer, logprobs: &[TokenLogprob]) -> Value {
+    let piece = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    let content: Vec<ChatTokenLogprob> = logprobs
+        .iter()
+        .map(|t| {
+            let token = piece(t.token);
+            ChatTokenLogprob {
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob: t.logprob,
+                top_logprobs: t
+                    .top
+                    .iter()
+                    .map(|&(id, lp)| {
+                        let token = piece(id);
+                        TopLogprob {
+                            bytes: token.as_bytes().to_vec(),
+                            token,
+                            logprob: lp,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Completions' `logprobs` object for these tokens; `offset` is where the first one's text starts in
+/// prompt + completion, and moves past the last.
+fn completion_logprobs(
+    tokenizer: &pai_model::Tokenizer,
+    logprobs: &[TokenLogprob],
+    offset: &mut usize,
+) -> Value {
+    let piece = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    let tokens: Vec<String> = logprobs.iter().map(|t| piece(t.token)).collect();
+    let offsets: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let at = *offset;
+            *offset += t.len();
+            at
+        })
+        .collect();
+    let top: Vec<serde_json::Map<String, Value>> = logprobs
+        .iter()
+        .map(|t| {
+            t.top
+                .iter()
+                .map(|&(id, lp)| (piece(id), json!(lp)))
+                .collect()
+        })
+        .collect();
+    json!({
+        "tokens": tokens,
+        "token_logprobs": logprobs.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 /// Server-sent events: a chunk per piece of text as soon as it is final, a last chunk with the
@@ -637,6 +650,7 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
         s,
         adapter,
         prompt,
+        prompt_text_len,
         opts,
         lineage,
         id,
@@ -648,11 +662,11 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
     let created = now();
     let chunk = {
         let (id, model, lineage) = (id.clone(), model.clone(), lineage.clone());
-        move |delta: Value, finish: Option<&str>| -> Value {
+        move |delta: Value, finish: Option<&str>, logprobs: Value| -> Value {
             let choice = if chat {
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             } else {
-                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "logprobs": logprobs, "finish_reason": finish})
             };
             json!({
                 "id": id, "object": if chat { "chat.completion.chunk" } else { "text_completion" },
@@ -662,15 +676,34 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
     };
     let event = |v: Value| Event::default().data(v.to_string());
     let prompt_tokens = prompt.len();
-    let first = chunk(json!({"role": "assistant", "content": ""}), None);
+    let first = chunk(
+        json!({"role": "assistant", "content": ""}),
+        None,
+        Value::Null,
+    );
     let tx_text = tx.clone();
     let piece_chunk = chunk.clone();
+    // Log-probabilities go with the text of the tokens they belong to.
+    let with_logprobs = opts.logprobs.is_some();
+    let state = s.clone();
+    let mut offset = prompt_text_len;
+    let mut logprobs_of = move |lps: &[TokenLogprob]| -> Value {
+        match (with_logprobs, chat) {
+            (false, _) => Value::Null,
+            (true, true) => chat_logprobs(&state.base.tokenizer, lps),
+            (true, false) => completion_logprobs(&state.base.tokenizer, lps, &mut offset),
+        }
+    };
     tokio::spawn(async move {
         if chat && tx.send(event(first)).is_err() {
             return;
         }
-        let result = run(s, adapter, prompt, opts, move |text| {
-            let ev = event(piece_chunk(json!({"content": text}), None));
+        let result = run(s, adapter, prompt, opts, move |text, lps| {
+            let ev = event(piece_chunk(
+                json!({"content": text}),
+                None,
+                logprobs_of(lps),
+            ));
             match tx_text.send(ev) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
@@ -679,9 +712,13 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
         .await;
         match result {
             Ok(g) => {
-                let _ = tx.send(event(chunk(json!({}), Some(finish(g.finish_reason)))));
+                let _ = tx.send(event(chunk(
+                    json!({}),
+                    Some(finish(g.finish_reason)),
+                    Value::Null,
+                )));
                 if include_usage {
-                    let mut last = chunk(json!({}), None);
+                    let mut last = chunk(json!({}), None, Value::Null);
                     last["choices"] = json!([]);
                     last["usage"] = json!(Usage::new(prompt_tokens, g.tokens.len()));
                     let _ = tx.send(event(last));

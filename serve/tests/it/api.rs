@@ -972,3 +972,76 @@ async fn a_client_that_goes_away_frees_its_slot() {
     abandoned.abort();
     settle(rows, "abandoned request").await;
 }
+
+/// Streamed log-probabilities are the non-streamed ones, each with the text of its tokens: chat's
+/// `content` entries, completions' tokens, top alternatives and text offsets.
+#[tokio::test]
+async fn streams_carry_the_logprobs_of_their_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _registry) = server(dir.path());
+    let app = pai_serve::app(state);
+    let data_of = |text: &str| -> Vec<Value> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(json_of)
+            .collect()
+    };
+    // Chat.
+    let chat = |stream: bool| {
+        json!({"model": "personal", "messages": [{"role": "user", "content": "Tell me"}],
+               "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+               "stream": stream})
+    };
+    let (_, _, whole) = call(
+        app.clone(),
+        "POST",
+        "/v1/chat/completions",
+        Some(chat(false)),
+    )
+    .await;
+    let whole = json_of(&whole)["choices"][0]["logprobs"]["content"].clone();
+    let (status, _, streamed) = call(
+        app.clone(),
+        "POST",
+        "/v1/chat/completions",
+        Some(chat(true)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{streamed}");
+    let mut entries = Vec::new();
+    for c in data_of(&streamed) {
+        let choice = &c["choices"][0];
+        match choice["logprobs"]["content"].as_array() {
+            Some(lps) => {
+                // The chunk's text is its tokens' text.
+                let tokens: String = lps.iter().map(|t| t["token"].as_str().unwrap()).collect();
+                assert_eq!(choice["delta"]["content"].as_str(), Some(tokens.as_str()));
+                entries.extend(lps.iter().cloned());
+            }
+            None => assert!(choice["delta"]["content"].as_str().unwrap_or("").is_empty()),
+        }
+    }
+    assert_eq!(Value::Array(entries), whole);
+    // Completions.
+    let text = |stream: bool| {
+        json!({"model": "base", "prompt": "The heron", "max_tokens": 10, "temperature": 0,
+               "logprobs": 2, "stream": stream})
+    };
+    let (_, _, whole) = call(app.clone(), "POST", "/v1/completions", Some(text(false))).await;
+    let whole = json_of(&whole)["choices"][0]["logprobs"].clone();
+    let (_, _, streamed) = call(app.clone(), "POST", "/v1/completions", Some(text(true))).await;
+    let mut joined =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for c in data_of(&streamed) {
+        let lp = &c["choices"][0]["logprobs"];
+        if lp.is_null() {
+            continue;
+        }
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let more = lp[key].as_array().unwrap().clone();
+            joined[key].as_array_mut().unwrap().extend(more);
+        }
+    }
+    assert_eq!(joined, whole);
+}
