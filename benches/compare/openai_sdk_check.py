@@ -18,7 +18,7 @@ def main():
     ap.add_argument("--url", required=True)
     ap.add_argument("--adapter-dir", required=True, help="a PEFT directory inside the server's adapter root")
     a = ap.parse_args()
-    client = OpenAI(base_url=a.url, api_key="unused", max_retries=0)
+    client = OpenAI(base_url=a.url, api_key="none", max_retries=0)
 
     models = [m.id for m in client.models.list().data]
     base = models[0]
