@@ -36,6 +36,17 @@ pub struct Summary {
 }
 
 impl Phase {
+    /// One repetition: its tokens/s, and the CPU other processes used since `before` (from
+    /// [`cpu_jiffies`]) over its `elapsed` seconds.
+    fn record(&mut self, tokens_per_second: f64, before: (u64, u64), elapsed: f64) {
+        let ((b0, o0), (b1, o1)) = (before, cpu_jiffies());
+        let others = (b1.saturating_sub(b0) as f64 - o1.saturating_sub(o0) as f64).max(0.0)
+            / 100.0
+            / elapsed.max(1e-9);
+        self.tokens_per_second.push(tokens_per_second);
+        self.others_cores.push(others);
+    }
+
     pub fn summary(&self) -> Summary {
         let pick = |keep: &dyn Fn(f64) -> bool| {
             let mut v: Vec<f64> = self
@@ -179,23 +190,15 @@ pub fn run(
                 |_| ControlFlow::Continue(()),
             )?;
             let elapsed = wall.elapsed().as_secs_f64();
-            let (b1, o1) = cpu_jiffies();
             let (tokens, seconds) = if is_prefill {
                 (g.prompt_tokens, g.prefill_seconds)
             } else {
                 // The first generated token comes from the prefill's logits.
                 (g.tokens.len().saturating_sub(1), g.decode_seconds)
             };
-            if rep == 0 {
-                continue;
+            if rep > 0 {
+                phase.record(tokens as f64 / seconds.max(1e-9), (b0, o0), elapsed);
             }
-            let others = (b1.saturating_sub(b0) as f64 - o1.saturating_sub(o0) as f64).max(0.0)
-                / 100.0
-                / elapsed;
-            phase
-                .tokens_per_second
-                .push(tokens as f64 / seconds.max(1e-9));
-            phase.others_cores.push(others);
         }
         phases.push(phase);
     }
@@ -263,17 +266,9 @@ pub fn batched(
             next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
         }
         let elapsed = wall.elapsed().as_secs_f64();
-        let (b1, o1) = cpu_jiffies();
-        if rep == 0 {
-            continue;
+        if rep > 0 {
+            phase.record((rows * gen_tokens) as f64 / elapsed, (b0, o0), elapsed);
         }
-        let others = (b1.saturating_sub(b0) as f64 - o1.saturating_sub(o0) as f64).max(0.0)
-            / 100.0
-            / elapsed;
-        phase
-            .tokens_per_second
-            .push((rows * gen_tokens) as f64 / elapsed);
-        phase.others_cores.push(others);
     }
     Ok(phase)
 }

@@ -18,7 +18,7 @@ use crate::lora::LoraWeights;
 pub type RowsOf<'a> = (Vec<&'a LoraWeights>, Option<&'a [usize]>);
 
 /// `y` (the base's output for `x`) plus every group's LoRA deltas, or `None` when the tensors or
-/// weights are not CPU f32, a weight has dropout, or `x` carries a gradient.
+/// weights are not CPU f32, a weight has dropout, or `x` or a weight carries a gradient.
 pub fn add_deltas(x: &Tensor, y: &Tensor, groups: &[RowsOf]) -> Result<Option<Tensor>> {
     if x.track_op() {
         return Ok(None);
@@ -31,7 +31,8 @@ pub fn add_deltas(x: &Tensor, y: &Tensor, groups: &[RowsOf]) -> Result<Option<Te
     let done = with_f32(x, |xs| {
         groups.iter().all(|(weights, picked)| {
             weights.iter().all(|w| {
-                if w.dropout.is_some_and(|d| d.p > 0.0) {
+                // Dropout, or weights being trained (a gradient wanted through them): candle's path.
+                if w.dropout.is_some_and(|d| d.p > 0.0) || w.a.track_op() || w.b.track_op() {
                     return false;
                 }
                 let r = w.a.dims().first().copied().unwrap_or(0);
