@@ -1014,9 +1014,12 @@ async fn streams_carry_the_logprobs_of_their_tokens() {
         let choice = &c["choices"][0];
         match choice["logprobs"]["content"].as_array() {
             Some(lps) => {
-                // The chunk's text is its tokens' text.
+                // The chunk's text is its tokens' text (where each token decodes alone: a token
+                // holding part of a character reads as U+FFFD by itself).
                 let tokens: String = lps.iter().map(|t| t["token"].as_str().unwrap()).collect();
-                assert_eq!(choice["delta"]["content"].as_str(), Some(tokens.as_str()));
+                if !tokens.contains('\u{FFFD}') {
+                    assert_eq!(choice["delta"]["content"].as_str(), Some(tokens.as_str()));
+                }
                 entries.extend(lps.iter().cloned());
             }
             None => assert!(choice["delta"]["content"].as_str().unwrap_or("").is_empty()),
