@@ -581,28 +581,23 @@ async fn completions(State(s): State<Arc<ServeState>>, body: Bytes) -> Result<Re
 
 /// Chat's `logprobs` object for these tokens.
 fn chat_logprobs(tokenizer: &pai_model::Tokenizer, logprobs: &[TokenLogprob]) -> Value {
+    // `token` is the token's text alone (lossy for part of a character); `bytes` are exact.
     let piece = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
     let content: Vec<ChatTokenLogprob> = logprobs
         .iter()
-        .map(|t| {
-            let token = piece(t.token);
-            ChatTokenLogprob {
-                bytes: token.as_bytes().to_vec(),
-                token,
-                logprob: t.logprob,
-                top_logprobs: t
-                    .top
-                    .iter()
-                    .map(|&(id, lp)| {
-                        let token = piece(id);
-                        TopLogprob {
-                            bytes: token.as_bytes().to_vec(),
-                            token,
-                            logprob: lp,
-                        }
-                    })
-                    .collect(),
-            }
+        .map(|t| ChatTokenLogprob {
+            bytes: tokenizer.token_bytes(t.token),
+            token: piece(t.token),
+            logprob: t.logprob,
+            top_logprobs: t
+                .top
+                .iter()
+                .map(|&(id, lp)| TopLogprob {
+                    bytes: tokenizer.token_bytes(id),
+                    token: piece(id),
+                    logprob: lp,
+                })
+                .collect(),
         })
         .collect();
     json!({ "content": content })

@@ -233,6 +233,38 @@ impl Tokenizer {
             })
     }
 
+    /// The bytes one token stands for, even when they are only part of a character (what OpenAI's
+    /// logprobs report as `bytes`): a byte-level vocabulary's piece mapped back through GPT-2's
+    /// alphabet, a byte-fallback piece `<0xAB>` as its byte, otherwise the token's decoded text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let decoded = || self.decode(&[id], false).unwrap_or_default().into_bytes();
+        let Some(piece) = self.token_piece(id) else {
+            return decoded();
+        };
+        let fallback_byte = piece
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        if let Some(b) = fallback_byte {
+            return vec![b];
+        }
+        let byte_level = matches!(
+            self.with_control.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        if byte_level {
+            let bytes: Option<Vec<u8>> = piece
+                .chars()
+                .map(|c| (0..=255u8).find(|&b| gpt2_split::byte_level_char(b) == c))
+                .collect();
+            if let Some(bytes) = bytes {
+                return bytes;
+            }
+        }
+        decoded()
+    }
+
     /// The vocabulary entry of one token, as stored (byte-level form for GPT-2 vocabularies).
     pub fn token_piece(&self, id: u32) -> Option<String> {
         self.with_control.id_to_token(id)

@@ -342,6 +342,12 @@ fn tokenizer_round_trips_and_streams_split_characters() {
     let text = "naïve café — 日本語 🙂 \t\n  x = 42";
     let ids = base.tokenizer.encode(text, false).unwrap();
     assert_eq!(base.tokenizer.decode(&ids, false).unwrap(), text);
+    // Each token's own bytes, joined, are the text's, though single tokens hold parts of characters.
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&id| base.tokenizer.token_bytes(id))
+        .collect();
+    assert_eq!(bytes, text.as_bytes());
     // Digits are split one by one (smollm pre-tokenizer).
     let d = base.tokenizer.encode("12345", false).unwrap();
     assert_eq!(d.len(), 5);
