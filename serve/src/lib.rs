@@ -9,6 +9,7 @@
 pub mod by_path;
 pub mod engine;
 pub mod error;
+pub mod generation;
 pub mod metrics;
 pub mod openai;
 pub mod routes;
