@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
+mod lora_save;
 pub mod model;
 pub mod packed;
 pub mod perplexity;

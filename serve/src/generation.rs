@@ -203,16 +203,15 @@ struct Job {
 }
 
 impl Job {
-    /// The whole generation.
-    async fn complete(&self) -> Result<Generation, ApiError> {
-        run(
-            self.s.clone(),
-            self.adapter.clone(),
-            self.prompt.clone(),
-            self.opts.clone(),
-            |_, _| ControlFlow::Continue(()),
-        )
-        .await
+    /// The whole generation, with the job's labels for the reply: (generation, prompt tokens,
+    /// lineage, id, model).
+    async fn complete(self) -> Result<(Generation, usize, Lineage, String, String), ApiError> {
+        let prompt_tokens = self.prompt.len();
+        let g = run(self.s, self.adapter, self.prompt, self.opts, |_, _| {
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok((g, prompt_tokens, self.lineage, self.id, self.model))
     }
 }
 
@@ -311,13 +310,7 @@ pub async fn chat_completions(
     if req.stream {
         return Ok(stream(job, usage, true));
     }
-    let (prompt_tokens, lineage, id, model) = (
-        job.prompt.len(),
-        job.lineage.clone(),
-        job.id.clone(),
-        job.model.clone(),
-    );
-    let g = job.complete().await?;
+    let (g, prompt_tokens, lineage, id, model) = job.complete().await?;
     let logprobs = req
         .logprobs
         .then(|| chat_logprobs(&s.base.tokenizer, &g.logprobs));
@@ -375,13 +368,7 @@ pub async fn completions(
     if req.stream {
         return Ok(stream(job, usage, false));
     }
-    let (prompt_tokens, lineage, id, model) = (
-        job.prompt.len(),
-        job.lineage.clone(),
-        job.id.clone(),
-        job.model.clone(),
-    );
-    let g = job.complete().await?;
+    let (g, prompt_tokens, lineage, id, model) = job.complete().await?;
     let logprobs = req
         .logprobs
         .map(|_| completion_logprobs(&s.base.tokenizer, &g.logprobs, &mut text.len()));

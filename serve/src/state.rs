@@ -229,30 +229,29 @@ impl ServeState {
             }
             // Nothing served yet: this request waits for the first load.
             None => {
-                self.refresh(&name, &mut HashSet::new());
-                let served = self.serving.lock().ok().and_then(|m| m.get(&name).cloned());
-                match served {
-                    Some(served) => Ok(Some(served)),
-                    None => Err(self
-                        .load(registry, &name, version)
-                        .err()
-                        .unwrap_or_else(|| {
-                            ApiError::internal(format!("adapter {name} could not be swapped in"))
-                        })),
-                }
+                self.refresh(&name, &mut HashSet::new())?;
+                self.serving
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&name).cloned())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        ApiError::internal(format!("adapter {name} could not be swapped in"))
+                    })
             }
         }
     }
 
     /// Bring `name`'s served version to its current one: load and verify it, then swap it in (one
     /// pointer under a lock; requests in flight keep the Arc they hold). A version that fails stays
-    /// out, is reported in /health, and is not retried (`failed`) while the served one answers.
-    fn refresh(&self, name: &str, failed: &mut HashSet<(String, Version)>) {
+    /// out, is reported in /health (and returned), and is not retried (`failed`) while the served one
+    /// answers.
+    fn refresh(&self, name: &str, failed: &mut HashSet<(String, Version)>) -> Result<(), ApiError> {
         let Some(registry) = &self.registry else {
-            return;
+            return Ok(());
         };
         let Ok((_, version)) = registry.resolve(name) else {
-            return;
+            return Ok(());
         };
         let served = self
             .serving
@@ -260,7 +259,7 @@ impl ServeState {
             .ok()
             .and_then(|m| m.get(name).map(|a| a.version));
         if served == Some(Some(version)) || failed.contains(&(name.to_string(), version)) {
-            return;
+            return Ok(());
         }
         match self.load(registry, name, version) {
             Ok(loaded) => {
@@ -272,13 +271,15 @@ impl ServeState {
                     broken.remove(name);
                 }
                 tracing::info!(adapter = %name, %version, generation, "swapped in");
+                Ok(())
             }
             Err(e) => {
                 failed.insert((name.to_string(), version));
                 tracing::error!(adapter = %name, %version, error = %e.message, "adapter not served");
                 if let Ok(mut broken) = self.broken.lock() {
-                    broken.insert(name.to_string(), e.message);
+                    broken.insert(name.to_string(), e.message.clone());
                 }
+                Err(e)
             }
         }
     }
@@ -296,7 +297,8 @@ impl ServeState {
                         let Some(s) = state.upgrade() else {
                             return;
                         };
-                        s.refresh(&name, &mut failed);
+                        // Failures are logged and reported in /health by `refresh`.
+                        let _ = s.refresh(&name, &mut failed);
                     }
                 });
             if let Err(e) = started {

@@ -1,10 +1,18 @@
 //! pai-serve's routes on a tiny random model and a registry in a temporary home, driven with
 //! `tower::ServiceExt::oneshot` (no sockets).
 
+mod adapters;
 mod api;
+mod batching;
 
 use std::path::Path;
 use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -89,4 +97,35 @@ pub fn write_random_peft(base: &BaseModel, peft: &Path, name: &str) -> std::path
     std::fs::create_dir_all(peft).expect("mkdir");
     adapter.save_peft(peft).expect("save");
     peft.to_path_buf()
+}
+
+/// One request through the app: status, `x-pai-adapter`, body.
+pub async fn call(
+    app: axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Option<String>, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    let status = resp.status();
+    let adapter = resp
+        .headers()
+        .get("x-pai-adapter")
+        .map(|v| v.to_str().unwrap().to_string());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        adapter,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+pub fn json_of(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
 }
