@@ -78,7 +78,46 @@ fn contender(registry: &Registry, spec: &str, newest: bool) -> anyhow::Result<Co
     })
 }
 
+/// What an evaluation decided, and where it is written down.
+pub struct EvalResult {
+    pub run_id: String,
+    /// `runs/<id>/eval.json`.
+    pub results: PathBuf,
+    /// The report page.
+    pub page: PathBuf,
+    pub promoted: bool,
+    pub report: EvalReport,
+}
+
+/// `pai-train eval`: evaluate, then say what came of it.
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let r = run(args)?;
+    let report = &r.report;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "candidate": report.candidate,
+                "incumbent": report.incumbent,
+                "promote": report.decision.promote,
+                "promoted": r.promoted,
+                "reasons": report.decision.reasons,
+                "suites": report.decision.suites,
+                "results": r.results,
+                "report": r.page,
+            })
+        );
+    } else {
+        print_summary(report, r.promoted, &r.results);
+        println!("report: {}", r.page.display());
+    }
+    Ok(())
+}
+
+/// Score the candidate against the incumbent, record the decision, and promote when asked to and
+/// the gate says so.
+pub fn run(args: EvalArgs) -> anyhow::Result<EvalResult> {
     let home = crate::pai_home();
     let registry = Registry::new(&home);
 
@@ -253,26 +292,13 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     std::fs::write(&report_path, serde_json::to_vec_pretty(&stored)?)
         .with_context(|| format!("writing {}", report_path.display()))?;
     let page = crate::report::write_reports(&home, Some(&run_id))?;
-    let report = stored.report;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "candidate": report.candidate,
-                "incumbent": report.incumbent,
-                "promote": report.decision.promote,
-                "promoted": promoted,
-                "reasons": report.decision.reasons,
-                "suites": report.decision.suites,
-                "results": report_path,
-                "report": page,
-            })
-        );
-    } else {
-        print_summary(&report, promoted, &report_path);
-        println!("report: {}", page.display());
-    }
-    Ok(())
+    Ok(EvalResult {
+        run_id,
+        results: report_path,
+        page,
+        promoted,
+        report: stored.report,
+    })
 }
 
 /// Up to three holdout notes or code files not marked private (their first ~200 characters, cut at

@@ -1,6 +1,6 @@
 //! `pai-train ingest`, `pai-train dataset stats` and `pai-train dataset mix`: the command-line edge of
-//! pai-datasets. Reads the `[[sources]]`, `[ingest]`, `[mix]` (and, for training, `[train]`) tables of `$PAI_HOME/pai.toml` (typed,
-//! once, here), adds `--source` arguments, counts tokens with the default model's tokenizer, and prints
+//! pai-datasets. Reads the `[[sources]]`, `[ingest]`, `[mix]` (and, for training, `[train]`) tables of the configuration
+//! (`pai_pipeline::LoadedConfig`), adds `--source` arguments, counts tokens with the default model's tokenizer, and prints
 //! the summary.
 
 use std::path::{Path, PathBuf};
@@ -8,43 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use pai_datasets::ingest::{run, IngestOptions, IngestSettings, IngestSummary};
-use pai_datasets::{resolve_sources, MixMode, MixSettings, SourceConfig, Store};
-use serde::Deserialize;
+use pai_datasets::{resolve_sources, MixMode, SourceConfig, Store};
 
-/// The tables of `pai.toml` that ingest and training read; other tables belong to other stages.
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct PaiToml {
-    #[serde(default)]
-    pub sources: Vec<SourceConfig>,
-    #[serde(default)]
-    pub ingest: IngestSettings,
-    #[serde(default)]
-    pub mix: MixSettings,
-    #[serde(default)]
-    pub train: pai_trainers::TrainConfig,
-}
-
-pub(crate) fn read_config(home: &Path) -> anyhow::Result<PaiToml> {
-    let path = home.join("pai.toml");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PaiToml::default()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let value: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-    let mut wanted = toml::Table::new();
-    for key in ["sources", "ingest", "mix", "train"] {
-        if let Some(v) = value.get(key) {
-            wanted.insert(key.into(), v.clone());
-        }
-    }
-    wanted.try_into().with_context(|| {
-        format!(
-            "{}: [[sources]], [ingest], [mix] or [train]",
-            path.display()
-        )
-    })
+/// The configuration: `$PAI_HOME/pai.toml` over the embedded defaults, under `PAI_*` variables.
+pub(crate) fn read_config(home: &Path) -> anyhow::Result<pai_pipeline::Config> {
+    Ok(pai_pipeline::LoadedConfig::load(home, None)?.config)
 }
 
 pub struct IngestArgs {
@@ -102,33 +70,15 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         }
         None => today(),
     };
-    let Setup {
-        sources,
-        settings,
-        tokenizer,
-    } = prepare(&home, &args.sources, args.model)?;
-    // A one-shot run: its memory is bounded by `[ingest] part_mb` and returned when it exits.
-    crate::keep_freed_memory();
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} ingest {bar:30} {pos}/{len} files {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let progress = |done: usize, total: usize| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
     let started = std::time::Instant::now();
-    let summary = run(&IngestOptions {
-        home: &home,
-        sources: &sources,
-        day: day.clone(),
-        settings,
-        dry_run: args.dry_run,
-        count_tokens: &tokenizer,
-        progress: &progress,
-    })?;
-    bar.finish_and_clear();
+    let summary = ingest_day(
+        &home,
+        &args.sources,
+        &day,
+        args.model,
+        args.dry_run,
+        !args.json,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -137,7 +87,48 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_summary(s: &IngestSummary, day: &str, took: std::time::Duration) {
+/// Ingest the sources (pai.toml's and `extra_sources`) as `day`'s, with a progress bar when `bar`.
+pub(crate) fn ingest_day(
+    home: &Path,
+    extra_sources: &[String],
+    day: &str,
+    model: Option<PathBuf>,
+    dry_run: bool,
+    bar: bool,
+) -> anyhow::Result<IngestSummary> {
+    let Setup {
+        sources,
+        settings,
+        tokenizer,
+    } = prepare(home, extra_sources, model)?;
+    // A one-shot run: its memory is bounded by `[ingest] part_mb` and returned when it exits.
+    crate::keep_freed_memory();
+    let progress_bar = ProgressBar::new(0);
+    progress_bar.set_style(
+        ProgressStyle::with_template("{spinner} ingest {bar:30} {pos}/{len} files {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    if !bar {
+        progress_bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let progress = |done: usize, total: usize| {
+        progress_bar.set_length(total as u64);
+        progress_bar.set_position(done as u64);
+    };
+    let summary = run(&IngestOptions {
+        home,
+        sources: &sources,
+        day: day.to_string(),
+        settings,
+        dry_run,
+        count_tokens: &tokenizer,
+        progress: &progress,
+    })?;
+    progress_bar.finish_and_clear();
+    Ok(summary)
+}
+
+pub(crate) fn print_summary(s: &IngestSummary, day: &str, took: std::time::Duration) {
     let verb = if s.dry_run { "would add" } else { "added" };
     println!(
         "ingest {day}{}: {} files seen, {} new, {} changed, {} moved, {} deleted, {} unchanged ({:.1} MB read in {:.1?})",

@@ -5,6 +5,8 @@ pub mod adapters;
 pub mod bench;
 pub mod evals;
 pub mod ingest;
+pub mod nightly;
+pub mod pipeline;
 pub mod report;
 pub mod train;
 pub mod watch;

@@ -73,8 +73,24 @@ pub struct TrainArgs {
     /// A directory to write the adapter to instead of the registry.
     pub out: Option<PathBuf>,
     pub resume: Option<Option<String>>,
+    /// The run's id, chosen by the caller (the nightly run): a run with this id that already exists is
+    /// taken up again (resumed from its checkpoint, or found registered and returned as it is).
+    pub run_id: Option<String>,
     pub overrides: Overrides,
     pub json: bool,
+}
+
+/// What a training run made.
+pub struct TrainResult {
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    /// The adapter directory (absent when the run was interrupted before its end).
+    pub out: PathBuf,
+    /// The registry name and version it was added as.
+    pub registered: Option<(String, pai_adapters::Version)>,
+    pub stop: pai_trainers::StopReason,
+    pub steps: usize,
+    pub metrics: serde_json::Value,
 }
 
 /// What a run was asked to do, kept in `runs/<id>/job.json` so `--resume` rebuilds the same job.
@@ -124,15 +140,108 @@ fn latest_resumable(runs: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("no stopped run to resume in {}", runs.display()))
 }
 
+/// `pai-train train`: train, then say what came of it.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let r = run(args)?;
+    if matches!(r.stop, pai_trainers::StopReason::Interrupted) {
+        println!(
+            "stopped at step {}; checkpoint in {}. Continue with: pai-train train --resume {}",
+            r.steps,
+            r.run_dir.join("checkpoint").display(),
+            r.run_id
+        );
+        return Ok(());
+    }
+    if json {
+        let (name, version) = r
+            .registered
+            .as_ref()
+            .map(|(n, v)| (Some(n.clone()), Some(v.to_string())))
+            .unwrap_or_default();
+        println!(
+            "{}",
+            serde_json::json!({
+                "run": r.run_id,
+                "adapter": r.out,
+                "name": name,
+                "version": version,
+                "metrics": r.metrics,
+            })
+        );
+    } else {
+        print_summary(&r);
+        if let Some((name, version)) = &r.registered {
+            println!(
+                "registered as {name}@{version} (not served until promoted: pai-train promote \
+                 {name}@{version})"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The registered version a finished run `run_id` was added as, if it got that far.
+fn registered_by(
+    home: &Path,
+    name: &str,
+    run_id: &str,
+) -> anyhow::Result<Option<pai_adapters::Version>> {
+    let registry = pai_adapters::Registry::new(home);
+    let Ok(versions) = registry.versions(name) else {
+        return Ok(None);
+    };
+    for v in versions.into_iter().rev() {
+        let meta = registry.meta(name, v)?;
+        if meta.training.as_ref().and_then(|t| t["run"].as_str()) == Some(run_id) {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// Train an adapter as `args` say (or take a stopped run up again) and register it.
+pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
     crate::keep_freed_memory();
     let home = crate::pai_home();
     let runs = home.join("runs");
     let file_config = crate::ingest::read_config(&home)?;
 
     // 1. The job: a new one from pai.toml and flags, or the one a stopped run recorded.
-    let (run_id, job, resume) = match &args.resume {
-        Some(id) => {
+    let fixed = args
+        .run_id
+        .as_ref()
+        .filter(|id| runs.join(id).join("job.json").is_file());
+    let (run_id, job, resume) = match (&args.resume, fixed) {
+        (None, Some(id)) => {
+            let path = runs.join(id).join("job.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let job: JobFile = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a job file", path.display()))?;
+            if let Some(name) = &job.register {
+                if let Some(v) = registered_by(&home, name, id)? {
+                    let metrics = pai_adapters::Registry::new(&home)
+                        .meta(name, v)?
+                        .metrics
+                        .unwrap_or_default();
+                    return Ok(TrainResult {
+                        run_id: id.clone(),
+                        run_dir: runs.join(id),
+                        out: job.out.clone(),
+                        registered: Some((name.clone(), v)),
+                        stop: serde_json::from_value(metrics["stop"].clone())
+                            .unwrap_or(pai_trainers::StopReason::Finished),
+                        steps: metrics["steps"].as_u64().unwrap_or(0) as usize,
+                        metrics,
+                    });
+                }
+            }
+            // Killed before its first checkpoint: it starts over, on the job it recorded.
+            let resume = runs.join(id).join("checkpoint").exists();
+            (id.clone(), job, resume)
+        }
+        (Some(id), _) => {
             let id = match id {
                 Some(id) => id.clone(),
                 None => latest_resumable(&runs)?,
@@ -144,7 +253,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("{} is not a job file", path.display()))?;
             (id, job, true)
         }
-        None => {
+        (None, None) => {
             let mut config = file_config.train.clone();
             args.overrides.apply(&mut config);
             let day = match &args.day {
@@ -159,13 +268,22 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(&runs)
                 .with_context(|| format!("creating {}", runs.display()))?;
             // Claimed by creating its directory, so two runs started in the same second differ.
-            let id = (1..1000)
-                .map(|n| match n {
-                    1 => stamp.clone(),
-                    n => format!("{stamp}-{n}"),
-                })
-                .find(|id| std::fs::create_dir(runs.join(id)).is_ok())
-                .with_context(|| format!("cannot create a run directory in {}", runs.display()))?;
+            let id = match &args.run_id {
+                Some(id) => {
+                    std::fs::create_dir_all(runs.join(id))
+                        .with_context(|| format!("creating {}", runs.join(id).display()))?;
+                    id.clone()
+                }
+                None => (1..1000)
+                    .map(|n| match n {
+                        1 => stamp.clone(),
+                        n => format!("{stamp}-{n}"),
+                    })
+                    .find(|id| std::fs::create_dir(runs.join(id)).is_ok())
+                    .with_context(|| {
+                        format!("cannot create a run directory in {}", runs.display())
+                    })?,
+            };
             let out = args
                 .out
                 .clone()
@@ -314,13 +432,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
     if matches!(outcome.stop, pai_trainers::StopReason::Interrupted) {
-        println!(
-            "stopped at step {}/{}; checkpoint in {}. Continue with: pai-train train --resume {run_id}",
-            outcome.steps,
-            outcome.total_steps,
-            run_dir.join("checkpoint").display()
-        );
-        return Ok(());
+        return Ok(TrainResult {
+            run_id,
+            out: job.out.clone(),
+            registered: None,
+            stop: outcome.stop,
+            steps: outcome.steps,
+            metrics: metrics_json(&outcome),
+            run_dir,
+        });
     }
 
     // 5. The adapter directory, written beside its place and renamed in; then registered.
@@ -373,31 +493,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    if args.json {
-        let (name, version) = registered
-            .as_ref()
-            .map(|(n, v)| (Some(n.clone()), Some(v.to_string())))
-            .unwrap_or_default();
-        println!(
-            "{}",
-            serde_json::json!({
-                "run": run_id,
-                "adapter": out,
-                "name": name,
-                "version": version,
-                "metrics": metrics_json(&outcome),
-            })
-        );
-    } else {
-        print_summary(&outcome, out, &run_dir);
-        if let Some((name, version)) = registered {
-            println!(
-                "registered as {name}@{version} (not served until promoted: pai-train promote \
-                 {name}@{version})"
-            );
-        }
-    }
-    Ok(())
+    Ok(TrainResult {
+        run_id,
+        run_dir,
+        out: out.clone(),
+        registered,
+        stop: outcome.stop,
+        steps: outcome.steps,
+        metrics: metrics_json(&outcome),
+    })
 }
 
 fn metrics_json(o: &TrainOutcome) -> serde_json::Value {
@@ -417,8 +521,12 @@ fn metrics_json(o: &TrainOutcome) -> serde_json::Value {
     })
 }
 
-fn print_summary(o: &TrainOutcome, out: &Path, run_dir: &Path) {
-    let holdout = match (o.initial_holdout, o.best_holdout) {
+fn print_summary(r: &TrainResult) {
+    let m = &r.metrics;
+    let holdout = match (
+        m["initial_holdout_loss"].as_f64(),
+        m["best_holdout_loss"].as_f64(),
+    ) {
         (Some(a), Some(b)) => format!(
             "holdout loss {a:.3} → {b:.3} (perplexity {:.1} → {:.1}, {:+.1}%)",
             a.exp(),
@@ -429,8 +537,12 @@ fn print_summary(o: &TrainOutcome, out: &Path, run_dir: &Path) {
     };
     println!(
         "trained {} steps ({:?}) on {} tokens in {:.0}s; {holdout}; best at step {}",
-        o.steps, o.stop, o.tokens, o.elapsed_s, o.best_step
+        r.steps,
+        r.stop,
+        m["tokens"],
+        m["elapsed_s"].as_f64().unwrap_or(0.0),
+        m["best_step"]
     );
-    println!("adapter: {}", out.display());
-    println!("metrics: {}", run_dir.join("metrics.jsonl").display());
+    println!("adapter: {}", r.out.display());
+    println!("metrics: {}", r.run_dir.join("metrics.jsonl").display());
 }

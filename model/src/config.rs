@@ -74,6 +74,23 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
+    /// The configuration of the model at `path` (a GGUF file's metadata, or a Hugging Face
+    /// directory's `config.json`) without reading its weights.
+    pub fn read(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let config_path = path.join("config.json");
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| ModelError::io(&config_path, e))?;
+            return Self::from_hf_json(&text, &config_path);
+        }
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|source| ModelError::Gguf {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        Self::from_gguf(&content, path)
+    }
+
     /// Read the configuration from GGUF metadata (`general.architecture` and `{arch}.*` keys).
     pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
         let meta = GgufMeta { content, path };

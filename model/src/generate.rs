@@ -137,6 +137,8 @@ pub struct Sequence<'t> {
     decoder: StreamDecoder<'t>,
     stop_text: StopMatcher,
     finish: Option<FinishReason>,
+    /// Prompt positions already in the cache.
+    prefilled: usize,
     prefill_seconds: f64,
     decode_started: Option<std::time::Instant>,
 }
@@ -188,6 +190,7 @@ impl<'t> Sequence<'t> {
             emitted: 0,
             decoder: tokenizer.stream_decoder(),
             finish: None,
+            prefilled: 0,
             prefill_seconds: 0.0,
             decode_started: None,
         })
@@ -195,18 +198,44 @@ impl<'t> Sequence<'t> {
 
     /// Run the prompt through the cache; the logits of its last position ([1, vocab]).
     pub fn prefill(&mut self, model: &Model, adapters: &AdapterStack) -> Result<Tensor> {
-        let started = std::time::Instant::now();
-        let mut logits = None;
-        for chunk in self.prompt.chunks(PREFILL_CHUNK) {
-            let ids = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
-            logits = Some(model.forward_last(&ids, &mut self.cache, adapters)?);
+        loop {
+            if let Some(logits) = self.prefill_chunk(model, adapters, PREFILL_CHUNK)? {
+                return Ok(logits);
+            }
         }
-        self.prefill_seconds = started.elapsed().as_secs_f64();
+    }
+
+    /// Run at most `max` more prompt positions through the cache (a scheduler interleaves these
+    /// with other sequences' decode steps); the logits of the prompt's last position once the whole
+    /// prompt has run, `None` while some of it is left.
+    pub fn prefill_chunk(
+        &mut self,
+        model: &Model,
+        adapters: &AdapterStack,
+        max: usize,
+    ) -> Result<Option<Tensor>> {
+        if self.prefilled == self.prompt.len() {
+            return Err(ModelError::InvalidRequest {
+                field: "prompt",
+                reason: "has already run through the cache".into(),
+            });
+        }
+        let started = std::time::Instant::now();
+        let end = (self.prefilled + max.max(1)).min(self.prompt.len());
+        let ids = Tensor::new(&self.prompt[self.prefilled..end], model.device())?.unsqueeze(0)?;
+        let logits = model.forward_last(&ids, &mut self.cache, adapters)?;
+        self.prefilled = end;
+        self.prefill_seconds += started.elapsed().as_secs_f64();
+        if end < self.prompt.len() {
+            return Ok(None);
+        }
         self.decode_started = Some(std::time::Instant::now());
-        logits.ok_or_else(|| ModelError::InvalidRequest {
-            field: "prompt",
-            reason: "is empty".into(),
-        })
+        Ok(Some(logits))
+    }
+
+    /// Prompt positions still to run before the first token can be sampled.
+    pub fn prefill_left(&self) -> usize {
+        self.prompt.len() - self.prefilled
     }
 
     /// The cache the next token runs through.

@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use pai_model::{FinishReason, GenerateOptions, Generation, Message, TokenLogprob};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -24,7 +24,7 @@ use crate::openai::{
     ChatRequest, ChatTokenLogprob, CompletionRequest, Content, Lineage, Prompt, Sampling,
     TopLogprob, Usage,
 };
-use crate::routes::parse;
+use crate::routes::{parse, ApiKeyIndex};
 use crate::state::{LoadedAdapter, ServeState};
 
 /// The generation options a request asks for, checked against the model's context.
@@ -162,9 +162,22 @@ fn lineage_headers(resp: &mut Response, lineage: &Lineage) {
     }
 }
 
+/// Who a request comes from, for taking turns: its API key (when keys are configured), then
+/// OpenAI's `user` field, else the model it asks for.
+fn client_of(key: Option<Extension<ApiKeyIndex>>, user: Option<&str>, model: &str) -> String {
+    let key = key.map_or(String::new(), |Extension(ApiKeyIndex(i))| {
+        format!("key {i}")
+    });
+    match user {
+        Some(user) => format!("{key}/user {user}"),
+        None => format!("{key}/model {model}"),
+    }
+}
+
 /// Generate through the engine, batched with whatever else is running.
 async fn run(
     s: Arc<ServeState>,
+    client: String,
     adapter: Option<Arc<LoadedAdapter>>,
     prompt: Vec<u32>,
     opts: GenerateOptions,
@@ -175,6 +188,7 @@ async fn run(
     s.engine()?.submit(
         &s,
         crate::engine::Request {
+            client,
             adapter,
             prompt,
             opts,
@@ -192,6 +206,8 @@ async fn run(
 /// One accepted request, ready to generate: who answers, what, and how the reply is labelled.
 struct Job {
     s: Arc<ServeState>,
+    /// Who asks (`client_of`): the engine takes turns between clients.
+    client: String,
     adapter: Option<Arc<LoadedAdapter>>,
     prompt: Vec<u32>,
     /// Bytes of the prompt's text where completions' `text_offset` starts (0 for chat).
@@ -207,9 +223,14 @@ impl Job {
     /// lineage, id, model).
     async fn complete(self) -> Result<(Generation, usize, Lineage, String, String), ApiError> {
         let prompt_tokens = self.prompt.len();
-        let g = run(self.s, self.adapter, self.prompt, self.opts, |_, _| {
-            ControlFlow::Continue(())
-        })
+        let g = run(
+            self.s,
+            self.client,
+            self.adapter,
+            self.prompt,
+            self.opts,
+            |_, _| ControlFlow::Continue(()),
+        )
         .await?;
         Ok((g, prompt_tokens, self.lineage, self.id, self.model))
     }
@@ -274,6 +295,7 @@ fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
 
 pub async fn chat_completions(
     State(s): State<Arc<ServeState>>,
+    key: Option<Extension<ApiKeyIndex>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
@@ -301,6 +323,7 @@ pub async fn chat_completions(
         id: format!("chatcmpl-{}", s.next_id()),
         model: req.model.clone(),
         s: s.clone(),
+        client: client_of(key, req.user.as_deref(), &req.model),
         adapter,
         prompt,
         prompt_text_len: 0,
@@ -330,6 +353,7 @@ pub async fn chat_completions(
 
 pub async fn completions(
     State(s): State<Arc<ServeState>>,
+    key: Option<Extension<ApiKeyIndex>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(&body)?;
@@ -359,6 +383,7 @@ pub async fn completions(
         id: format!("cmpl-{}", s.next_id()),
         model: req.model.clone(),
         s: s.clone(),
+        client: client_of(key, req.user.as_deref(), &req.model),
         adapter,
         prompt,
         prompt_text_len: text.len(),
@@ -445,6 +470,7 @@ fn completion_logprobs(
 fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
     let Job {
         s,
+        client,
         adapter,
         prompt,
         prompt_text_len,
@@ -495,7 +521,7 @@ fn stream(job: Job, include_usage: bool, chat: bool) -> Response {
         if chat && tx.send(event(first)).is_err() {
             return;
         }
-        let result = run(s, adapter, prompt, opts, move |text, lps| {
+        let result = run(s, client, adapter, prompt, opts, move |text, lps| {
             let ev = event(piece_chunk(
                 json!({"content": text}),
                 None,

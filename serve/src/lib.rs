@@ -38,10 +38,21 @@ pub fn run(addr: std::net::SocketAddr, state: Arc<ServeState>) -> std::io::Resul
             "pai-serve: listening on http://{local} (model {})",
             state.base_id
         );
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
+        serve(listener, state, shutdown_signal()).await
     })
+}
+
+/// Serve `state` on `listener` until `shutdown` resolves; then take no new connections and return
+/// once every request in flight (streams, and requests still waiting for the engine) has been
+/// answered in full.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ServeState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn shutdown_signal() {

@@ -94,16 +94,31 @@ async fn authorize(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        Some(key) if s.api_keys.iter().any(|k| k == key) => next.run(req).await,
-        _ => ApiError {
-            status: axum::http::StatusCode::UNAUTHORIZED,
-            message: "Incorrect or missing API key: send Authorization: Bearer <key>".into(),
-            kind: "invalid_request_error",
-            param: None,
-            code: "invalid_api_key",
-        }
-        .into_response(),
+        Some(key) => match s.api_keys.iter().position(|k| k == key) {
+            Some(index) => {
+                let mut req = req;
+                req.extensions_mut().insert(ApiKeyIndex(index));
+                next.run(req).await
+            }
+            None => unauthorized(),
+        },
+        None => unauthorized(),
     }
+}
+
+/// Which of the configured API keys a request came with (the engine takes turns between clients).
+#[derive(Debug, Clone, Copy)]
+pub struct ApiKeyIndex(pub usize);
+
+fn unauthorized() -> Response {
+    ApiError {
+        status: axum::http::StatusCode::UNAUTHORIZED,
+        message: "Incorrect or missing API key: send Authorization: Bearer <key>".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: "invalid_api_key",
+    }
+    .into_response()
 }
 
 /// The eval report viewer: the pages `pai-train report` wrote, by file name only (no paths, so

@@ -77,6 +77,9 @@ pub struct ServeState {
     pub max_batch: usize,
     /// Most requests waiting for a place in the batch; more are refused with 503.
     pub max_queue: usize,
+    /// Prompt positions a prefill runs per step while other sequences decode (what bounds the pause
+    /// a long prompt puts into the running streams).
+    pub prefill_chunk: usize,
     /// Largest request body, in bytes.
     pub max_request_bytes: usize,
     /// Largest `max_tokens` a request may ask for.
@@ -120,6 +123,7 @@ impl ServeState {
             engine: std::sync::OnceLock::new(),
             max_batch: 8,
             max_queue: 64,
+            prefill_chunk: 128,
             max_request_bytes: 4 << 20,
             max_tokens_limit: 4096,
             reports_dir: None,

@@ -33,14 +33,20 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on (loopback by default: nothing leaves the machine unless asked).
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// GGUF file or Hugging Face directory (default: the model scripts/fetch-model.sh installs).
+    /// Address to listen on (default: [serve] host in pai.toml, 127.0.0.1: nothing leaves the
+    /// machine unless asked).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port (default: [serve] port, 8080).
+    #[arg(long)]
+    port: Option<u16>,
+    /// GGUF file or Hugging Face directory (default: pai.toml's `model`, else the model
+    /// scripts/fetch-model.sh installs).
     #[arg(long, env = "PAI_MODEL")]
     model: Option<PathBuf>,
+    /// The configuration file whose [serve] table gives the defaults (default: $PAI_HOME/pai.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Require `Authorization: Bearer KEY` on every route (repeat for several keys; or
     /// PAI_SERVE_API_KEYS, comma-separated).
     #[arg(
@@ -51,19 +57,28 @@ struct ServeArgs {
     )]
     api_keys: Vec<String>,
     /// Adapter versions kept loaded at most (least recently used evicted; reloaded when asked for).
-    #[arg(long, default_value_t = 16)]
-    max_adapters: usize,
-    /// Memory adapter weights may take, in MiB (least recently used evicted past it).
-    #[arg(long, default_value_t = 1024)]
-    max_adapter_mib: usize,
-    /// Sequences decoded together in one batched step (continuous batching).
-    #[arg(long, default_value_t = 8)]
-    max_batch: usize,
-    /// Requests that may wait for a place in the batch; more are answered 503 at once.
-    #[arg(long, default_value_t = 64)]
-    max_queue: usize,
+    /// Default: [serve] max_adapters, 16.
+    #[arg(long)]
+    max_adapters: Option<usize>,
+    /// Memory adapter weights may take, in MiB (least recently used evicted past it). Default:
+    /// [serve] max_adapter_mib, 1024.
+    #[arg(long)]
+    max_adapter_mib: Option<usize>,
+    /// Sequences decoded together in one batched step (continuous batching). Default: [serve]
+    /// max_batch, 8.
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Requests that may wait for a place in the batch; more are answered 503 at once. Default:
+    /// [serve] max_queue, 64.
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Prompt tokens a new request prefills per step while other streams decode: smaller keeps the
+    /// running streams smoother, larger gives the newcomer its first token sooner. Default: [serve]
+    /// prefill_chunk, 128.
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     /// Allow POST /v1/load_lora_adapter for adapter directories inside DIR (and nowhere else: symlinks
-    /// out of it are refused). Off when not given.
+    /// out of it are refused). Default: [serve] adapter_root; off when neither is given.
     #[arg(long, value_name = "DIR")]
     adapter_root: Option<PathBuf>,
 }
@@ -136,15 +151,24 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let addr: std::net::SocketAddr = format!("{}:{}", args.host, args.port)
+    // Flags over [serve] of pai.toml (itself over the defaults and under PAI_SERVE_* variables).
+    let loaded = pai_pipeline::LoadedConfig::load(&pai::pai_home(), args.config.as_deref())?;
+    if let Some(problem) = loaded.check(None).into_iter().find(|p| {
+        matches!(p, pai_pipeline::PipelineError::Invalid { key, .. } if key.starts_with("serve."))
+    }) {
+        anyhow::bail!("{problem}");
+    }
+    let c = loaded.config.serve;
+    let host = args.host.unwrap_or(c.host);
+    let port = args.port.unwrap_or(c.port);
+    let addr: std::net::SocketAddr = format!("{host}:{port}")
         .parse()
-        .with_context(|| {
-            format!(
-                "--host {:?} --port {} is not an address",
-                args.host, args.port
-            )
-        })?;
-    let (base, _) = pai::load_model(args.model, &[], pai_model::LoadOptions::default())?;
+        .with_context(|| format!("host {host:?} and port {port} do not make an address"))?;
+    let (base, _) = pai::load_model(
+        args.model.or(loaded.config.model),
+        &[],
+        pai_model::LoadOptions::default(),
+    )?;
     let registry = pai_adapters::Registry::new(&pai::pai_home());
     let adapters: Vec<String> = registry
         .list()?
@@ -162,13 +186,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let mut state = pai_serve::ServeState::new(base, Some(registry));
     state.reports_dir = Some(pai::pai_home().join("reports"));
-    anyhow::ensure!(args.max_adapters > 0, "--max-adapters must be at least 1");
-    state.max_resident = args.max_adapters;
-    state.max_resident_bytes = args.max_adapter_mib << 20;
-    anyhow::ensure!(args.max_batch > 0, "--max-batch must be at least 1");
-    state.max_batch = args.max_batch;
-    state.max_queue = args.max_queue;
-    if let Some(root) = args.adapter_root {
+    state.max_resident = args.max_adapters.unwrap_or(c.max_adapters);
+    anyhow::ensure!(state.max_resident > 0, "--max-adapters must be at least 1");
+    state.max_resident_bytes = args.max_adapter_mib.unwrap_or(c.max_adapter_mib) << 20;
+    state.max_batch = args.max_batch.unwrap_or(c.max_batch);
+    anyhow::ensure!(state.max_batch > 0, "--max-batch must be at least 1");
+    state.max_queue = args.max_queue.unwrap_or(c.max_queue);
+    state.prefill_chunk = args.prefill_chunk.unwrap_or(c.prefill_chunk);
+    anyhow::ensure!(
+        state.prefill_chunk > 0,
+        "--prefill-chunk must be at least 1"
+    );
+    if let Some(root) = args.adapter_root.or(c.adapter_root) {
         anyhow::ensure!(
             root.is_dir(),
             "--adapter-root {} is not a directory",

@@ -1,5 +1,6 @@
-//! `pai-train`: build, train and judge adapters. `pai-train perplexity` (the yardstick the evals
-//! use), `pai-train ingest`, `watch`, `dataset stats|mix` and `train`.
+//! `pai-train`: build, train and judge adapters, and run the nightly loop. `pai-train perplexity` (the
+//! yardstick the evals use), `ingest`, `watch`, `dataset stats|mix`, `train`, `eval`, `report`, the
+//! registry's commands, `nightly`, `config show|check`, `init`, `status`, `history` and `schedule`.
 
 use std::path::PathBuf;
 
@@ -100,6 +101,73 @@ enum Command {
     Dataset {
         #[command(subcommand)]
         command: DatasetCommand,
+    },
+    /// One night of the loop: ingest, train, eval, gate (promote or reject), report. A run killed at
+    /// any stage is taken up where it stopped by the next invocation. Exit codes: 0 done (promoted,
+    /// or nothing enough to learn), 2 bad configuration, 3 candidate rejected, 4 another run holds
+    /// the lock, 5 a stage failed (run again to resume), 6 on battery with only_on_ac.
+    Nightly {
+        /// A source on top of pai.toml's [[sources]]: DIR, DIR:notes, DIR:code or DIR:chat.
+        #[arg(long = "source", value_name = "DIR[:KIND]")]
+        sources: Vec<String>,
+        /// The day to ingest as and train up to (default: today).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        day: Option<String>,
+        /// GGUF file or Hugging Face directory (default: pai.toml's `model`, else the default model).
+        #[arg(long, env = "PAI_MODEL")]
+        model: Option<PathBuf>,
+    },
+    /// The configuration: `show` prints the effective values and where each came from (defaults,
+    /// pai.toml, PAI_* variables); `check` checks them.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Write a commented $PAI_HOME/pai.toml with every default (and the sources given).
+    Init {
+        /// A folder to learn from: DIR, DIR:notes, DIR:code or DIR:chat (asked for when run in a
+        /// terminal without any).
+        #[arg(long = "source", value_name = "DIR[:KIND]")]
+        sources: Vec<String>,
+        /// Overwrite an existing pai.toml.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The current adapter of each name, the last nightly runs, and the next scheduled one.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every nightly run, newest first.
+    History {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 30)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run `nightly` at [schedule] cron in the foreground (catching up one missed run after a sleep
+    /// or shutdown), or print the entry for crontab or a systemd user service.
+    Schedule {
+        #[arg(long, conflicts_with = "print_systemd")]
+        print_crontab: bool,
+        #[arg(long)]
+        print_systemd: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// The effective configuration, each value with where it came from.
+    Show {
+        /// Read this file instead of $PAI_HOME/pai.toml.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Check every value (ranges, the cron expression, sources, [train] against the model).
+    Check {
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
 }
 
@@ -332,6 +400,7 @@ fn main() -> anyhow::Result<()> {
             name: a.name,
             out: a.out,
             resume: a.resume,
+            run_id: None,
             overrides: pai::train::Overrides {
                 strategy: a.strategy.map(|s| match s {
                     StrategyArg::Fresh => pai_trainers::Strategy::Fresh,
@@ -427,6 +496,32 @@ fn main() -> anyhow::Result<()> {
                 json,
             ),
         },
+        Command::Nightly {
+            sources,
+            day,
+            model,
+        } => {
+            let exit = pai::nightly::nightly(pai::nightly::NightlyArgs {
+                sources,
+                day,
+                model,
+            })?;
+            if exit != pai::nightly::Exit::Done {
+                std::process::exit(exit as i32);
+            }
+            Ok(())
+        }
+        Command::Config { command } => match command {
+            ConfigCommand::Show { file } => pai::pipeline::config_show(file.as_deref()),
+            ConfigCommand::Check { file } => pai::pipeline::config_check(file.as_deref()),
+        },
+        Command::Init { sources, force } => pai::pipeline::init(&sources, force),
+        Command::Status { json } => pai::pipeline::status(json),
+        Command::History { limit, json } => pai::pipeline::history(limit, json),
+        Command::Schedule {
+            print_crontab,
+            print_systemd,
+        } => pai::pipeline::schedule(print_crontab, print_systemd),
     }
 }
 

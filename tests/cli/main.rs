@@ -9,6 +9,7 @@ mod adapters;
 mod evals;
 mod ingest;
 mod model;
+mod nightly;
 mod serve;
 mod train;
 

@@ -1,5 +1,8 @@
 //! Continuous batching: concurrent requests share decode steps across adapters and each gets what it
-//! would alone; a client that goes away frees its slot.
+//! would alone (prompts prefilled in chunks between steps); clients take turns; a client that goes
+//! away frees its slot.
+
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -12,14 +15,21 @@ use crate::{call, json_of, server};
 #[tokio::test]
 async fn concurrent_requests_decode_together_and_each_gets_what_it_would_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let (state, registry) = server(dir.path());
+    let (mut state, registry) = server(dir.path());
+    // Prompts prefill 3 positions a step while others decode (alone, in one go).
+    Arc::get_mut(&mut state).unwrap().prefill_chunk = 3;
     crate::add_random_adapter(&registry, &state.base, dir.path(), "work");
     let app = pai_serve::app(state.clone());
     let requests: Vec<Value> = ["base", "personal", "work", "personal", "base", "work"]
         .iter()
         .enumerate()
         .map(|(i, model)| {
-            let prompt = ["The heron", "A quiet river", "Stones and", "The heron"][i % 4];
+            let prompt = [
+                "The heron",
+                "A quiet river runs past the old mill and under the bridge",
+                "Stones and",
+                "The heron",
+            ][i % 4];
             json!({"model": model, "prompt": prompt, "max_tokens": 120, "temperature": 0})
         })
         .collect();
@@ -142,4 +152,57 @@ async fn a_client_that_goes_away_frees_its_slot() {
     }
     abandoned.abort();
     settle(rows, "abandoned request").await;
+}
+
+/// With one place in the batch, a client with a backlog and a client with one request take turns: the
+/// second client's request runs after the first client's next one, not after its whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_take_turns_for_places_in_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut state, _registry) = server(dir.path());
+    Arc::get_mut(&mut state).unwrap().max_batch = 1;
+    let app = pai_serve::app(state.clone());
+    let gauge = |app: axum::Router, name: &'static str| async move {
+        let (_, _, text) = call(app, "GET", "/metrics", None).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let send = |who: &'static str, n: usize, max_tokens: usize| {
+        let (app, finished) = (app.clone(), finished.clone());
+        tokio::spawn(async move {
+            let body = json!({"model": "base", "prompt": "Once", "max_tokens": max_tokens,
+                              "temperature": 0, "user": who});
+            let (status, _, text) = call(app, "POST", "/v1/completions", Some(body)).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            finished.lock().unwrap().push(format!("{who}{n}"));
+        })
+    };
+    // a1 takes the only place; a2..a4 then b1 queue behind it.
+    let mut tasks = vec![send("a", 1, 250)];
+    while gauge(app.clone(), "pai_generations_running").await < 1.0 {
+        tokio::task::yield_now().await;
+    }
+    for (who, n) in [("a", 2), ("a", 3), ("a", 4), ("b", 1)] {
+        tasks.push(send(who, n, 2));
+        let queued = tasks.len() - 1;
+        while gauge(app.clone(), "pai_queue_depth").await < queued as f64 {
+            assert!(
+                !finished.lock().unwrap().contains(&"a1".to_string()),
+                "a1 finished before the others were queued: make it longer"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = finished.lock().unwrap().clone();
+    assert_eq!(
+        order,
+        ["a1", "a2", "b1", "a3", "a4"],
+        "arrival order would be a1 a2 a3 a4 b1"
+    );
 }

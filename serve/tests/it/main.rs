@@ -4,6 +4,7 @@
 mod adapters;
 mod api;
 mod batching;
+mod shutdown;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,358 @@
+//! `pai-train nightly` end to end: a server started before the first night picks up what the night
+//! promotes with no restart; a night with nothing new ends at once; a worse candidate is rejected and
+//! the server keeps the version it had; a night killed in training is taken up where it stopped;
+//! `rollback` restores; `status`, `history`, `config` and `init` say what happened.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{json, text, World, SERVE, TRAIN};
+
+/// A note about one of the pond's birds (the tiny model learns these quickly).
+fn note(i: usize) -> (String, String) {
+    let birds = [
+        "heron",
+        "egret",
+        "kingfisher",
+        "grebe",
+        "coot",
+        "moorhen",
+        "teal",
+        "swan",
+    ];
+    (
+        format!("n{i}.md"),
+        format!(
+            "# Pond log {i}\n\nThe {} came to the pond at dawn and waited by the reeds for fish.\n",
+            birds[i % birds.len()]
+        ),
+    )
+}
+
+/// The `x-pai-adapter` header of a completion for `model`, or the status line when it failed.
+fn served_by(addr: &str, model: &str) -> String {
+    let body = format!(r#"{{"model": "{model}", "prompt": "The heron", "max_tokens": 2}}"#);
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return "no connection".into();
+    };
+    let _ = write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .find_map(|l| l.strip_prefix("x-pai-adapter: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| out.lines().next().unwrap_or_default().to_string())
+}
+
+/// Wait until `model` is served by `want` (the server swaps a promoted version in the background).
+fn wait_served(addr: &str, model: &str, want: &str) {
+    let started = Instant::now();
+    loop {
+        let got = served_by(addr, model);
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{model} served by {got}, not {want}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn state_of(home: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(home.join("runs").join(id).join("state.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn nights_promote_reject_resume_and_the_server_follows() {
+    let w = World::new(
+        "[ingest]\nholdout_fraction = 0.3\n\n\
+         [train]\nseq_len = 64\nbatch_tokens = 128\neval_every = 1000\neval_tokens = 64\n\
+         learning_rate = 0.003\nmax_steps = 60\ncheckpoint_every = 5\n\n\
+         [nightly]\nmin_new_tokens = 200\nnice = 0\n",
+        (0..48).map(note),
+    );
+    let home = &w.home;
+    let source = format!("{}:notes", w.notes.display());
+    let nightly = |day: &str, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(TRAIN);
+        cmd.args([
+            "nightly",
+            "--source",
+            &source,
+            "--day",
+            day,
+            "--model",
+            w.model_arg(),
+        ])
+        .env("PAI_HOME", home)
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("PAI_MODEL");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+
+    // A server running before the first night, with no adapter yet.
+    let mut server = Command::new(SERVE)
+        .args(["serve", "--port", "0", "--model", w.model_arg()])
+        .env("PAI_HOME", home)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(server.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(said.read_line(&mut line).unwrap() > 0, "pai-serve exited");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut said, &mut std::io::sink()));
+    assert!(served_by(&addr, "personal").contains("404"));
+
+    // Night 1: no incumbent, so the candidate faces the bare base; it learnt the notes: promoted,
+    // and the running server serves it.
+    let out = nightly("2026-12-01", &[]);
+    let said1 = text(&out.stdout);
+    assert!(out.status.success(), "{said1}\n{}", text(&out.stderr));
+    assert!(said1.contains("promoted v1"), "{said1}");
+    wait_served(&addr, "personal", "personal@v1");
+    let status = json(&w.pai(&["status", "--json"]));
+    assert_eq!(status["adapters"][0]["current"], "v1", "{status}");
+    let first = &status["runs"][0];
+    assert_eq!(first["outcome"]["kind"], "promoted", "{status}");
+    let stages: Vec<&str> = first["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["ingest", "train", "eval", "gate", "report"]);
+    let page = first["stages"][4]["result"]["page"].as_str().unwrap();
+    assert!(Path::new(page).is_file(), "{page}");
+
+    // The same night again: nothing new, ended at once.
+    let out = nightly("2026-12-01", &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("nothing new to learn"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Night 2: new notes, but a candidate trained 2 steps against v1's 60: the gate rejects it, the
+    // server keeps v1 (exit code 3 for the cron job).
+    for i in 48..64 {
+        let (name, body) = note(i);
+        std::fs::write(w.notes.join(name), body).unwrap();
+    }
+    let out = nightly("2026-12-02", &[("PAI_TRAIN_MAX_STEPS", "2")]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("rejected v2"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(served_by(&addr, "personal"), "personal@v1");
+
+    // Night 3, killed while training (after its first checkpoint); the next invocation takes the
+    // same run up where it stopped and finishes it.
+    for i in 64..80 {
+        let (name, body) = note(i);
+        std::fs::write(w.notes.join(name), body).unwrap();
+    }
+    let mut child = Command::new(TRAIN)
+        .args([
+            "nightly",
+            "--source",
+            &source,
+            "--day",
+            "2026-12-03",
+            "--model",
+            w.model_arg(),
+        ])
+        .env("PAI_HOME", home)
+        .env("PAI_TRAIN_MAX_STEPS", "2000")
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("PAI_MODEL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let run_id = loop {
+        let runs = pai_pipeline::nightly::runs(&home.join("runs")).unwrap();
+        let open = runs.iter().find(|r| r.day == "2026-12-03");
+        if let Some(r) = open {
+            let ckpt = home
+                .join("runs")
+                .join(format!("{}-train", r.id))
+                .join("checkpoint")
+                .join("state.json");
+            if ckpt.is_file() {
+                break r.id.clone();
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the night ended before it could be killed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = state_of(home, &run_id);
+    assert_eq!(killed["stages"].as_array().unwrap().len(), 1, "{killed}");
+    assert!(killed["finished"].is_null());
+    let out = nightly("2026-12-03", &[]);
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{}",
+        text(&out.stderr)
+    );
+    let resumed = state_of(home, &run_id);
+    assert_eq!(resumed["resumed"], 1, "{resumed}");
+    assert!(resumed["finished"].is_string());
+    assert_eq!(resumed["stages"][1]["result"]["steps"], 2000, "{resumed}");
+    let metrics = std::fs::read_to_string(
+        home.join("runs")
+            .join(format!("{run_id}-train"))
+            .join("metrics.jsonl"),
+    )
+    .unwrap();
+    assert!(metrics.lines().count() > 1);
+    assert_eq!(
+        pai_pipeline::nightly::runs(&home.join("runs"))
+            .unwrap()
+            .len(),
+        4,
+        "taken up, not started anew"
+    );
+
+    // Rollback restores what was served before.
+    let before = json(&w.pai(&["status", "--json"]))["adapters"][0]["current"].clone();
+    if before != "v1" {
+        let out = w.pai(&["rollback", "personal"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        wait_served(&addr, "personal", "personal@v1");
+    }
+
+    // History: every night, newest first.
+    let history = text(&w.pai(&["history"]).stdout);
+    assert_eq!(
+        history
+            .lines()
+            .filter(|l| l.starts_with("nightly-"))
+            .count(),
+        4,
+        "{history}"
+    );
+    assert!(history.contains("4 runs"), "{history}");
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    assert!(server.wait().unwrap().success());
+}
+
+#[test]
+fn config_show_check_and_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let notes = dir.path().join("notes");
+    std::fs::create_dir_all(&notes).unwrap();
+    let pai = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(TRAIN);
+        cmd.args(args)
+            .env("PAI_HOME", &home)
+            .env_remove("PAI_MODEL")
+            .env("RUST_BACKTRACE", "0");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let source = format!("{}:notes", notes.display());
+    let out = pai(&["init", "--source", &source], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = std::fs::read_to_string(home.join("pai.toml")).unwrap();
+    assert!(
+        written.contains("[[sources]]") && written.contains("# Projections"),
+        "{written}"
+    );
+    let again = pai(&["init"], &[]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("--force"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    let shown = text(&pai(&["config", "show"], &[("PAI_TRAIN_R", "8")]).stdout);
+    assert!(shown.contains("r = 8  # $PAI_TRAIN_R"), "{shown}");
+    assert!(
+        shown.contains(&format!("path = \"{}\"", notes.display())),
+        "{shown}"
+    );
+    let ok = pai(&["config", "check"], &[]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(home.join("pai.toml"))
+        .unwrap();
+    writeln!(f, "\n[schedule]\ncron = \"whenever\"").unwrap();
+    // A table given twice is a TOML error that names the file.
+    let bad = pai(&["config", "check"], &[]);
+    assert!(!bad.status.success());
+    let e = text(&bad.stderr);
+    assert!(e.contains("pai.toml"), "{e}");
+    std::fs::write(
+        home.join("pai.toml"),
+        format!(
+            "[mix]\nreplay_share = 2.0\n\n[[sources]]\npath = \"{}\"\nkind = \"notes\"\n",
+            notes.display()
+        ),
+    )
+    .unwrap();
+    let bad = pai(&["config", "check"], &[("PAI_SCHEDULE_CRON", "whenever")]);
+    assert!(!bad.status.success());
+    let e = text(&bad.stderr);
+    assert!(
+        e.contains("mix.replay_share = 2")
+            && e.contains("schedule.cron")
+            && e.contains("$PAI_SCHEDULE_CRON"),
+        "{e}"
+    );
+    let nightly = pai(&["nightly"], &[("PAI_SCHEDULE_CRON", "whenever")]);
+    assert_eq!(nightly.status.code(), Some(2), "{}", text(&nightly.stderr));
+
+    let crontab = text(&pai(&["schedule", "--print-crontab"], &[]).stdout);
+    assert!(crontab.starts_with("30 2 * * * PAI_HOME="), "{crontab}");
+    assert!(crontab.contains("pai-train nightly"), "{crontab}");
+}
