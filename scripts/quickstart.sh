@@ -15,24 +15,26 @@ source_arg="${1:-}"
 if [ -z "$source_arg" ]; then
   source_arg="$PWD/examples/notes:notes"
   export PAI_HOME="${PAI_HOME:-$HOME/.cache/pai-quickstart}"
-  # A corpus of ten short notes: train several passes over it, hold out a quarter to judge by, and
-  # do not wait for the 2,000 new tokens a real night wants.
-  export PAI_NIGHTLY_MIN_NEW_TOKENS="${PAI_NIGHTLY_MIN_NEW_TOKENS:-300}"
-  export PAI_INGEST_HOLDOUT_FRACTION="${PAI_INGEST_HOLDOUT_FRACTION:-0.25}"
-  export PAI_TRAIN_SEQ_LEN="${PAI_TRAIN_SEQ_LEN:-128}"
-  export PAI_TRAIN_BATCH_TOKENS="${PAI_TRAIN_BATCH_TOKENS:-256}"
-  export PAI_TRAIN_EPOCHS="${PAI_TRAIN_EPOCHS:-6}"
-  export PAI_TRAIN_LEARNING_RATE="${PAI_TRAIN_LEARNING_RATE:-0.001}"
+  # Small-corpus settings (a variable already set wins).
+  while IFS='=' read -r key value; do
+    case "$key" in ''|'#'*) continue ;; esac
+    if [ -z "${!key:-}" ]; then export "$key=$value"; fi
+  done < examples/notes.env
 fi
 home="${PAI_HOME:-$HOME/.pai}"
 echo "quickstart: building pai (release; the first build takes a while)" >&2
 cargo build --release -q -p pai --bin pai-train --bin pai-serve
 bin="$CARGO_TARGET_DIR/release"
+# The folder goes into pai.toml (so later nights and `pai-train schedule` read it too), unless a
+# pai.toml is already there: then it is added for this run only, if it is not among its sources.
+extra=()
 if [ ! -f "$home/pai.toml" ]; then
-  "$bin/pai-train" init
+  "$bin/pai-train" init --source "$source_arg"
+elif ! grep -qF "\"${source_arg%:*}\"" "$home/pai.toml"; then
+  extra=(--source "$source_arg")
 fi
 code=0
-"$bin/pai-train" nightly --source "$source_arg" --model "$model" || code=$?
+"$bin/pai-train" nightly "${extra[@]+"${extra[@]}"}" --model "$model" || code=$?
 took=$(( $(date +%s) - started ))
 report="$home/reports/index.html"
 cat <<MSG

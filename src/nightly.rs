@@ -159,6 +159,7 @@ impl Stages for PaiStages {
 
     fn ingest(&mut self, run: &RunState) -> Result<Ingested, String> {
         let go = || -> anyhow::Result<Ingested> {
+            let started = std::time::Instant::now();
             let summary = crate::ingest::ingest_day(
                 &self.home,
                 &self.extra_sources,
@@ -167,7 +168,7 @@ impl Stages for PaiStages {
                 false,
                 false,
             )?;
-            crate::ingest::print_summary(&summary, &run.day, std::time::Duration::ZERO);
+            crate::ingest::print_summary(&summary, &run.day, started.elapsed());
             // What tonight can learn from: train-split tokens of the days after the current
             // adapter's dataset, up to tonight's.
             let after = self.trained_through(&run.adapter)?;

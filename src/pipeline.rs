@@ -77,6 +77,11 @@ pub fn init(sources: &[String], force: bool) -> anyhow::Result<()> {
             }
         }
     }
+    // Absolute paths, so that the file means the same from wherever pai runs.
+    for s in &mut sources {
+        s.path = std::fs::canonicalize(&s.path)
+            .with_context(|| format!("source {} is not a folder here", s.path.display()))?;
+    }
     pai_datasets::resolve_sources(&sources)?;
     let text = pai_pipeline::config::init_text(&sources)?;
     std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;

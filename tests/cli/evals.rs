@@ -1,31 +1,13 @@
 //! pai-train eval: the gate promotes a trained adapter over the bare base, and rejects an adapter of
 //! noise weights against it, leaving the trained one served.
 
-use crate::{json, text, World};
+use crate::{json, pond_note, text, World};
 
 #[test]
 fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
-    let birds = [
-        "heron",
-        "egret",
-        "kingfisher",
-        "grebe",
-        "coot",
-        "moorhen",
-        "teal",
-        "swan",
-    ];
     let w = World::new(
         "[ingest]\nholdout_fraction = 0.3\n\n[train]\nseq_len = 64\nbatch_tokens = 128\neval_every = 1000\neval_tokens = 64\nlearning_rate = 0.003\n",
-        (0..48).map(|i| {
-            (
-                format!("n{i}.md"),
-                format!(
-                    "# Pond log {i}\n\nThe {} came to the pond at dawn and waited by the reeds for fish.\n",
-                    birds[i % birds.len()]
-                ),
-            )
-        }),
+        (0..48).map(pond_note),
     );
     let (dir, home) = (w.dir.path(), &w.home);
     let model_arg = w.model_arg();

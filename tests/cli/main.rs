@@ -114,6 +114,27 @@ impl World {
     }
 }
 
+/// Note `i` of a pond log: which bird came at dawn (a tiny model learns these within a minute).
+pub fn pond_note(i: usize) -> (String, String) {
+    let birds = [
+        "heron",
+        "egret",
+        "kingfisher",
+        "grebe",
+        "coot",
+        "moorhen",
+        "teal",
+        "swan",
+    ];
+    (
+        format!("n{i}.md"),
+        format!(
+            "# Pond log {i}\n\nThe {} came to the pond at dawn and waited by the reeds for fish.\n",
+            birds[i % birds.len()]
+        ),
+    )
+}
+
 /// A successful command's standard output as JSON.
 pub fn json(out: &Output) -> serde_json::Value {
     assert!(out.status.success(), "{}", text(&out.stderr));

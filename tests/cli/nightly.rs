@@ -9,28 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{json, text, World, SERVE, TRAIN};
-
-/// A note about one of the pond's birds (the tiny model learns these quickly).
-fn note(i: usize) -> (String, String) {
-    let birds = [
-        "heron",
-        "egret",
-        "kingfisher",
-        "grebe",
-        "coot",
-        "moorhen",
-        "teal",
-        "swan",
-    ];
-    (
-        format!("n{i}.md"),
-        format!(
-            "# Pond log {i}\n\nThe {} came to the pond at dawn and waited by the reeds for fish.\n",
-            birds[i % birds.len()]
-        ),
-    )
-}
+use crate::{json, pond_note as note, text, World, SERVE, TRAIN};
 
 /// The `x-pai-adapter` header of a completion for `model`, or the status line when it failed.
 fn served_by(addr: &str, model: &str) -> String {
@@ -355,4 +334,50 @@ fn config_show_check_and_init() {
     let crontab = text(&pai(&["schedule", "--print-crontab"], &[]).stdout);
     assert!(crontab.starts_with("30 2 * * * PAI_HOME="), "{crontab}");
     assert!(crontab.contains("pai-train nightly"), "{crontab}");
+}
+
+/// The quick start's night on the real default model (scripts/quickstart.sh): the ten example notes
+/// with the settings of examples/notes.env; the adapter beats the bare model on the held-out notes, is
+/// promoted, and a second night finds nothing new.
+#[test]
+fn the_quick_start_night_on_the_default_model_promotes() {
+    let model = crate::pai_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let settings = std::fs::read_to_string(root.join("examples/notes.env")).unwrap();
+    let env: Vec<(&str, &str)> = settings
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let pai = |args: &[&str]| {
+        let mut cmd = Command::new(TRAIN);
+        cmd.args(args)
+            .env("PAI_HOME", &home)
+            .env_remove("PAI_MODEL")
+            .env("RUST_BACKTRACE", "0");
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let source = format!("{}:notes", root.join("examples/notes").display());
+    let out = pai(&["init", "--source", &source]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let night = |day: &str| pai(&["nightly", "--day", day, "--model", model.to_str().unwrap()]);
+    let out = night("2026-12-01");
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}\n{}", text(&out.stderr));
+    assert!(said.contains("promoted v1"), "{said}");
+    let state: serde_json::Value = json(&pai(&["status", "--json"]));
+    let run = &state["runs"][0];
+    assert_eq!(run["stages"][2]["result"]["incumbent"], "base", "{run}");
+    assert_eq!(run["stages"][2]["result"]["pass"], true, "{run}");
+    let out = night("2026-12-01");
+    assert!(
+        text(&out.stdout).contains("nothing new to learn"),
+        "{}",
+        text(&out.stdout)
+    );
 }
