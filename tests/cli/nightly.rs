@@ -1,6 +1,6 @@
 //! `pai-train nightly` end to end: a server started before the first night picks up what the night
-//! promotes with no restart; a night with nothing new ends at once; a worse candidate is rejected and
-//! the server keeps the version it had; a night killed in training is taken up where it stopped;
+//! promotes with no restart; a night with nothing new ends at once; a night with new notes promotes a
+//! better candidate over the first; a worse candidate is rejected and the server keeps the version it had; a night killed in training is taken up where it stopped;
 //! `rollback` restores; `status`, `history`, `config` and `init` say what happened.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -64,12 +64,24 @@ fn nights_promote_reject_resume_and_the_server_follows() {
     );
     let home = &w.home;
     let source = format!("{}:notes", w.notes.display());
+    // And a small code repository beside the notes.
+    let repo = w.dir.path().join("pond-tools");
+    std::fs::create_dir_all(repo.join("src")).unwrap();
+    std::fs::write(
+        repo.join("src/count.py"),
+        "\"\"\"Count the birds seen at the pond each morning.\"\"\"\n\n\ndef tally(sightings):\n    counts = {}\n    for bird in sightings:\n        counts[bird] = counts.get(bird, 0) + 1\n    return counts\n\n\ndef busiest(counts):\n    return max(counts, key=counts.get)\n",
+    )
+    .unwrap();
+    std::fs::write(repo.join(".gitignore"), "*.pyc\n").unwrap();
+    let code = format!("{}:code", repo.display());
     let nightly = |day: &str, env: &[(&str, &str)]| {
         let mut cmd = Command::new(TRAIN);
         cmd.args([
             "nightly",
             "--source",
             &source,
+            "--source",
+            &code,
             "--day",
             day,
             "--model",
@@ -110,6 +122,10 @@ fn nights_promote_reject_resume_and_the_server_follows() {
     let said1 = text(&out.stdout);
     assert!(out.status.success(), "{said1}\n{}", text(&out.stderr));
     assert!(said1.contains("promoted v1"), "{said1}");
+    assert!(
+        said1.contains(" code"),
+        "the code repository was ingested too: {said1}"
+    );
     wait_served(&addr, "personal", "personal@v1");
     let status = json(&w.pai(&["status", "--json"]));
     assert_eq!(status["adapters"][0]["current"], "v1", "{status}");
@@ -134,13 +150,44 @@ fn nights_promote_reject_resume_and_the_server_follows() {
         text(&out.stdout)
     );
 
-    // Night 2: new notes, but a candidate trained 2 steps against v1's 60: the gate rejects it, the
-    // server keeps v1 (exit code 3 for the cron job).
+    // Night 2: notes of a new kind (the garden at dusk) and an edited pond note: the candidate knows
+    // both (and trained longer, on more), v1 only the pond: promoted, and the server swaps it in.
+    for i in 0..48 {
+        let animals = ["fox", "badger", "hedgehog", "owl"];
+        std::fs::write(
+            w.notes.join(format!("g{i}.md")),
+            format!(
+                "# Garden log {i}\n\nAt dusk the {} crossed the lawn and slipped under the hedge.\n",
+                animals[i % animals.len()]
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        w.notes.join("n0.md"),
+        "# Pond log 0\n\nThe heron stood in the shallows all morning.\n",
+    )
+    .unwrap();
+    let out = nightly(
+        "2026-12-02",
+        &[
+            ("PAI_TRAIN_MAX_STEPS", "150"),
+            ("PAI_TRAIN_LEARNING_RATE", "0.0015"),
+        ],
+    );
+    let said2 = text(&out.stdout);
+    assert!(out.status.success(), "{said2}\n{}", text(&out.stderr));
+    assert!(said2.contains("promoted v2"), "{said2}");
+    assert!(said2.contains("against personal@v1"), "{said2}");
+    wait_served(&addr, "personal", "personal@v2");
+
+    // Night 3: new notes, but a candidate trained 2 steps against v2's 60: the gate rejects it, the
+    // server keeps v2 (exit code 3 for the cron job).
     for i in 48..64 {
         let (name, body) = note(i);
         std::fs::write(w.notes.join(name), body).unwrap();
     }
-    let out = nightly("2026-12-02", &[("PAI_TRAIN_MAX_STEPS", "2")]);
+    let out = nightly("2026-12-03", &[("PAI_TRAIN_MAX_STEPS", "2")]);
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -149,13 +196,13 @@ fn nights_promote_reject_resume_and_the_server_follows() {
         text(&out.stderr)
     );
     assert!(
-        text(&out.stdout).contains("rejected v2"),
+        text(&out.stdout).contains("rejected v3"),
         "{}",
         text(&out.stdout)
     );
-    assert_eq!(served_by(&addr, "personal"), "personal@v1");
+    assert_eq!(served_by(&addr, "personal"), "personal@v2");
 
-    // Night 3, killed while training (after its first checkpoint); the next invocation takes the
+    // Night 4, killed while training (after its first checkpoint); the next invocation takes the
     // same run up where it stopped and finishes it.
     for i in 64..80 {
         let (name, body) = note(i);
@@ -166,8 +213,10 @@ fn nights_promote_reject_resume_and_the_server_follows() {
             "nightly",
             "--source",
             &source,
+            "--source",
+            &code,
             "--day",
-            "2026-12-03",
+            "2026-12-04",
             "--model",
             w.model_arg(),
         ])
@@ -182,7 +231,7 @@ fn nights_promote_reject_resume_and_the_server_follows() {
     let started = Instant::now();
     let run_id = loop {
         let runs = pai_pipeline::nightly::runs(&home.join("runs")).unwrap();
-        let open = runs.iter().find(|r| r.day == "2026-12-03");
+        let open = runs.iter().find(|r| r.day == "2026-12-04");
         if let Some(r) = open {
             let ckpt = home
                 .join("runs")
@@ -208,7 +257,7 @@ fn nights_promote_reject_resume_and_the_server_follows() {
     let killed = state_of(home, &run_id);
     assert_eq!(killed["stages"].as_array().unwrap().len(), 1, "{killed}");
     assert!(killed["finished"].is_null());
-    let out = nightly("2026-12-03", &[]);
+    let out = nightly("2026-12-04", &[]);
     assert!(
         matches!(out.status.code(), Some(0 | 3)),
         "{}",
@@ -229,17 +278,21 @@ fn nights_promote_reject_resume_and_the_server_follows() {
         pai_pipeline::nightly::runs(&home.join("runs"))
             .unwrap()
             .len(),
-        4,
+        5,
         "taken up, not started anew"
     );
 
-    // Rollback restores what was served before.
-    let before = json(&w.pai(&["status", "--json"]))["adapters"][0]["current"].clone();
-    if before != "v1" {
-        let out = w.pai(&["rollback", "personal"]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        wait_served(&addr, "personal", "personal@v1");
-    }
+    // Rollback serves the version the current one replaced: v1 when night 4 was rejected, v2 when it
+    // was promoted.
+    let status = json(&w.pai(&["status", "--json"]));
+    let current = status["adapters"][0]["current"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let previous = if current == "v2" { "v1" } else { "v2" };
+    let out = w.pai(&["rollback", "personal"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_served(&addr, "personal", &format!("personal@{previous}"));
 
     // History: every night, newest first.
     let history = text(&w.pai(&["history"]).stdout);
@@ -248,10 +301,13 @@ fn nights_promote_reject_resume_and_the_server_follows() {
             .lines()
             .filter(|l| l.starts_with("nightly-"))
             .count(),
-        4,
+        5,
         "{history}"
     );
-    assert!(history.contains("4 runs"), "{history}");
+    assert!(
+        history.contains("5 runs, 2 promoted") || history.contains("5 runs, 3 promoted"),
+        "{history}"
+    );
 
     let _ = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
