@@ -10,8 +10,17 @@ use pai_pipeline::nightly::runs;
 use pai_pipeline::schedule::{run_scheduler, Schedule, ScheduleState, SystemClock};
 use pai_pipeline::{LoadedConfig, Outcome, RunState};
 
+/// An explicitly named configuration file must be there (the default one may be absent).
+fn named_file(file: Option<&Path>) -> anyhow::Result<()> {
+    match file {
+        Some(f) if !f.is_file() => anyhow::bail!("--file {}: no such file", f.display()),
+        _ => Ok(()),
+    }
+}
+
 /// `pai-train config show`: the effective configuration and where each value came from.
 pub fn config_show(file: Option<&Path>) -> anyhow::Result<()> {
+    named_file(file)?;
     let loaded = LoadedConfig::load(&crate::pai_home(), file)?;
     print!("{}", loaded.show()?);
     Ok(())
@@ -19,6 +28,7 @@ pub fn config_show(file: Option<&Path>) -> anyhow::Result<()> {
 
 /// `pai-train config check`: every problem at once; an error when there is one.
 pub fn config_check(file: Option<&Path>) -> anyhow::Result<()> {
+    named_file(file)?;
     let home = crate::pai_home();
     let loaded = LoadedConfig::load(&home, file)?;
     // [train] is checked against the model when it is there to read.

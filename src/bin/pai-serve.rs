@@ -152,6 +152,9 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Flags over [serve] of pai.toml (itself over the defaults and under PAI_SERVE_* variables).
+    if let Some(f) = args.config.as_ref().filter(|f| !f.is_file()) {
+        anyhow::bail!("--config {}: no such file", f.display());
+    }
     let loaded = pai_pipeline::LoadedConfig::load(&pai::pai_home(), args.config.as_deref())?;
     if let Some(problem) = loaded.check(None).into_iter().find(|p| {
         matches!(p, pai_pipeline::PipelineError::Invalid { key, .. } if key.starts_with("serve."))
