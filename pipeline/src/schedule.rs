@@ -275,85 +275,91 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn runs_on_schedule_catches_up_once_after_a_sleep_and_after_a_shutdown() {
-        let dir = tempfile::tempdir().unwrap();
-        let schedule = Schedule::parse("30 2 * * *").unwrap();
-        // Started on the 1st at 23:00; asleep from 01:00 on the 3rd to 09:00 on the 4th (missing the
-        // runs of the 3rd and the 4th); stopped on the 5th at 12:00.
+    /// Run the scheduler from `start` (with `suspend`: asleep from its first time to its second) until
+    /// `until`; each run's (scheduled time, time it started), every run exiting with `code`.
+    fn scheduled(
+        dir: &Path,
+        cron: &str,
+        catch_up: bool,
+        start: DateTime<Local>,
+        suspend: Option<(DateTime<Local>, DateTime<Local>)>,
+        until: DateTime<Local>,
+        code: i32,
+    ) -> Vec<(DateTime<Local>, DateTime<Local>)> {
         let clock = FakeClock {
-            now: Cell::new(at(1, 23, 0)),
-            jumps: RefCell::new(vec![(at(3, 1, 0), at(4, 9, 0))]),
+            now: Cell::new(start),
+            jumps: RefCell::new(suspend.into_iter().collect()),
         };
         let fired = RefCell::new(Vec::new());
+        let schedule = Schedule::parse(cron).unwrap();
         run_scheduler(
             &schedule,
-            dir.path(),
-            true,
+            dir,
+            catch_up,
             &clock,
-            || clock.now() < at(5, 12, 0),
+            || clock.now() < until,
             |t| {
                 fired.borrow_mut().push((t, clock.now()));
-                0
+                code
             },
             |_| {},
         )
         .unwrap();
-        let fired = fired.into_inner();
-        let scheduled: Vec<_> = fired.iter().map(|(t, _)| *t).collect();
+        fired.into_inner()
+    }
+
+    #[test]
+    fn runs_on_schedule_catches_up_once_after_a_sleep_and_after_a_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        // Started on the 1st at 23:00; asleep from 01:00 on the 3rd to 09:00 on the 4th (missing the
+        // runs of the 3rd and the 4th); stopped on the 5th at 12:00.
+        let suspend = (at(3, 1, 0), at(4, 9, 0));
+        let fired = scheduled(
+            dir.path(),
+            "30 2 * * *",
+            true,
+            at(1, 23, 0),
+            Some(suspend),
+            at(5, 12, 0),
+            0,
+        );
+        let times: Vec<_> = fired.iter().map(|(t, _)| *t).collect();
         // The 2nd on time; the 4th's (latest missed) once on waking; the 5th on time.
-        assert_eq!(scheduled, [at(2, 2, 30), at(4, 2, 30), at(5, 2, 30)]);
+        assert_eq!(times, [at(2, 2, 30), at(4, 2, 30), at(5, 2, 30)]);
         assert_eq!(fired[1].1, at(4, 9, 0), "caught up on waking");
         let state = ScheduleState::read(dir.path());
         assert_eq!(state.last_fire, Some(at(5, 2, 30)));
         assert_eq!(state.last_exit, Some(0));
 
         // Shut down from the 5th at 12:00 to the 8th at 08:00: one catch-up run on start.
-        let clock = FakeClock {
-            now: Cell::new(at(8, 8, 0)),
-            jumps: RefCell::new(Vec::new()),
-        };
-        let fired = RefCell::new(Vec::new());
-        run_scheduler(
-            &schedule,
+        let fired = scheduled(
             dir.path(),
+            "30 2 * * *",
             true,
-            &clock,
-            || clock.now() < at(8, 9, 0),
-            |t| {
-                fired.borrow_mut().push(t);
-                5
-            },
-            |_| {},
-        )
-        .unwrap();
-        assert_eq!(fired.into_inner(), [at(8, 2, 30)]);
+            at(8, 8, 0),
+            None,
+            at(8, 9, 0),
+            5,
+        );
+        assert_eq!(fired, [(at(8, 2, 30), at(8, 8, 0))]);
         assert_eq!(ScheduleState::read(dir.path()).last_exit, Some(5));
     }
 
     #[test]
     fn without_catch_up_a_missed_run_waits_for_the_next() {
         let dir = tempfile::tempdir().unwrap();
-        let schedule = Schedule::parse("0 30 2 * * *").unwrap();
-        let clock = FakeClock {
-            now: Cell::new(at(1, 23, 0)),
-            jumps: RefCell::new(vec![(at(2, 1, 0), at(2, 9, 0))]),
-        };
-        let fired = RefCell::new(Vec::new());
-        run_scheduler(
-            &schedule,
+        let suspend = (at(2, 1, 0), at(2, 9, 0));
+        let fired = scheduled(
             dir.path(),
+            "0 30 2 * * *",
             false,
-            &clock,
-            || clock.now() < at(3, 12, 0),
-            |t| {
-                fired.borrow_mut().push(t);
-                0
-            },
-            |_| {},
-        )
-        .unwrap();
-        assert_eq!(fired.into_inner(), [at(3, 2, 30)]);
+            at(1, 23, 0),
+            Some(suspend),
+            at(3, 12, 0),
+            0,
+        );
+        let times: Vec<_> = fired.iter().map(|(t, _)| *t).collect();
+        assert_eq!(times, [at(3, 2, 30)]);
     }
 
     #[test]

@@ -74,27 +74,22 @@ fn nights_promote_reject_resume_and_the_server_follows() {
     .unwrap();
     std::fs::write(repo.join(".gitignore"), "*.pyc\n").unwrap();
     let code = format!("{}:code", repo.display());
-    let nightly = |day: &str, env: &[(&str, &str)]| {
+    // `pai-train nightly` for `day` over both sources, with `env` on top.
+    let night_cmd = |day: &str, env: &[(&str, &str)]| {
         let mut cmd = Command::new(TRAIN);
         cmd.args([
-            "nightly",
-            "--source",
-            &source,
-            "--source",
-            &code,
-            "--day",
-            day,
-            "--model",
-            w.model_arg(),
+            "nightly", "--source", &source, "--source", &code, "--day", day,
         ])
+        .args(["--model", w.model_arg()])
         .env("PAI_HOME", home)
         .env("RUST_BACKTRACE", "0")
         .env_remove("PAI_MODEL");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.output().unwrap()
+        cmd
     };
+    let nightly = |day: &str, env: &[(&str, &str)]| night_cmd(day, env).output().unwrap();
 
     // A server running before the first night, with no adapter yet.
     let mut server = Command::new(SERVE)
@@ -208,22 +203,7 @@ fn nights_promote_reject_resume_and_the_server_follows() {
         let (name, body) = note(i);
         std::fs::write(w.notes.join(name), body).unwrap();
     }
-    let mut child = Command::new(TRAIN)
-        .args([
-            "nightly",
-            "--source",
-            &source,
-            "--source",
-            &code,
-            "--day",
-            "2026-12-04",
-            "--model",
-            w.model_arg(),
-        ])
-        .env("PAI_HOME", home)
-        .env("PAI_TRAIN_MAX_STEPS", "2000")
-        .env("RUST_BACKTRACE", "0")
-        .env_remove("PAI_MODEL")
+    let mut child = night_cmd("2026-12-04", &[("PAI_TRAIN_MAX_STEPS", "2000")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
