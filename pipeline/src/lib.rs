@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+mod layers;
 pub mod lock;
 pub mod nightly;
 pub mod schedule;
