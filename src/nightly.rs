@@ -49,12 +49,12 @@ pub fn nightly(args: NightlyArgs) -> anyhow::Result<Exit> {
             return Ok(Exit::Usage);
         }
     };
-    let config = loaded.config.clone();
-    let settings = &config.nightly;
     if let Some(problem) = loaded.check(None).into_iter().next() {
         eprintln!("pai-train nightly: {problem}");
         return Ok(Exit::Usage);
     }
+    let config = loaded.config;
+    let settings = &config.nightly;
     let day = match args.day {
         Some(d) => {
             chrono::NaiveDate::parse_from_str(&d, "%Y-%m-%d")
@@ -83,18 +83,18 @@ pub fn nightly(args: NightlyArgs) -> anyhow::Result<Exit> {
 
     // 2. The stages.
     let model = crate::resolve_model(args.model.or_else(|| config.model.clone()))?;
-    let mut stages = PaiStages {
-        home: home.clone(),
-        config: config.clone(),
-        model,
-        extra_sources: args.sources,
-    };
     let opts = NightlyOptions {
         runs_dir: home.join("runs"),
         day: day.clone(),
         adapter: settings.adapter.clone(),
         min_new_tokens: settings.min_new_tokens,
         promote: settings.promote,
+    };
+    let mut stages = PaiStages {
+        home: home.clone(),
+        config,
+        model,
+        extra_sources: args.sources,
     };
     let started = std::time::Instant::now();
     let ran = run_nightly(&opts, &mut stages, |state, stage, phase| {

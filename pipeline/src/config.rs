@@ -172,7 +172,8 @@ impl LoadedConfig {
         file: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self> {
-        let mut merged = defaults()?;
+        let defaults = defaults()?;
+        let mut merged = defaults.clone();
         let mut origins = BTreeMap::new();
         // 1. The file over the defaults.
         match std::fs::read_to_string(file) {
@@ -193,7 +194,6 @@ impl LoadedConfig {
             Err(e) => return Err(PipelineError::io("read", file, e)),
         }
         // 2. The environment over both (sorted, so that the outcome never depends on its order).
-        let defaults = defaults()?;
         let mut env: Vec<(String, String)> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("PAI_") && !NOT_KEYS.contains(&k.as_str()))
