@@ -101,7 +101,7 @@ pub fn write_reports(home: &Path, run: Option<&str>) -> anyhow::Result<PathBuf> 
         training: &training,
     });
     let path = dir.join(format!("{}.html", this.run));
-    write_atomic(&path, page.as_bytes())?;
+    pai_pipeline::nightly::write_atomic(&path, page.as_bytes())?;
     let index: Vec<IndexEntry> = runs
         .iter()
         .rev()
@@ -113,14 +113,8 @@ pub fn write_reports(home: &Path, run: Option<&str>) -> anyhow::Result<PathBuf> 
             promoted: r.promoted,
         })
         .collect();
-    write_atomic(&dir.join("index.html"), render_index(&index).as_bytes())?;
+    pai_pipeline::nightly::write_atomic(&dir.join("index.html"), render_index(&index).as_bytes())?;
     Ok(path)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("html.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `pai-train report [RUN] [--open]`.

@@ -111,10 +111,10 @@ struct JobFile {
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    Ok(pai_pipeline::nightly::write_atomic(
+        path,
+        &serde_json::to_vec_pretty(value)?,
+    )?)
 }
 
 /// Whether a run stopped before its last step (its checkpoint says so).
