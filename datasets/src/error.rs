@@ -20,6 +20,7 @@ pub enum DatasetError {
         #[source]
         source: serde_json::Error,
     },
+    #[cfg(feature = "store")]
     #[error("{path}: parquet store error: {source}")]
     Store {
         path: PathBuf,

@@ -13,17 +13,22 @@ pub mod chat;
 pub mod code;
 mod error;
 pub mod example;
+#[cfg(feature = "store")]
 mod file_examples;
 pub mod fim;
+#[cfg(feature = "store")]
 mod frame;
+#[cfg(feature = "store")]
 pub mod ingest;
 pub mod journal;
 pub mod minhash;
+#[cfg(feature = "store")]
 pub mod mix;
 pub mod notes;
 pub mod privacy_index;
 pub mod scrub;
 pub mod source;
+#[cfg(feature = "store")]
 pub mod store;
 pub mod walk;
 
@@ -31,8 +36,11 @@ pub use chat::{ChatMessage, Conversation};
 pub use error::{DatasetError, Result};
 pub use example::{Budget, CountTokens, Example, Kind, Split};
 pub use fim::{FimMode, FimSettings, FimSpan, FimTokens};
+#[cfg(feature = "store")]
 pub use ingest::{IngestOptions, IngestSettings, IngestSummary};
+#[cfg(feature = "store")]
 pub use mix::{training_mix, Mix, MixMode, MixSettings};
 pub use privacy_index::{PrivacyIndex, PrivateMatch};
 pub use source::{resolve_sources, Privacy, Source, SourceConfig, SourceKind};
+#[cfg(feature = "store")]
 pub use store::{StatsRow, Store};

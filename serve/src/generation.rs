@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -236,7 +236,7 @@ impl Job {
     }
 }
 
-fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
+pub(crate) fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             Some("messages"),
@@ -296,9 +296,22 @@ fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
 pub async fn chat_completions(
     State(s): State<Arc<ServeState>>,
     key: Option<Extension<ApiKeyIndex>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
+    if req.model == "auto" {
+        return crate::router::dispatch::auto_chat(s, key, headers, req, body).await;
+    }
+    chat_local(s, key, req).await
+}
+
+/// A chat request answered by this server's model (the base or an adapter).
+pub(crate) async fn chat_local(
+    s: Arc<ServeState>,
+    key: Option<Extension<ApiKeyIndex>>,
+    req: ChatRequest,
+) -> Result<Response, ApiError> {
     let adapter = s.resolve(&req.model, req.adapter.as_deref())?;
     let messages = chat_messages(&req)?;
     let template = s.base.chat_template()?;
@@ -357,6 +370,13 @@ pub async fn completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(&body)?;
+    if req.model == "auto" {
+        return Err(ApiError::invalid(
+            Some("model"),
+            "invalid_value",
+            "\"model\": \"auto\" (the router) answers /v1/chat/completions only",
+        ));
+    }
     let adapter = s.resolve(&req.model, req.adapter.as_deref())?;
     let text = match &req.prompt {
         Prompt::One(t) => t.clone(),

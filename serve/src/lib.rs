@@ -12,6 +12,7 @@ pub mod error;
 pub mod generation;
 pub mod metrics;
 pub mod openai;
+pub mod router;
 pub mod routes;
 pub mod state;
 

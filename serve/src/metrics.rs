@@ -71,6 +71,23 @@ struct Counters {
     tokens: BTreeMap<AdapterLabel, (u64, u64)>,
     first_token: BTreeMap<AdapterLabel, Histogram>,
     generation: BTreeMap<AdapterLabel, Histogram>,
+    router: RouterCounters,
+}
+
+/// The router's decisions and what came of them.
+#[derive(Debug, Default)]
+struct RouterCounters {
+    /// (rule, level decided) → requests.
+    decisions: BTreeMap<(String, u8), u64>,
+    /// (tier that answered, its level) → requests.
+    served: BTreeMap<(String, u8), u64>,
+    /// (target that failed, cause) → fallbacks past it; retries of the same deployment.
+    fallbacks: BTreeMap<(String, String), u64>,
+    retries: BTreeMap<(String, String), u64>,
+    /// Privacy detector → requests it kept on the machine.
+    kept_local: BTreeMap<String, u64>,
+    /// Deployment → (prompt tokens, completion tokens, US dollars).
+    spend: BTreeMap<String, (u64, u64, f64)>,
 }
 
 /// The server's metrics.
@@ -141,6 +158,51 @@ impl Metrics {
                 .entry(adapter.clone())
                 .or_default()
                 .observe(took.as_secs_f64())
+        });
+    }
+
+    /// The router decided `level` by `rule`.
+    pub fn router_decision(&self, rule: &str, level: u8) {
+        self.with(|c| *c.router.decisions.entry((rule.into(), level)).or_default() += 1);
+    }
+
+    /// `tier` (at `level`) answered a routed request.
+    pub fn router_served(&self, tier: &str, level: u8) {
+        self.with(|c| *c.router.served.entry((tier.into(), level)).or_default() += 1);
+    }
+
+    /// `target` failed for `cause` and the request went on to the next one.
+    pub fn router_fallback(&self, target: &str, cause: &str) {
+        self.with(|c| {
+            *c.router
+                .fallbacks
+                .entry((target.into(), cause.into()))
+                .or_default() += 1
+        });
+    }
+
+    /// `deployment` failed for `cause` and is tried again.
+    pub fn router_retry(&self, deployment: &str, cause: &str) {
+        self.with(|c| {
+            *c.router
+                .retries
+                .entry((deployment.into(), cause.into()))
+                .or_default() += 1
+        });
+    }
+
+    /// The privacy `detector` kept a request on the machine.
+    pub fn router_kept_local(&self, detector: &str) {
+        self.with(|c| *c.router.kept_local.entry(detector.into()).or_default() += 1);
+    }
+
+    /// A cloud answer's tokens and cost.
+    pub fn router_cost(&self, deployment: &str, prompt: u64, completion: u64, usd: f64) {
+        self.with(|c| {
+            let e = c.router.spend.entry(deployment.into()).or_default();
+            e.0 += prompt;
+            e.1 += completion;
+            e.2 += usd;
         });
     }
 
@@ -243,6 +305,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
             }
         }
+        render_router(&mut out, &c.router);
         for (name, help, value) in [
             (
                 "pai_decode_steps_total",
@@ -294,6 +357,94 @@ impl Metrics {
             let _ = writeln!(out, "{name} {value}");
         }
         out
+    }
+}
+
+fn render_router(out: &mut String, r: &RouterCounters) {
+    let pairs = [
+        (
+            "pai_router_decisions_total",
+            "Routed requests by the rule that decided and the level it chose.",
+            &r.decisions,
+            ("rule", "level"),
+        ),
+        (
+            "pai_router_served_total",
+            "Routed requests by the tier that answered.",
+            &r.served,
+            ("tier", "level"),
+        ),
+    ];
+    for (name, help, map, (k1, k2)) in pairs {
+        header(out, name, "counter", help);
+        for ((a, b), n) in map {
+            let _ = writeln!(out, "{name}{{{k1}=\"{}\",{k2}=\"{b}\"}} {n}", escape(a));
+        }
+    }
+    for (name, help, map) in [
+        (
+            "pai_router_fallbacks_total",
+            "Targets that failed a routed request, which then went to the next one.",
+            &r.fallbacks,
+        ),
+        (
+            "pai_router_retries_total",
+            "Attempts of a cloud deployment repeated after a failure.",
+            &r.retries,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        for ((target, cause), n) in map {
+            let _ = writeln!(
+                out,
+                "{name}{{target=\"{}\",cause=\"{}\"}} {n}",
+                escape(target),
+                escape(cause)
+            );
+        }
+    }
+    header(
+        out,
+        "pai_router_kept_local_total",
+        "counter",
+        "Requests the privacy gate kept on the machine, by detector.",
+    );
+    for (detector, n) in &r.kept_local {
+        let _ = writeln!(
+            out,
+            "pai_router_kept_local_total{{detector=\"{}\"}} {n}",
+            escape(detector)
+        );
+    }
+    header(
+        out,
+        "pai_router_cloud_tokens_total",
+        "counter",
+        "Tokens sent to and received from cloud deployments.",
+    );
+    for (d, (p, g, _)) in &r.spend {
+        let d = escape(d);
+        let _ = writeln!(
+            out,
+            "pai_router_cloud_tokens_total{{deployment=\"{d}\",kind=\"prompt\"}} {p}"
+        );
+        let _ = writeln!(
+            out,
+            "pai_router_cloud_tokens_total{{deployment=\"{d}\",kind=\"completion\"}} {g}"
+        );
+    }
+    header(
+        out,
+        "pai_router_cost_usd_total",
+        "counter",
+        "US dollars spent on cloud deployments (at the configured prices).",
+    );
+    for (d, (_, _, usd)) in &r.spend {
+        let _ = writeln!(
+            out,
+            "pai_router_cost_usd_total{{deployment=\"{}\"}} {usd}",
+            escape(d)
+        );
     }
 }
 

@@ -130,6 +130,12 @@ pub struct ChatRequest {
     /// Accepted and logged (OpenAI's end-user id).
     #[serde(default)]
     pub user: Option<String>,
+    /// pai, with `"model": "auto"`: the tier to answer (`local`, `L2`, `L3`, or a deployment's name).
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// pai: this request must not leave the machine.
+    #[serde(default)]
+    pub private: bool,
 }
 }
 

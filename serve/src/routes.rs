@@ -25,6 +25,7 @@ pub fn app(state: Arc<ServeState>) -> Router {
             post(crate::generation::chat_completions),
         )
         .route("/v1/completions", post(crate::generation::completions))
+        .route("/v1/route", post(crate::router::dispatch::route))
         .route("/reports/", get(report_index))
         .route("/reports/{page}", get(report_page))
         .route("/metrics", get(metrics))
@@ -57,11 +58,15 @@ async fn count(
         .map_or("unmatched", |p| p.as_str())
         .to_string();
     let resp = next.run(req).await;
-    let adapter = resp
-        .headers()
-        .get("x-pai-adapter")
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(AdapterLabel::base, AdapterLabel::from_header);
+    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+    // A cloud tier's answer is labelled with the deployment that gave it.
+    let adapter = match header("x-pai-tier").filter(|t| *t != "local") {
+        Some(tier) => AdapterLabel {
+            name: format!("tier:{tier}"),
+            version: String::new(),
+        },
+        None => header("x-pai-adapter").map_or_else(AdapterLabel::base, AdapterLabel::from_header),
+    };
     s.metrics.request(&route, resp.status().as_u16(), adapter);
     resp
 }

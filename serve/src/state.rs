@@ -100,6 +100,8 @@ pub struct ServeState {
     pub(crate) by_path: Mutex<HashMap<String, Arc<LoadedAdapter>>>,
     /// Where adapters may be loaded from by path (none: loading by path is off).
     pub adapter_root: Option<std::path::PathBuf>,
+    /// What answers `"model": "auto"` (local only unless cloud tiers are configured).
+    pub router: crate::router::Router,
 }
 
 /// Bytes an adapter's weights take.
@@ -138,6 +140,7 @@ impl ServeState {
             loader: std::sync::OnceLock::new(),
             watcher: Mutex::new(None),
             adapter_root: None,
+            router: crate::router::Router::local_only(),
         }
     }
 

@@ -1,0 +1,409 @@
+//! The router: for a request with `"model": "auto"`, which tier answers — L1 the local model with the
+//! owner's adapter, L2 a cloud medium model, L3 a cloud large one — and where it goes when that tier
+//! fails. The rules, in order (each decision carries the reasons that made it):
+//! 1. the privacy gate (`privacy`): secrets, personal data, the owner's private text or a `private`
+//!    flag keep a request local, whatever else it asks, and no fallback sends it out;
+//! 2. a tier the request names (`tier`: `local`, a level `L2`/`L3`, or a deployment's name);
+//! 3. no cloud tier configured, or the day's budget spent: local;
+//! 4. a prompt longer than the local model's context: L2;
+//! 5. the local model's confidence (the prompt's mean log-likelihood under base + adapter) against the
+//!    calibrated thresholds (`pai-train router calibrate`); uncalibrated, local.
+//!
+//! The plan puts the chosen tier first, then the other cloud tiers, then the local model (for a cloud
+//! choice). Sending is in `dispatch`, one deployment's manners in `upstream`, the ledger of what left in
+//! `ledger`.
+
+pub mod config;
+pub mod dispatch;
+pub mod ledger;
+pub mod privacy;
+pub mod upstream;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+pub use config::{PrivacyConfig, RouterConfig, Thresholds, TierConfig};
+pub use ledger::{EgressLedger, EgressRecord};
+pub use privacy::{PrivacyGate, PrivacyVerdict};
+use upstream::Deployment;
+
+/// What goes wrong setting the router up.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("{key} = {value} is invalid: must be {allowed}")]
+    BadConfig {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+    #[error("cannot build the HTTP client for the cloud tiers: {source}")]
+    Client {
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a router calibration: {source}")]
+    Calibration {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Where a request may be answered, in the order of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Local,
+    /// An index into the configured tiers.
+    Cloud(usize),
+}
+
+/// The router's choice for one request, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    /// 1 local, 2 cloud medium, 3 cloud large.
+    pub level: u8,
+    /// `local` or the name of the first deployment of the plan.
+    pub tier: String,
+    pub reasons: Vec<String>,
+    /// A short label of the rule that decided (`private`, `asked`, `no_cloud`, `budget`, `context`,
+    /// `confidence`, `uncalibrated`): /metrics counts by it.
+    pub rule: &'static str,
+    pub egress_allowed: bool,
+    pub confidence: Option<f64>,
+    pub prompt_tokens: usize,
+    pub privacy: PrivacyVerdict,
+    /// Where it goes, in order: the first answers unless it fails.
+    #[serde(skip)]
+    pub plan: Vec<Target>,
+}
+
+/// What the router needs to know of a request.
+#[derive(Debug, Clone, Default)]
+pub struct RouteInput {
+    /// The `tier` the request names, if any.
+    pub tier: Option<String>,
+    pub prompt_tokens: usize,
+    /// The local model's context length.
+    pub local_context: usize,
+}
+
+/// `$PAI_HOME/router/calibration.json`: what `pai-train router calibrate` found.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Calibration {
+    pub thresholds: Thresholds,
+    /// Shares (percent) at L1, L2, L3 on the labelled set, and the agreement with its labels.
+    pub share: [f64; 3],
+    pub agreement: f64,
+    pub labelled: usize,
+    /// The local model the confidences were measured under.
+    pub local_model: String,
+    pub time: String,
+}
+
+impl Calibration {
+    pub fn path(home: &Path) -> PathBuf {
+        home.join("router").join("calibration.json")
+    }
+
+    pub fn read(path: &Path) -> Result<Option<Self>, RouterError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
+                RouterError::Calibration {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(RouterError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Cloud spend of the current UTC day.
+#[derive(Debug, Default)]
+struct Spend {
+    day: String,
+    usd: f64,
+}
+
+pub struct Router {
+    pub config: RouterConfig,
+    /// The configured tiers' deployments, in the configured order.
+    deployments: Vec<Deployment>,
+    pub gate: PrivacyGate,
+    client: reqwest::Client,
+    ledger: Option<EgressLedger>,
+    spend: Mutex<Spend>,
+    /// From the config, else from the calibration file.
+    pub thresholds: Option<Thresholds>,
+}
+
+fn today() -> String {
+    chrono::Utc::now().format("%Y-%m-%d").to_string()
+}
+
+impl Router {
+    /// A router over `config`; with `home`, the privacy index, the calibration and the egress
+    /// ledger under it.
+    pub fn new(config: RouterConfig, home: Option<&Path>) -> Result<Self, RouterError> {
+        if let Some((key, value, allowed)) = config.problems().into_iter().next() {
+            return Err(RouterError::BadConfig {
+                key,
+                value,
+                allowed,
+            });
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|source| RouterError::Client { source })?;
+        let index = home.map(pai_datasets::PrivacyIndex::path);
+        let gate = PrivacyGate::new(&config.privacy, index);
+        let thresholds = match (config.thresholds, home) {
+            (Some(t), _) => Some(t),
+            (None, Some(home)) => {
+                Calibration::read(&Calibration::path(home))?.map(|c| c.thresholds)
+            }
+            (None, None) => None,
+        };
+        let ledger = match home.filter(|_| config.ledger) {
+            Some(home) => {
+                let path = EgressLedger::path(home);
+                Some(
+                    EgressLedger::open(path.clone()).map_err(|source| RouterError::Io {
+                        action: "create the egress ledger",
+                        path,
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let day = today();
+        let usd = ledger.as_ref().map_or(0.0, |l| l.spent_on(&day));
+        Ok(Self {
+            deployments: config.tiers.iter().cloned().map(Deployment::new).collect(),
+            config,
+            gate,
+            client,
+            ledger,
+            spend: Mutex::new(Spend { day, usd }),
+            thresholds,
+        })
+    }
+
+    /// No cloud tier: every request is answered locally (what a server without `[router]` does).
+    pub fn local_only() -> Self {
+        let config = RouterConfig::default();
+        Self {
+            deployments: Vec::new(),
+            gate: PrivacyGate::new(&config.privacy, None),
+            client: reqwest::Client::new(),
+            ledger: None,
+            spend: Mutex::new(Spend::default()),
+            thresholds: None,
+            config,
+        }
+    }
+
+    pub fn deployment(&self, i: usize) -> &Deployment {
+        &self.deployments[i]
+    }
+
+    pub(crate) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub(crate) fn ledger(&self) -> Option<&EgressLedger> {
+        self.ledger.as_ref()
+    }
+
+    /// US dollars spent on the cloud tiers today (UTC).
+    pub fn spent_today(&self) -> f64 {
+        let mut s = match self.spend.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let day = today();
+        if s.day != day {
+            *s = Spend { day, usd: 0.0 };
+        }
+        s.usd
+    }
+
+    pub(crate) fn add_spend(&self, usd: f64) {
+        self.spent_today();
+        if let Ok(mut s) = self.spend.lock() {
+            s.usd += usd;
+        }
+    }
+
+    fn budget_spent(&self) -> bool {
+        self.config
+            .daily_budget_usd
+            .is_some_and(|b| self.spent_today() >= b)
+    }
+
+    /// Whether the decision for this request depends on the local confidence probe (so the caller
+    /// runs it only when it matters).
+    pub fn needs_probe(&self, input: &RouteInput, privacy: &PrivacyVerdict) -> bool {
+        self.config.probe
+            && self.thresholds.is_some()
+            && privacy.may_leave()
+            && input.tier.is_none()
+            && !self.deployments.is_empty()
+            && input.prompt_tokens < input.local_context
+            && !self.budget_spent()
+    }
+
+    /// The decision for a request (`confidence`: the probe's result, when it ran).
+    pub fn decide(
+        &self,
+        input: &RouteInput,
+        privacy: PrivacyVerdict,
+        confidence: Option<f64>,
+    ) -> Decision {
+        let mut d = Decision {
+            level: 1,
+            tier: "local".into(),
+            reasons: Vec::new(),
+            rule: "uncalibrated",
+            egress_allowed: privacy.may_leave(),
+            confidence,
+            prompt_tokens: input.prompt_tokens,
+            privacy,
+            plan: Vec::new(),
+        };
+        // A named deployment goes first in its level's order.
+        let mut first: Option<usize> = None;
+        if !d.egress_allowed {
+            d.reasons = d.privacy.reasons();
+            d.reasons
+                .push("private requests are answered only on this machine".into());
+            d.rule = "private";
+        } else if let Some(tier) = input.tier.as_deref() {
+            d.rule = "asked";
+            match self.asked(tier) {
+                Some((level, named)) => {
+                    d.level = level;
+                    first = named;
+                    d.reasons.push(format!("the request asked for {tier}"));
+                }
+                None => d.reasons.push(format!(
+                    "the request asked for {tier}, which is not configured; answered locally"
+                )),
+            }
+        } else if self.deployments.is_empty() {
+            d.rule = "no_cloud";
+            d.reasons.push("no cloud tier is configured".into());
+        } else if self.budget_spent() {
+            d.rule = "budget";
+            d.reasons.push(format!(
+                "today's cloud budget of ${:.2} is spent (${:.4})",
+                self.config.daily_budget_usd.unwrap_or(0.0),
+                self.spent_today()
+            ));
+        } else if input.prompt_tokens >= input.local_context {
+            d.rule = "context";
+            d.level = 2;
+            d.reasons.push(format!(
+                "the prompt's {} tokens do not fit the local model's context of {}",
+                input.prompt_tokens, input.local_context
+            ));
+        } else {
+            match (self.thresholds, confidence) {
+                (Some(t), Some(c)) => {
+                    d.rule = "confidence";
+                    d.level = if c >= t.local {
+                        1
+                    } else if c >= t.medium {
+                        2
+                    } else {
+                        3
+                    };
+                    d.reasons.push(format!(
+                        "local confidence {c:.3} against thresholds {:.3} (local) and {:.3} (medium)",
+                        t.local, t.medium
+                    ));
+                }
+                (Some(_), None) => {
+                    d.rule = "confidence";
+                    d.reasons
+                        .push("the confidence probe is off: local first".into());
+                }
+                (None, _) => d
+                    .reasons
+                    .push("not calibrated (pai-train router calibrate): local first".into()),
+            }
+        }
+        d.plan = self.plan(d.level, first, d.egress_allowed && !self.budget_spent());
+        if let Some(Target::Cloud(i)) = d.plan.first() {
+            d.tier = self.deployments[*i].config.name.clone();
+        } else if d.level > 1 {
+            // Asked for a level with no deployment (or none left): local answers.
+            d.level = 1;
+        }
+        d
+    }
+
+    /// The level and (for a deployment's name) the deployment a request's `tier` names.
+    fn asked(&self, tier: &str) -> Option<(u8, Option<usize>)> {
+        let level = match tier.to_ascii_lowercase().as_str() {
+            "local" | "l1" | "1" => return Some((1, None)),
+            "l2" | "2" | "medium" => 2,
+            "l3" | "3" | "large" => 3,
+            _ => {
+                let i = self
+                    .deployments
+                    .iter()
+                    .position(|d| d.config.name == tier)?;
+                return Some((self.deployments[i].config.level, Some(i)));
+            }
+        };
+        self.config.level(level).next().map(|_| (level, None))
+    }
+
+    /// The order in which targets are tried: the chosen level (its named deployment first), the
+    /// other cloud levels, and the local model last for a cloud choice (first for a local one).
+    fn plan(&self, level: u8, first: Option<usize>, egress: bool) -> Vec<Target> {
+        if !egress {
+            return vec![Target::Local];
+        }
+        let of_level = |l: u8| -> Vec<Target> {
+            let mut v: Vec<usize> = (0..self.deployments.len())
+                .filter(|&i| self.deployments[i].config.level == l)
+                .collect();
+            if let Some(f) = first.filter(|f| v.contains(f)) {
+                v.retain(|&i| i != f);
+                v.insert(0, f);
+            }
+            v.into_iter().map(Target::Cloud).collect()
+        };
+        match level {
+            1 => [vec![Target::Local], of_level(2), of_level(3)].concat(),
+            2 => [of_level(2), of_level(3), vec![Target::Local]].concat(),
+            _ => [of_level(3), of_level(2), vec![Target::Local]].concat(),
+        }
+    }
+
+    /// The cost of a cloud answer.
+    pub fn cost(&self, deployment: usize, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        let c = &self.deployments[deployment].config;
+        (prompt_tokens as f64 * c.price_input_per_m
+            + completion_tokens as f64 * c.price_output_per_m)
+            / 1e6
+    }
+}
