@@ -63,10 +63,12 @@ fn flagged(req: &ChatRequest, headers: &HeaderMap) -> bool {
             .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
 }
 
-/// The model id L1 answers with: the configured adapter when it has a current version, else the base.
+/// The model id L1 answers with: the configured adapter when it has a current version, else the base
+/// (an adapter that exists but fails to load is still asked for, and its error makes L1 fail).
 fn local_model(s: &Arc<ServeState>) -> String {
     let name = &s.router.config.local_model;
-    if name == "base" || name == &s.base_id || s.resolve(name, None).is_err() {
+    let missing = |e: ApiError| e.status == StatusCode::NOT_FOUND;
+    if name == "base" || name == &s.base_id || s.resolve(name, None).is_err_and(missing) {
         s.base_id.clone()
     } else {
         name.clone()

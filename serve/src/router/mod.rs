@@ -3,8 +3,9 @@
 //! fails. The rules, in order (each decision carries the reasons that made it):
 //! 1. the privacy gate (`privacy`): secrets, personal data, the owner's private text or a `private`
 //!    flag keep a request local, whatever else it asks, and no fallback sends it out;
-//! 2. a tier the request names (`tier`: `local`, a level `L2`/`L3`, or a deployment's name);
-//! 3. no cloud tier configured, or the day's budget spent: local;
+//! 2. the day's cloud budget spent: local;
+//! 3. a tier the request names (`tier`: `local`, a level `L2`/`L3`, or a deployment's name);
+//!    no cloud tier configured: local;
 //! 4. a prompt longer than the local model's context: L2;
 //! 5. the local model's confidence (the prompt's mean log-likelihood under base + adapter) against the
 //!    calibrated thresholds (`pai-train router calibrate`); uncalibrated, local.
@@ -294,6 +295,13 @@ impl Router {
             d.reasons
                 .push("private requests are answered only on this machine".into());
             d.rule = "private";
+        } else if !self.deployments.is_empty() && self.budget_spent() {
+            d.rule = "budget";
+            d.reasons.push(format!(
+                "today's cloud budget of ${:.2} is spent (${:.4})",
+                self.config.daily_budget_usd.unwrap_or(0.0),
+                self.spent_today()
+            ));
         } else if let Some(tier) = input.tier.as_deref() {
             d.rule = "asked";
             match self.asked(tier) {
@@ -309,13 +317,6 @@ impl Router {
         } else if self.deployments.is_empty() {
             d.rule = "no_cloud";
             d.reasons.push("no cloud tier is configured".into());
-        } else if self.budget_spent() {
-            d.rule = "budget";
-            d.reasons.push(format!(
-                "today's cloud budget of ${:.2} is spent (${:.4})",
-                self.config.daily_budget_usd.unwrap_or(0.0),
-                self.spent_today()
-            ));
         } else if input.prompt_tokens >= input.local_context {
             d.rule = "context";
             d.level = 2;

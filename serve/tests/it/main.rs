@@ -4,6 +4,7 @@
 mod adapters;
 mod api;
 mod batching;
+mod router;
 mod shutdown;
 
 use std::path::Path;

@@ -1,0 +1,817 @@
+//! The router against real peers on loopback: OpenAI-compatible servers that answer, refuse
+//! connections, hang, answer 429 with Retry-After, 500, or drop a stream before or after its first
+//! token, and a second pai-serve. Each peer logs every body it receives, so the tests can say what
+//! left the machine: planted private notes, secrets and personal data never appear in any log.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use pai_serve::router::{EgressLedger, Router, RouterConfig, Thresholds, TierConfig};
+use pai_serve::ServeState;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::{json_of, server};
+
+/// A request carrying something private: its text, extra fields, headers, the detector expected.
+type PrivateCase = (String, Value, &'static [(&'static str, &'static str)], &'static str);
+
+/// What a peer does with each request.
+#[derive(Debug, Clone, Copy)]
+enum Behaviour {
+    Answer,
+    Status(u16, Option<u64>),
+    Hang,
+    /// A stream that sends its role chunk, then breaks.
+    DropBeforeFirstToken,
+    /// A stream that sends one token, then breaks.
+    BreakAfterFirstToken,
+}
+
+struct PeerState {
+    name: String,
+    behaviour: Behaviour,
+    /// Every body received, with when.
+    log: Mutex<Vec<(Instant, String)>>,
+}
+
+#[derive(Clone)]
+struct Peer {
+    state: Arc<PeerState>,
+    url: String,
+}
+
+impl Peer {
+    fn received(&self) -> Vec<String> {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+
+    fn times(&self) -> Vec<Instant> {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, _)| *t)
+            .collect()
+    }
+}
+
+fn sse(events: &[Value]) -> String {
+    events
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect::<String>()
+}
+
+fn chunk(content: Option<&str>, finish: Option<&str>) -> Value {
+    let delta = match content {
+        Some(c) => json!({"content": c}),
+        None => json!({"role": "assistant", "content": ""}),
+    };
+    json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+}
+
+async fn peer_handler(State(p): State<Arc<PeerState>>, body: Bytes) -> Response {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    p.log.lock().unwrap().push((Instant::now(), text.clone()));
+    let stream = json_of(&text)["stream"].as_bool().unwrap_or(false);
+    let answer = format!("answer from {}", p.name);
+    let broken = |first: Vec<Value>| {
+        let head = Bytes::from(sse(&first));
+        let items: Vec<Result<Bytes, std::io::Error>> = vec![
+            Ok(head),
+            Err(std::io::Error::other("peer dropped the stream")),
+        ];
+        // The break comes a moment after the head, so the head is on the wire first.
+        let items =
+            futures_util::StreamExt::then(futures_util::stream::iter(items), |item| async {
+                if item.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                item
+            });
+        (
+            [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+            Body::from_stream(items),
+        )
+            .into_response()
+    };
+    match p.behaviour {
+        Behaviour::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::OK.into_response()
+        }
+        Behaviour::Status(code, retry_after) => {
+            let mut resp = (
+                StatusCode::from_u16(code).unwrap(),
+                axum::Json(json!({"error": {"message": format!("{} says {code}", p.name)}})),
+            )
+                .into_response();
+            if let Some(s) = retry_after {
+                resp.headers_mut()
+                    .insert("retry-after", s.to_string().parse().unwrap());
+            }
+            resp
+        }
+        Behaviour::DropBeforeFirstToken => broken(vec![chunk(None, None)]),
+        Behaviour::BreakAfterFirstToken => {
+            broken(vec![chunk(None, None), chunk(Some("answer"), None)])
+        }
+        Behaviour::Answer if stream => {
+            let (first, rest) = answer.split_at(6);
+            let events = [
+                chunk(None, None),
+                chunk(Some(first), None),
+                chunk(Some(rest), None),
+                chunk(None, Some("stop")),
+                json!({"id": "x", "object": "chat.completion.chunk", "choices": [],
+                       "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}}),
+            ];
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                sse(&events) + "data: [DONE]\n\n",
+            )
+                .into_response()
+        }
+        Behaviour::Answer => axum::Json(json!({
+            "id": "chatcmpl-peer", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14},
+        }))
+        .into_response(),
+    }
+}
+
+/// A peer on loopback behaving as told.
+async fn peer(name: &str, behaviour: Behaviour) -> Peer {
+    let state = Arc::new(PeerState {
+        name: name.into(),
+        behaviour,
+        log: Mutex::new(Vec::new()),
+    });
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", axum::routing::post(peer_handler))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Peer { state, url }
+}
+
+/// An address nothing listens on.
+fn refusing() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", l.local_addr().unwrap());
+    drop(l);
+    url
+}
+
+async fn log_body(
+    State(p): State<Arc<PeerState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    p.log
+        .lock()
+        .unwrap()
+        .push((Instant::now(), String::from_utf8_lossy(&bytes).into_owned()));
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// A second pai-serve (tiny model, adapter `personal`) as a cloud peer, logging what it receives.
+async fn pai_serve_peer(dir: &std::path::Path) -> Peer {
+    std::fs::create_dir_all(dir).unwrap();
+    let (state, _registry) = server(dir);
+    let log = Arc::new(PeerState {
+        name: "pai-serve-peer".into(),
+        behaviour: Behaviour::Answer,
+        log: Mutex::new(Vec::new()),
+    });
+    let app =
+        pai_serve::app(state).layer(axum::middleware::from_fn_with_state(log.clone(), log_body));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Peer { state: log, url }
+}
+
+fn tier(name: &str, level: u8, url: &str) -> TierConfig {
+    TierConfig {
+        name: name.into(),
+        level,
+        base_url: url.into(),
+        model: format!("{name}-model"),
+        api_key_env: None,
+        timeout_s: 1,
+        price_input_per_m: 1.0,
+        price_output_per_m: 2.0,
+    }
+}
+
+/// The router's server: the tiny model with `personal`, these tiers, its home in `dir/home`.
+fn routed(dir: &std::path::Path, config: RouterConfig) -> Arc<ServeState> {
+    std::fs::create_dir_all(dir).unwrap();
+    let (state, _registry) = server(dir);
+    let mut state = Arc::into_inner(state).expect("one owner");
+    state.router = Router::new(config, Some(&dir.join("home"))).expect("router");
+    Arc::new(state)
+}
+
+/// Overwrite every adapter weight file under `home` (the registry's verify then refuses them).
+fn damage_adapters(home: &std::path::Path) {
+    let mut dirs = vec![home.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "safetensors") {
+                std::fs::write(&p, b"damaged").unwrap();
+            }
+        }
+    }
+}
+
+fn fast(tiers: Vec<TierConfig>) -> RouterConfig {
+    RouterConfig {
+        tiers,
+        retries: 1,
+        backoff_ms: 10,
+        max_backoff_ms: 50,
+        ..Default::default()
+    }
+}
+
+/// One request: status, headers, body.
+async fn send(
+    state: &Arc<ServeState>,
+    uri: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, String) {
+    let mut req = Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = pai_serve::app(state.clone())
+        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+fn ask(text: &str, extra: Value) -> Value {
+    let mut body = json!({"model": "auto", "messages": [{"role": "user", "content": text}],
+                          "max_tokens": 4, "temperature": 0});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+    h.get(name).map_or("", |v| v.to_str().unwrap())
+}
+
+async fn metrics(state: &Arc<ServeState>) -> String {
+    let resp = pai_serve::app(state.clone())
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn has_line(text: &str, line: &str) {
+    assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_tier_answers_and_the_answer_says_where_it_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let medium = peer("medium", Behaviour::Answer).await;
+    let state = routed(dir.path(), fast(vec![tier("medium", 2, &medium.url)]));
+
+    let (status, h, body) = send(
+        &state,
+        "/v1/chat/completions",
+        ask("Hello there", json!({"tier": "L2", "user": "u1"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v = json_of(&body);
+    assert_eq!(v["choices"][0]["message"]["content"], "answer from medium");
+    assert_eq!(header(&h, "x-pai-tier"), "medium");
+    assert_eq!(header(&h, "x-pai-tier-level"), "2");
+    assert_eq!(header(&h, "x-pai-route-rule"), "asked");
+    assert_eq!(v["pai"]["route"]["tier"], "medium");
+    assert_eq!(v["pai"]["route"]["left_machine"], true);
+    assert!(v["pai"]["route"]["reasons"][0]
+        .as_str()
+        .unwrap()
+        .contains("asked for L2"));
+
+    // What the peer received: the OpenAI request with its model, without pai's own fields.
+    let sent = json_of(&medium.received()[0]);
+    assert_eq!(sent["model"], "medium-model");
+    assert_eq!(sent["user"], "u1");
+    assert!(
+        sent.get("tier").is_none() && sent.get("private").is_none(),
+        "{sent}"
+    );
+
+    // Without a tier and uncalibrated: the local model answers, with its adapter.
+    let (status, h, body) = send(
+        &state,
+        "/v1/chat/completions",
+        ask("Hello again", json!({})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(header(&h, "x-pai-tier"), "local");
+    assert_eq!(header(&h, "x-pai-adapter"), "personal@v1");
+    assert_eq!(json_of(&body)["pai"]["route"]["rule"], "uncalibrated");
+    assert_eq!(medium.received().len(), 1);
+
+    // The ledger: one line, a hash of what was sent and never the text.
+    let home = dir.path().join("home");
+    let ledger = EgressLedger::read(&EgressLedger::path(&home)).unwrap();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].deployment, "medium");
+    assert_eq!(ledger[0].outcome, "ok");
+    assert_eq!(
+        (ledger[0].prompt_tokens, ledger[0].completion_tokens),
+        (10, 4)
+    );
+    assert!(
+        (ledger[0].cost_usd - 18e-6).abs() < 1e-12,
+        "{}",
+        ledger[0].cost_usd
+    );
+    let raw = std::fs::read_to_string(EgressLedger::path(&home)).unwrap();
+    assert!(!raw.contains("Hello"), "{raw}");
+    {
+        use sha2::Digest;
+        let digest = format!(
+            "{:x}",
+            sha2::Sha256::digest(medium.received()[0].as_bytes())
+        );
+        assert_eq!(ledger[0].sha256, digest);
+    }
+
+    let m = metrics(&state).await;
+    has_line(&m, "pai_router_served_total{tier=\"medium\",level=\"2\"} 1");
+    has_line(&m, "pai_router_served_total{tier=\"local\",level=\"1\"} 1");
+    has_line(
+        &m,
+        "pai_router_decisions_total{rule=\"asked\",level=\"2\"} 1",
+    );
+    has_line(
+        &m,
+        "pai_router_cost_usd_total{deployment=\"medium\"} 0.000018",
+    );
+    has_line(&m, "pai_requests_total{route=\"/v1/chat/completions\",status=\"200\",adapter=\"tier:medium\",version=\"\"} 1");
+
+    // `/v1/completions` does not route.
+    let (status, _, body) = send(
+        &state,
+        "/v1/completions",
+        json!({"model": "auto", "prompt": "x"}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_deployments_fall_back_in_order_and_the_metrics_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let hang = peer("hang", Behaviour::Hang).await;
+    let busy = peer("busy", Behaviour::Status(429, Some(1))).await;
+    let broken = peer("broken", Behaviour::Status(500, None)).await;
+    let real = pai_serve_peer(&dir.path().join("peer")).await;
+    let mut large = tier("pai", 3, &real.url);
+    large.model = "personal".into();
+    large.timeout_s = 60;
+    let config = RouterConfig {
+        breaker_failures: 1,
+        ..fast(vec![
+            tier("refused", 2, &refusing()),
+            tier("hang", 2, &hang.url),
+            tier("busy", 2, &busy.url),
+            tier("broken", 2, &broken.url),
+            large,
+        ])
+    };
+    let state = routed(&dir.path().join("router"), config);
+
+    let (status, h, body) = send(
+        &state,
+        "/v1/chat/completions",
+        ask("Tell me about rivers", json!({"tier": "L2"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v = json_of(&body);
+    assert_eq!(header(&h, "x-pai-tier"), "pai");
+    assert_eq!(header(&h, "x-pai-fallbacks"), "4");
+    let causes: Vec<(String, String)> = v["pai"]["route"]["fallbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["target"].as_str().unwrap().into(),
+                f["cause"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want = [
+        ("refused", "connect"),
+        ("hang", "timeout"),
+        ("busy", "429"),
+        ("broken", "5xx"),
+    ];
+    assert_eq!(causes, want.map(|(a, b)| (a.to_string(), b.to_string())));
+    // The second pai-serve answered with its adapter (its own lineage comes back in the body).
+    assert_eq!(v["pai"]["adapter"], "personal");
+    assert_eq!(real.received().len(), 1);
+    // Each failing deployment was tried twice (one retry); the 429 waited out its Retry-After.
+    assert_eq!(hang.received().len(), 2);
+    assert_eq!(broken.received().len(), 2);
+    let t = busy.times();
+    assert_eq!(t.len(), 2);
+    assert!(
+        t[1] - t[0] >= Duration::from_secs(1),
+        "Retry-After not honoured: {:?}",
+        t[1] - t[0]
+    );
+
+    let m = metrics(&state).await;
+    for (target, cause) in want {
+        has_line(
+            &m,
+            &format!("pai_router_fallbacks_total{{target=\"{target}\",cause=\"{cause}\"}} 1"),
+        );
+        has_line(
+            &m,
+            &format!("pai_router_retries_total{{target=\"{target}\",cause=\"{cause}\"}} 1"),
+        );
+    }
+    has_line(&m, "pai_router_served_total{tier=\"pai\",level=\"3\"} 1");
+
+    // The breakers are open: the next request skips the failed deployments without a call.
+    let (status, h, body) = send(
+        &state,
+        "/v1/chat/completions",
+        ask("And lakes?", json!({"tier": "L2"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(header(&h, "x-pai-tier"), "pai");
+    assert_eq!(
+        (
+            hang.received().len(),
+            busy.received().len(),
+            broken.received().len()
+        ),
+        (2, 2, 2)
+    );
+    let m = metrics(&state).await;
+    has_line(
+        &m,
+        "pai_router_fallbacks_total{target=\"hang\",cause=\"breaker\"} 1",
+    );
+    has_line(&m, "pai_router_served_total{tier=\"pai\",level=\"3\"} 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_material_never_reaches_a_cloud_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let note = "Planted private note: the allotment shed key hangs behind the third loose brick on \
+                the north wall, and the padlock code is the year grandmother planted the pear tree.";
+    let index = pai_datasets::PrivacyIndex::build([note]);
+    for server in ["router", "down"] {
+        let home = dir.path().join(server).join("home");
+        index
+            .save(&pai_datasets::PrivacyIndex::path(&home))
+            .unwrap();
+    }
+    let broken = peer("broken", Behaviour::Status(500, None)).await;
+    let open = peer("open", Behaviour::Answer).await;
+    let real = pai_serve_peer(&dir.path().join("peer")).await;
+    let mut large = tier("pai", 3, &real.url);
+    large.model = "personal".into();
+    large.timeout_s = 60;
+    let tiers = vec![
+        tier("broken", 2, &broken.url),
+        tier("open", 2, &open.url),
+        large,
+    ];
+    let state = routed(&dir.path().join("router"), fast(tiers.clone()));
+
+    let secret = ["my key is ", "ghp_", "Zq8Xw2Lm4Nv6Bp0Rt3Ys5Ku7Hj9Gf1Dc2Ae4"].concat();
+    let email = [
+        "mail ",
+        "ada.lovelace",
+        "@",
+        "analytical-engines.co.uk",
+        " about the engine",
+    ]
+    .concat();
+    let quoted = format!("Please summarise: {}", &note[22..]);
+    let cases: [PrivateCase; 5] = [
+        (quoted.clone(), json!({"tier": "L2"}), &[], "private_index"),
+        (secret.clone(), json!({"tier": "L3"}), &[], "secret"),
+        (email.clone(), json!({"tier": "open"}), &[], "pii"),
+        (
+            "Plain question one".into(),
+            json!({"tier": "L2", "private": true}),
+            &[],
+            "flag",
+        ),
+        (
+            "Plain question two".into(),
+            json!({"tier": "L2"}),
+            &[("x-pai-private", "true")],
+            "flag",
+        ),
+    ];
+    for (text, extra, headers, detector) in &cases {
+        let (status, h, body) = send(
+            &state,
+            "/v1/chat/completions",
+            ask(text, extra.clone()),
+            headers,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{detector}: {body}");
+        assert_eq!(header(&h, "x-pai-tier"), "local", "{detector}");
+        assert_eq!(header(&h, "x-pai-route-rule"), "private", "{detector}");
+        // The decision alone says the same, and why.
+        let (_, _, route) = send(&state, "/v1/route", ask(text, extra.clone()), headers).await;
+        let route = json_of(&route);
+        assert_eq!(route["plan"], json!(["local"]), "{detector}: {route}");
+        assert_eq!(route["privacy"]["may_leave"], false);
+    }
+    let m = metrics(&state).await;
+    has_line(&m, "pai_router_kept_local_total{detector=\"flag\"} 4");
+    has_line(
+        &m,
+        "pai_router_kept_local_total{detector=\"private_index\"} 2",
+    );
+
+    // The local model is down (its adapter's weights are damaged on disk): private requests are
+    // refused, never sent.
+    let state = routed(&dir.path().join("down"), fast(tiers));
+    damage_adapters(&dir.path().join("down").join("home"));
+    for (text, extra, headers, detector) in &cases {
+        let (status, _, body) = send(
+            &state,
+            "/v1/chat/completions",
+            ask(text, extra.clone()),
+            headers,
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{detector}: {body}"
+        );
+        let e = json_of(&body);
+        assert_eq!(e["error"]["code"], "local_unavailable", "{body}");
+        assert!(e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not sent to any cloud tier"));
+    }
+    for p in [&broken, &open, &real] {
+        assert!(p.received().is_empty(), "{:?}", p.received());
+    }
+
+    // An ordinary request with the local model down goes out, past the failing tier.
+    let (status, h, body) = send(
+        &state,
+        "/v1/chat/completions",
+        ask("What is a river delta?", json!({})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(header(&h, "x-pai-tier"), "open");
+    assert_eq!(header(&h, "x-pai-fallbacks"), "2", "local, then broken");
+    let everything: String = [&broken, &open, &real]
+        .iter()
+        .flat_map(|p| p.received())
+        .collect();
+    for planted in ["allotment", "ghp_", "lovelace", "Plain question"] {
+        assert!(!everything.contains(planted), "{planted} left the machine");
+    }
+    let home = dir.path().join("down").join("home");
+    let ledger = EgressLedger::read(&EgressLedger::path(&home)).unwrap();
+    assert_eq!(ledger.len(), 3, "broken's two attempts and open's answer");
+    assert!(ledger
+        .iter()
+        .all(|r| r.secrets + r.pii + r.private_shingles == 0 && !r.flagged));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_and_fall_back_only_before_their_first_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let dropping = peer("dropping", Behaviour::DropBeforeFirstToken).await;
+    let ok = peer("ok", Behaviour::Answer).await;
+    let breaking = peer("breaking", Behaviour::BreakAfterFirstToken).await;
+    let config = RouterConfig {
+        retries: 0,
+        ..fast(vec![
+            tier("dropping", 2, &dropping.url),
+            tier("ok", 2, &ok.url),
+            tier("breaking", 3, &breaking.url),
+        ])
+    };
+    let state = routed(dir.path(), config);
+    let streamed = |tier: &str| ask("Stream me something", json!({"stream": true, "tier": tier}));
+
+    let (status, h, body) = send(&state, "/v1/chat/completions", streamed("L2"), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(header(&h, "x-pai-tier"), "ok");
+    assert_eq!(header(&h, "x-pai-fallbacks"), "1");
+    assert_eq!(header(&h, "content-type"), "text/event-stream");
+    let text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            json_of(d)["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(text, "answer from ok");
+    assert!(body.trim_end().ends_with("data: [DONE]"));
+    assert_eq!(dropping.received().len(), 1);
+
+    // Broken after its first token: no fallback (the client has the start); the end says so.
+    let (status, h, body) = send(&state, "/v1/chat/completions", streamed("breaking"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(header(&h, "x-pai-tier"), "breaking");
+    assert!(body.contains("\"content\":\"answer\""), "{body}");
+    assert!(body.contains("upstream_stream_broken"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert_eq!(ok.received().len(), 1);
+
+    // A local stream through the router keeps the route headers.
+    let (status, h, body) = send(&state, "/v1/chat/completions", streamed("local"), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(header(&h, "x-pai-tier"), "local");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let m = metrics(&state).await;
+    has_line(
+        &m,
+        "pai_router_fallbacks_total{target=\"dropping\",cause=\"stream\"} 1",
+    );
+    has_line(
+        &m,
+        "pai_router_fallbacks_total{target=\"breaking\",cause=\"stream_after_first_token\"} 1",
+    );
+    // The stream's usage chunk was counted.
+    has_line(
+        &m,
+        "pai_router_cloud_tokens_total{deployment=\"ok\",kind=\"prompt\"} 10",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let medium = peer("medium", Behaviour::Answer).await;
+    let large = peer("large", Behaviour::Answer).await;
+    let tiers = vec![tier("medium", 2, &medium.url), tier("large", 3, &large.url)];
+    // Thresholds no prompt reaches (mean log-likelihoods are negative): L3.
+    // The bare base as L1: the tiny base is seeded, so every server below measures the same.
+    let on_base = |thresholds| RouterConfig {
+        thresholds: Some(thresholds),
+        local_model: "base".into(),
+        ..fast(tiers.clone())
+    };
+    let above = RouterConfig {
+        thresholds: Some(Thresholds {
+            local: 0.5,
+            medium: 0.25,
+        }),
+        local_model: "base".into(),
+        ..fast(tiers.clone())
+    };
+    let state = routed(&dir.path().join("a"), above);
+    let (status, _, body) = send(
+        &state,
+        "/v1/route",
+        ask("Which way is north?", json!({})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let d = json_of(&body);
+    assert_eq!(d["rule"], "confidence");
+    assert_eq!(d["level"], 3);
+    assert_eq!(d["plan"], json!(["large", "medium", "local"]));
+    let c = d["confidence"].as_f64().expect("a measured confidence");
+    assert!(c < 0.0 && c.is_finite(), "{c}");
+    assert!(
+        medium.received().is_empty() && large.received().is_empty(),
+        "route sends nothing"
+    );
+
+    // Thresholds around the measured confidence: the same request at L2, then L1.
+    for (t, level, plan) in [
+        (
+            Thresholds {
+                local: c + 1.0,
+                medium: c - 1.0,
+            },
+            2,
+            json!(["medium", "large", "local"]),
+        ),
+        (
+            Thresholds {
+                local: c - 1.0,
+                medium: c - 2.0,
+            },
+            1,
+            json!(["local", "medium", "large"]),
+        ),
+    ] {
+        let state = routed(&dir.path().join(format!("l{level}")), on_base(t));
+        let (_, _, body) = send(
+            &state,
+            "/v1/route",
+            ask("Which way is north?", json!({})),
+            &[],
+        )
+        .await;
+        let d = json_of(&body);
+        assert_eq!(
+            (d["level"].as_u64(), &d["plan"]),
+            (Some(level), &plan),
+            "{d}"
+        );
+    }
+
+    // A budget: the first cloud answer spends it, the next request stays local, and the spend
+    // survives a restart (read back from the ledger).
+    let budget = RouterConfig {
+        daily_budget_usd: Some(0.000_01),
+        ..fast(tiers.clone())
+    };
+    let home = dir.path().join("b");
+    let state = routed(&home, budget.clone());
+    let (_, h, _) = send(
+        &state,
+        "/v1/chat/completions",
+        ask("First", json!({"tier": "L2"})),
+        &[],
+    )
+    .await;
+    assert_eq!(header(&h, "x-pai-tier"), "medium");
+    let (_, h, body) = send(
+        &state,
+        "/v1/chat/completions",
+        ask("Second", json!({"tier": "L2"})),
+        &[],
+    )
+    .await;
+    assert_eq!(header(&h, "x-pai-tier"), "local", "{body}");
+    assert_eq!(header(&h, "x-pai-route-rule"), "budget");
+    let restarted = Router::new(budget, Some(&home.join("home"))).unwrap();
+    assert!((restarted.spent_today() - 18e-6).abs() < 1e-12);
+}
