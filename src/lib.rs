@@ -8,6 +8,7 @@ pub mod ingest;
 pub mod nightly;
 pub mod pipeline;
 pub mod report;
+pub mod router;
 pub mod train;
 pub mod watch;
 

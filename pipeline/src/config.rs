@@ -46,6 +46,8 @@ pub struct Config {
     pub nightly: NightlySettings,
     pub schedule: ScheduleSettings,
     pub serve: ServeSettings,
+    /// `[router]`: the cloud tiers and the rules of `"model": "auto"` (pai-serve's router).
+    pub router: pai_serve::router::RouterConfig,
 }
 
 /// `[nightly]`: what one nightly run does and how it behaves on the owner's machine.
@@ -221,7 +223,7 @@ impl LoadedConfig {
             }
         };
         let known = [
-            "model", "sources", "ingest", "mix", "train", "nightly", "schedule", "serve",
+            "model", "sources", "ingest", "mix", "train", "nightly", "schedule", "serve", "router",
         ];
         if let Some(unknown) = merged.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(PipelineError::Invalid {
@@ -405,6 +407,9 @@ impl LoadedConfig {
             if v == 0 {
                 bad(key, "0".into(), "at least 1");
             }
+        }
+        for (key, value, allowed) in c.router.problems() {
+            bad(&key, value, &allowed);
         }
         if let Err(e) = pai_datasets::resolve_sources(&c.sources) {
             bad(

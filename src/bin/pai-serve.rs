@@ -157,7 +157,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let loaded = pai_pipeline::LoadedConfig::load(&pai::pai_home(), args.config.as_deref())?;
     if let Some(problem) = loaded.check(None).into_iter().find(|p| {
-        matches!(p, pai_pipeline::PipelineError::Invalid { key, .. } if key.starts_with("serve."))
+        matches!(p, pai_pipeline::PipelineError::Invalid { key, .. }
+            if key.starts_with("serve.") || key.starts_with("router."))
     }) {
         anyhow::bail!("{problem}");
     }
@@ -223,6 +224,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             state.api_keys.len()
         );
     }
+    let home = pai::pai_home();
+    let router = loaded.config.router;
+    let tiers: Vec<String> = router
+        .tiers
+        .iter()
+        .map(|t| format!("{} (L{})", t.name, t.level))
+        .collect();
+    state.router = pai_serve::router::Router::new(router, Some(&home))?;
+    eprintln!(
+        "pai-serve: \"model\": \"auto\" routes {}; privacy index: {} shingles; thresholds: {}",
+        if tiers.is_empty() {
+            "everything to the local model (no [[router.tiers]])".to_string()
+        } else {
+            format!("between the local model and {}", tiers.join(", "))
+        },
+        state.router.gate.index_len(),
+        state.router.thresholds().map_or_else(
+            || "none (pai-train router calibrate)".to_string(),
+            |t| format!("local >= {:.3}, medium >= {:.3}", t.local, t.medium)
+        ),
+    );
     let state = std::sync::Arc::new(state);
     pai_serve::run(addr, state).with_context(|| format!("serving on {addr}"))
 }

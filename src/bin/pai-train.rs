@@ -154,6 +154,46 @@ enum Command {
         #[arg(long)]
         print_systemd: bool,
     },
+    /// pai-serve's router (`"model": "auto"`): `calibrate` sets its confidence thresholds.
+    Router {
+        #[command(subcommand)]
+        command: RouterCommand,
+    },
+    /// What the router sent off this machine: when, where, the outcome, the cost, and a hash of the
+    /// bytes sent (never the text).
+    Egress {
+        /// Only this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        day: Option<String>,
+        /// One JSON record a line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouterCommand {
+    /// Measure the local model's confidence on a labelled set of requests and set the thresholds
+    /// that keep the target shares ([router] target_share) local / medium / large; report the
+    /// shares and the agreement with the labels. Written to $PAI_HOME/router/calibration.json.
+    Calibrate {
+        /// JSON lines of {"messages": [...], "level": 1|2|3, "kind": "..."} (default: the set that
+        /// ships with pai, configs/router/labelled.jsonl).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// GGUF file or Hugging Face directory (default: pai.toml's `model`, else the default model).
+        #[arg(long, env = "PAI_MODEL")]
+        model: Option<PathBuf>,
+        /// The local model to measure under: an adapter name or `base` (default: [router]
+        /// local_model).
+        #[arg(long)]
+        local_model: Option<String>,
+        /// Report only; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -518,6 +558,23 @@ fn main() -> anyhow::Result<()> {
         Command::Init { sources, force } => pai::pipeline::init(&sources, force),
         Command::Status { json } => pai::pipeline::status(json),
         Command::History { limit, json } => pai::pipeline::history(limit, json),
+        Command::Router {
+            command:
+                RouterCommand::Calibrate {
+                    labels,
+                    model,
+                    local_model,
+                    dry_run,
+                    json,
+                },
+        } => pai::router::calibrate(pai::router::CalibrateArgs {
+            labels,
+            model,
+            local_model,
+            dry_run,
+            json,
+        }),
+        Command::Egress { day, json } => pai::router::egress(day.as_deref(), json),
         Command::Schedule {
             print_crontab,
             print_systemd,

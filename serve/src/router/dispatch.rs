@@ -75,8 +75,7 @@ fn local_model(s: &Arc<ServeState>) -> String {
     }
 }
 
-/// The local model's confidence on `text`: the mean log-likelihood per token (nats) of its last
-/// `probe_tokens` tokens under the base with the L1 adapter. None when it cannot be measured.
+/// The local model's confidence on `text` (`probe::confidence`, off the async threads).
 async fn probe(s: &Arc<ServeState>, text: String) -> Option<f64> {
     let local = local_model(s);
     let adapter = if local == s.base_id {
@@ -85,21 +84,13 @@ async fn probe(s: &Arc<ServeState>, text: String) -> Option<f64> {
         s.resolve(&local, None).ok().flatten()
     };
     let s = s.clone();
-    let keep = s.router.config.probe_tokens;
-    let measured = tokio::task::spawn_blocking(move || {
-        let ids = s.base.tokenizer.encode(&text, false).ok()?;
-        let ids = &ids[ids.len().saturating_sub(keep)..];
-        if ids.len() < 2 {
-            return None;
-        }
-        let stack: Vec<&pai_model::Adapter> = adapter.iter().map(|a| &a.adapter).collect();
-        let stack = pai_model::AdapterStack::new(&stack);
-        pai_model::perplexity::perplexity(&s.base.model, &stack, ids, keep, |_, _| {})
-            .ok()
-            .map(|p| -p.mean_nll)
+    tokio::task::spawn_blocking(move || {
+        let adapter = adapter.as_ref().map(|a| &a.adapter);
+        super::probe::confidence(&s.base, adapter, &text, s.router.config.probe_tokens)
     })
-    .await;
-    measured.ok().flatten()
+    .await
+    .ok()
+    .flatten()
 }
 
 /// The decision for a parsed chat request (running the confidence probe when it matters).
@@ -131,7 +122,11 @@ async fn decide(
         local_context: s.base.model.config().context_length,
     };
     let confidence = if router.needs_probe(&input, &verdict) {
-        probe(s, texts.join("\n\n")).await
+        probe(
+            s,
+            super::probe::probe_text(texts.iter().map(String::as_str)),
+        )
+        .await
     } else {
         None
     };

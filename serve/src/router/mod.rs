@@ -14,10 +14,12 @@
 //! choice). Sending is in `dispatch`, one deployment's manners in `upstream`, the ledger of what left in
 //! `ledger`.
 
+pub mod calibrate;
 pub mod config;
 pub mod dispatch;
 pub mod ledger;
 pub mod privacy;
+pub mod probe;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -148,8 +150,16 @@ pub struct Router {
     client: reqwest::Client,
     ledger: Option<EgressLedger>,
     spend: Mutex<Spend>,
-    /// From the config, else from the calibration file.
-    pub thresholds: Option<Thresholds>,
+    /// The calibration file, reread when it changes (thresholds in the config win over it).
+    calibration: Mutex<CalibrationFile>,
+}
+
+/// `calibration.json` as last read.
+#[derive(Debug, Default)]
+struct CalibrationFile {
+    path: Option<PathBuf>,
+    modified: Option<std::time::SystemTime>,
+    thresholds: Option<Thresholds>,
 }
 
 fn today() -> String {
@@ -173,13 +183,14 @@ impl Router {
             .map_err(|source| RouterError::Client { source })?;
         let index = home.map(pai_datasets::PrivacyIndex::path);
         let gate = PrivacyGate::new(&config.privacy, index);
-        let thresholds = match (config.thresholds, home) {
-            (Some(t), _) => Some(t),
-            (None, Some(home)) => {
-                Calibration::read(&Calibration::path(home))?.map(|c| c.thresholds)
-            }
-            (None, None) => None,
+        let calibration = CalibrationFile {
+            path: home.map(Calibration::path),
+            ..Default::default()
         };
+        if let Some(path) = &calibration.path {
+            // A damaged calibration is an error at start (later, a bad rewrite keeps the last one).
+            Calibration::read(path)?;
+        }
         let ledger = match home.filter(|_| config.ledger) {
             Some(home) => {
                 let path = EgressLedger::path(home);
@@ -202,7 +213,7 @@ impl Router {
             client,
             ledger,
             spend: Mutex::new(Spend { day, usd }),
-            thresholds,
+            calibration: Mutex::new(calibration),
         })
     }
 
@@ -215,9 +226,36 @@ impl Router {
             client: reqwest::Client::new(),
             ledger: None,
             spend: Mutex::new(Spend::default()),
-            thresholds: None,
+            calibration: Mutex::new(CalibrationFile::default()),
             config,
         }
+    }
+
+    /// The thresholds in force: the config's, else the calibration's (reread when
+    /// `pai-train router calibrate` rewrites it, so no restart is needed).
+    pub fn thresholds(&self) -> Option<Thresholds> {
+        if let Some(t) = self.config.thresholds {
+            return Some(t);
+        }
+        let mut c = match self.calibration.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let path = c.path.clone()?;
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified != c.modified {
+            c.modified = modified;
+            match Calibration::read(&path) {
+                Ok(read) => {
+                    c.thresholds = read.map(|r| r.thresholds);
+                    tracing::info!(thresholds = ?c.thresholds, "router calibration read");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "router calibration not read; the last one stays")
+                }
+            }
+        }
+        c.thresholds
     }
 
     pub fn deployment(&self, i: usize) -> &Deployment {
@@ -262,7 +300,7 @@ impl Router {
     /// runs it only when it matters).
     pub fn needs_probe(&self, input: &RouteInput, privacy: &PrivacyVerdict) -> bool {
         self.config.probe
-            && self.thresholds.is_some()
+            && self.thresholds().is_some()
             && privacy.may_leave()
             && input.tier.is_none()
             && !self.deployments.is_empty()
@@ -325,7 +363,7 @@ impl Router {
                 input.prompt_tokens, input.local_context
             ));
         } else {
-            match (self.thresholds, confidence) {
+            match (self.thresholds(), confidence) {
                 (Some(t), Some(c)) => {
                     d.rule = "confidence";
                     d.level = if c >= t.local {

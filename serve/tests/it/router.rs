@@ -19,7 +19,12 @@ use tower::ServiceExt;
 use crate::{json_of, server};
 
 /// A request carrying something private: its text, extra fields, headers, the detector expected.
-type PrivateCase = (String, Value, &'static [(&'static str, &'static str)], &'static str);
+type PrivateCase = (
+    String,
+    Value,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
 
 /// What a peer does with each request.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,220 @@
+//! `pai-train router calibrate` (the router's confidence thresholds from a labelled set, written to
+//! `$PAI_HOME/router/calibration.json`, which a running pai-serve rereads) and `pai-train egress`
+//! (the ledger of what the router sent off the machine).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use pai_serve::router::calibrate::{fit, level_of, LabelledRequest};
+use pai_serve::router::probe::{confidence, probe_text};
+use pai_serve::router::{Calibration, EgressLedger};
+
+/// The labelled set that ships with pai: everyday requests a small local model answers well, and
+/// harder ones a larger model should take.
+pub const LABELLED: &str = include_str!("../configs/router/labelled.jsonl");
+
+pub struct CalibrateArgs {
+    pub labels: Option<PathBuf>,
+    pub model: Option<PathBuf>,
+    /// The L1 model to measure under (default: `[router] local_model`).
+    pub local_model: Option<String>,
+    /// Print and write nothing but the figures.
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+fn read_labels(path: Option<&Path>) -> anyhow::Result<Vec<LabelledRequest>> {
+    let (text, name) = match path {
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (LABELLED.to_string(), "configs/router/labelled.jsonl".into()),
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: LabelledRequest = serde_json::from_str(line)
+            .with_context(|| format!("{name} line {}: not a labelled request", i + 1))?;
+        anyhow::ensure!(
+            (1..=3).contains(&item.level),
+            "{name} line {}: level {} must be 1, 2 or 3",
+            i + 1,
+            item.level
+        );
+        out.push(item);
+    }
+    anyhow::ensure!(!out.is_empty(), "{name} holds no labelled requests");
+    Ok(out)
+}
+
+pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
+    let home = crate::pai_home();
+    let config = pai_pipeline::LoadedConfig::load(&home, None)?.config;
+    let items = read_labels(args.labels.as_deref())?;
+    let (base, _) = crate::load_model(
+        args.model.or(config.model),
+        &[],
+        pai_model::LoadOptions::default(),
+    )?;
+    let local = args
+        .local_model
+        .unwrap_or_else(|| config.router.local_model.clone());
+    let registry = pai_adapters::Registry::new(&home);
+    let adapter = match registry.resolve(&local) {
+        Ok((name, version)) if local != "base" => {
+            let verified = registry.verify(&name, version)?;
+            Some((
+                format!("{name}@{version}"),
+                base.load_adapter(&verified.dir)
+                    .with_context(|| format!("loading {name}@{version}"))?,
+            ))
+        }
+        _ => None,
+    };
+    let under = adapter.as_ref().map_or_else(
+        || format!("{} (no adapter)", base.name()),
+        |(l, _)| l.clone(),
+    );
+    eprintln!(
+        "pai-train router calibrate: {} labelled requests under {under}",
+        items.len()
+    );
+    let started = std::time::Instant::now();
+    let mut points = Vec::with_capacity(items.len());
+    for item in &items {
+        let text = probe_text(item.messages.iter().map(|m| m.content.as_str()));
+        let c = confidence(
+            &base,
+            adapter.as_ref().map(|(_, a)| a),
+            &text,
+            config.router.probe_tokens,
+        )
+        .with_context(|| {
+            format!(
+                "no confidence for {:?}",
+                text.chars().take(60).collect::<String>()
+            )
+        })?;
+        points.push((c, item.level));
+    }
+    let fitted = fit(&points, config.router.target_share).context("an empty labelled set")?;
+    let calibration = Calibration {
+        thresholds: fitted.thresholds,
+        share: fitted.share,
+        agreement: fitted.agreement,
+        labelled: items.len(),
+        local_model: under.clone(),
+        time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "calibration": calibration, "confusion": fitted.confusion,
+                "seconds": started.elapsed().as_secs_f64(),
+            }))?
+        );
+    } else {
+        let t = fitted.thresholds;
+        println!(
+            "thresholds: local >= {:.3}, medium >= {:.3} (mean log-likelihood per token, nats)",
+            t.local, t.medium
+        );
+        println!(
+            "share:      L1 {:.0}%  L2 {:.0}%  L3 {:.0}%  (target {:?})",
+            fitted.share[0], fitted.share[1], fitted.share[2], config.router.target_share
+        );
+        println!(
+            "agreement with the labels: {:.0}% ({} requests)",
+            100.0 * fitted.agreement,
+            items.len()
+        );
+        println!("labelled \\ decided   L1   L2   L3");
+        for (i, row) in fitted.confusion.iter().enumerate() {
+            println!(
+                "L{}                  {:>4} {:>4} {:>4}",
+                i + 1,
+                row[0],
+                row[1],
+                row[2]
+            );
+        }
+        // Per kind: how many of each went local.
+        let mut kinds: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+        for (item, (c, _)) in items.iter().zip(&points) {
+            let e = kinds.entry(item.kind.as_str()).or_default();
+            e.0 += usize::from(level_of(*c, t) == 1);
+            e.1 += 1;
+        }
+        let kinds: Vec<String> = kinds
+            .iter()
+            .map(|(k, (local, all))| format!("{k} {local}/{all}"))
+            .collect();
+        println!("kept local by kind: {}", kinds.join(", "));
+        println!("measured in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    if !args.dry_run {
+        let path = Calibration::path(&home);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        pai_pipeline::nightly::write_atomic(&path, &serde_json::to_vec_pretty(&calibration)?)?;
+        eprintln!(
+            "written to {} (a running pai-serve uses it from its next request)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `pai-train egress`: what left the machine (newest last), optionally one day's.
+pub fn egress(day: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let path = EgressLedger::path(&crate::pai_home());
+    let records: Vec<_> = EgressLedger::read(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .into_iter()
+        .filter(|r| day.is_none_or(|d| r.time.starts_with(d)))
+        .collect();
+    if json {
+        for r in &records {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!(
+            "nothing has left this machine{} ({})",
+            day.map(|d| format!(" on {d}")).unwrap_or_default(),
+            path.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>2} {:<16} {:<14} {:>7} {:>7} {:>10} sha256 of what was sent",
+        "time (UTC)", "L", "deployment", "outcome", "bytes", "tokens", "cost $"
+    );
+    let mut total = 0.0;
+    for r in &records {
+        total += r.cost_usd;
+        println!(
+            "{:<24} {:>2} {:<16} {:<14} {:>7} {:>7} {:>10.6} {}",
+            r.time,
+            r.tier_level,
+            r.deployment,
+            r.outcome,
+            r.bytes,
+            r.prompt_tokens + r.completion_tokens,
+            r.cost_usd,
+            &r.sha256[..16.min(r.sha256.len())]
+        );
+        // Nothing private is ever sent; a line that says otherwise is a bug to report.
+        if r.secrets + r.pii + r.private_shingles > 0 || r.flagged {
+            println!("  !! the detectors flagged this request: please report it");
+        }
+    }
+    println!("{} requests, ${total:.6}", records.len());
+    Ok(())
+}
