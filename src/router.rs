@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use pai_serve::router::calibrate::{fit, level_of, LabelledRequest};
-use pai_serve::router::probe::{confidence, probe_text};
+use pai_serve::router::calibrate::{fit, held_out_agreement, level_of, LabelledRequest};
+use pai_serve::router::probe::{probe, probe_text};
 use pai_serve::router::{Calibration, EgressLedger};
 
 /// The labelled set that ships with pai: everyday requests a small local model answers well, and
@@ -86,7 +86,7 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
     let mut points = Vec::with_capacity(items.len());
     for item in &items {
         let text = probe_text(item.messages.iter().map(|m| m.content.as_str()));
-        let c = confidence(
+        let p = probe(
             &base,
             adapter.as_ref().map(|(_, a)| a),
             &text,
@@ -98,13 +98,15 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
                 text.chars().take(60).collect::<String>()
             )
         })?;
-        points.push((c, item.level));
+        points.push((p, item.level));
     }
     let fitted = fit(&points, config.router.target_share).context("an empty labelled set")?;
+    let held_out = held_out_agreement(&points, config.router.target_share).unwrap_or(f64::NAN);
     let calibration = Calibration {
         thresholds: fitted.thresholds,
         share: fitted.share,
         agreement: fitted.agreement,
+        held_out_agreement: held_out,
         labelled: items.len(),
         local_model: under.clone(),
         time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -115,22 +117,29 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "calibration": calibration, "confusion": fitted.confusion,
                 "seconds": started.elapsed().as_secs_f64(),
+                "items": items.iter().zip(&points).map(|(item, (p, _))| serde_json::json!({
+                    "kind": item.kind, "level": item.level, "probe": p,
+                    "decided": level_of(p.score(&fitted.thresholds), fitted.thresholds),
+                })).collect::<Vec<_>>(),
             }))?
         );
     } else {
         let t = fitted.thresholds;
         println!(
-            "thresholds: local >= {:.3}, medium >= {:.3} (mean log-likelihood per token, nats)",
-            t.local, t.medium
+            "thresholds: local >= {:.3}, medium >= {:.3} on mean log-likelihood per token (nats) \
+             - {} x ln(tokens)",
+            t.local, t.medium, t.length_weight
         );
         println!(
             "share:      L1 {:.0}%  L2 {:.0}%  L3 {:.0}%  (target {:?})",
             fitted.share[0], fitted.share[1], fitted.share[2], config.router.target_share
         );
         println!(
-            "agreement with the labels: {:.0}% ({} requests)",
+            "agreement with the labels: {:.0}% ({} requests); {:.0}% on requests left out of the \
+             fit (leave-one-out)",
             100.0 * fitted.agreement,
-            items.len()
+            items.len(),
+            100.0 * held_out
         );
         println!("labelled \\ decided   L1   L2   L3");
         for (i, row) in fitted.confusion.iter().enumerate() {
@@ -144,9 +153,9 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         }
         // Per kind: how many of each went local.
         let mut kinds: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-        for (item, (c, _)) in items.iter().zip(&points) {
+        for (item, (p, _)) in items.iter().zip(&points) {
             let e = kinds.entry(item.kind.as_str()).or_default();
-            e.0 += usize::from(level_of(*c, t) == 1);
+            e.0 += usize::from(level_of(p.score(&t), t) == 1);
             e.1 += 1;
         }
         let kinds: Vec<String> = kinds

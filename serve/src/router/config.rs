@@ -61,8 +61,9 @@ impl Default for RouterConfig {
     }
 }
 
-/// The confidence (mean log-likelihood per prompt token, in nats; higher is more familiar) at or
-/// above which a request stays at a level.
+/// The score (`probe::Probe::score`: the prompt's mean log-likelihood per token in nats, less
+/// `length_weight` × ln(its tokens); higher is more familiar) at or above which a request stays at a
+/// level.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Thresholds {
@@ -70,6 +71,9 @@ pub struct Thresholds {
     pub local: f64,
     /// At or above (and below `local`): L2; below: L3.
     pub medium: f64,
+    /// How much a longer prompt lowers the score.
+    #[serde(default)]
+    pub length_weight: f64,
 }
 
 /// One deployment of a cloud tier: an OpenAI-compatible endpoint.
@@ -179,11 +183,19 @@ impl RouterConfig {
             );
         }
         if let Some(t) = self.thresholds {
-            if !(t.local.is_finite() && t.medium.is_finite() && t.medium <= t.local) {
+            if !(t.local.is_finite()
+                && t.medium.is_finite()
+                && t.medium <= t.local
+                && t.length_weight.is_finite()
+                && t.length_weight >= 0.0)
+            {
                 bad(
                     "router.thresholds".into(),
-                    format!("local {} medium {}", t.local, t.medium),
-                    "finite numbers with medium at most local",
+                    format!(
+                        "local {} medium {} length_weight {}",
+                        t.local, t.medium, t.length_weight
+                    ),
+                    "finite numbers with medium at most local, length_weight 0 or more",
                 );
             }
         }

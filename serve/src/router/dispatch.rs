@@ -76,7 +76,7 @@ fn local_model(s: &Arc<ServeState>) -> String {
 }
 
 /// The local model's confidence on `text` (`probe::confidence`, off the async threads).
-async fn probe(s: &Arc<ServeState>, text: String) -> Option<f64> {
+async fn probe(s: &Arc<ServeState>, text: String) -> Option<super::probe::Probe> {
     let local = local_model(s);
     let adapter = if local == s.base_id {
         None
@@ -86,7 +86,7 @@ async fn probe(s: &Arc<ServeState>, text: String) -> Option<f64> {
     let s = s.clone();
     tokio::task::spawn_blocking(move || {
         let adapter = adapter.as_ref().map(|a| &a.adapter);
-        super::probe::confidence(&s.base, adapter, &text, s.router.config.probe_tokens)
+        super::probe::probe(&s.base, adapter, &text, s.router.config.probe_tokens)
     })
     .await
     .ok()
@@ -476,7 +476,7 @@ async fn labelled(
     s.metrics.router_served(&tier, level);
     let route = json!({
         "tier": tier, "level": level, "rule": d.rule, "reasons": d.reasons,
-        "confidence": d.confidence, "left_machine": target != Target::Local,
+        "probe": d.probe, "score": d.score, "left_machine": target != Target::Local,
         "fallbacks": fallbacks,
     });
     let (mut parts, body) = resp.into_parts();

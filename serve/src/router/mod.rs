@@ -81,7 +81,9 @@ pub struct Decision {
     /// `confidence`, `uncalibrated`): /metrics counts by it.
     pub rule: &'static str,
     pub egress_allowed: bool,
-    pub confidence: Option<f64>,
+    /// The probe's measurement, when it ran, and the score the thresholds were compared with.
+    pub probe: Option<probe::Probe>,
+    pub score: Option<f64>,
     pub prompt_tokens: usize,
     pub privacy: PrivacyVerdict,
     /// Where it goes, in order: the first answers unless it fails.
@@ -106,6 +108,8 @@ pub struct Calibration {
     /// Shares (percent) at L1, L2, L3 on the labelled set, and the agreement with its labels.
     pub share: [f64; 3],
     pub agreement: f64,
+    /// The agreement on items left out of the fit (leave-one-out).
+    pub held_out_agreement: f64,
     pub labelled: usize,
     /// The local model the confidences were measured under.
     pub local_model: String,
@@ -313,7 +317,7 @@ impl Router {
         &self,
         input: &RouteInput,
         privacy: PrivacyVerdict,
-        confidence: Option<f64>,
+        probe: Option<probe::Probe>,
     ) -> Decision {
         let mut d = Decision {
             level: 1,
@@ -321,7 +325,8 @@ impl Router {
             reasons: Vec::new(),
             rule: "uncalibrated",
             egress_allowed: privacy.may_leave(),
-            confidence,
+            probe,
+            score: None,
             prompt_tokens: input.prompt_tokens,
             privacy,
             plan: Vec::new(),
@@ -363,19 +368,16 @@ impl Router {
                 input.prompt_tokens, input.local_context
             ));
         } else {
-            match (self.thresholds(), confidence) {
-                (Some(t), Some(c)) => {
+            match (self.thresholds(), probe) {
+                (Some(t), Some(p)) => {
                     d.rule = "confidence";
-                    d.level = if c >= t.local {
-                        1
-                    } else if c >= t.medium {
-                        2
-                    } else {
-                        3
-                    };
+                    let score = p.score(&t);
+                    d.score = Some(score);
+                    d.level = calibrate::level_of(score, t);
                     d.reasons.push(format!(
-                        "local confidence {c:.3} against thresholds {:.3} (local) and {:.3} (medium)",
-                        t.local, t.medium
+                        "local confidence {:.3} over {} tokens scores {score:.3} against thresholds \
+                         {:.3} (local) and {:.3} (medium)",
+                        p.mean_loglik, p.tokens, t.local, t.medium
                     ));
                 }
                 (Some(_), None) => {

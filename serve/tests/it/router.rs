@@ -733,6 +733,7 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
         thresholds: Some(Thresholds {
             local: 0.5,
             medium: 0.25,
+            length_weight: 0.0,
         }),
         local_model: "base".into(),
         ..fast(tiers.clone())
@@ -750,7 +751,12 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
     assert_eq!(d["rule"], "confidence");
     assert_eq!(d["level"], 3);
     assert_eq!(d["plan"], json!(["large", "medium", "local"]));
-    let c = d["confidence"].as_f64().expect("a measured confidence");
+    let c = d["score"].as_f64().expect("a measured confidence");
+    assert_eq!(
+        Some(c),
+        d["probe"]["mean_loglik"].as_f64(),
+        "no length weight"
+    );
     assert!(c < 0.0 && c.is_finite(), "{c}");
     assert!(
         medium.received().is_empty() && large.received().is_empty(),
@@ -763,6 +769,7 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
             Thresholds {
                 local: c + 1.0,
                 medium: c - 1.0,
+                length_weight: 0.0,
             },
             2,
             json!(["medium", "large", "local"]),
@@ -771,6 +778,7 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
             Thresholds {
                 local: c - 1.0,
                 medium: c - 2.0,
+                length_weight: 0.0,
             },
             1,
             json!(["local", "medium", "large"]),
