@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use crate::{text, tiny_model, SERVE};
 
 /// One HTTP/1.1 request on a fresh connection; the status line and the body.
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (String, String) {
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
         s,

@@ -188,7 +188,9 @@ mod tests {
         assert!(f.thresholds.length_weight > 0.0);
         assert_eq!(f.agreement, 1.0);
 
-        assert_eq!(held_out_agreement(&by_length, [80.0, 15.0, 5.0]), Some(1.0));
+        // Left out, an item at a boundary can land on the other side (the shares are of 19 items).
+        let held_out = held_out_agreement(&by_length, [80.0, 15.0, 5.0]).unwrap();
+        assert!((0.85..=1.0).contains(&held_out), "{held_out}");
         let held_out = held_out_agreement(&shuffled, [80.0, 15.0, 5.0]).unwrap();
         assert!(held_out < 0.5, "{held_out}");
 
