@@ -37,3 +37,8 @@ fi
 if [ -z "${PAI_SKIP_SDK_CHECK:-}" ]; then
   benches/compare/openai_sdk_check.sh
 fi
+# The router against real peers on loopback (llama.cpp's server, a second pai-serve, failing tiers):
+# fallbacks, the privacy gate, /metrics and the egress ledger.
+if [ -z "${PAI_SKIP_ROUTER_CHECK:-}" ]; then
+  benches/compare/router_check.sh
+fi

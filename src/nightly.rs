@@ -90,11 +90,17 @@ pub fn nightly(args: NightlyArgs) -> anyhow::Result<Exit> {
         min_new_tokens: settings.min_new_tokens,
         promote: settings.promote,
     };
+    // What the router sent out and saved ([router] learn_from_escalations) is learned tonight.
+    let mut extra_sources = args.sources;
+    let escalations = pai_serve::router::escalations_dir(&home);
+    if config.router.learn_from_escalations && escalations.is_dir() {
+        extra_sources.push(format!("{}:chat", escalations.display()));
+    }
     let mut stages = PaiStages {
         home: home.clone(),
         config,
         model,
-        extra_sources: args.sources,
+        extra_sources,
     };
     let started = std::time::Instant::now();
     let ran = run_nightly(&opts, &mut stages, |state, stage, phase| {

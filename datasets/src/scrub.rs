@@ -420,10 +420,19 @@ fn not_placeholder(v: &str) -> bool {
 /// A quoted literal next to a secret-sounding name.
 fn secret_value(v: &str) -> bool {
     not_placeholder(v)
+        && !names_an_environment_variable(v)
         && !v.contains(' ')
         && v.len() >= 6
         && !v.ends_with(".txt")
         && !v.ends_with(".json")
+}
+
+/// `OPENAI_API_KEY`, `CLOUD_MEDIUM_KEY`: where a secret is kept (`api_key_env = "…"`), not a secret.
+fn names_an_environment_variable(v: &str) -> bool {
+    v.contains('_')
+        && v.starts_with(|c: char| c.is_ascii_uppercase())
+        && v.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// An unquoted value in `KEY=value` / `key: value` lines: secret-looking only (letters and digits
@@ -557,6 +566,7 @@ version = "1.2.3"; date = "2024-01-15"; port = 8080
 url = "https://example.com/a/b?c=1"
 password_hash: String,
 secret_key = os.environ["SECRET_KEY"]
+api_key_env = "CLOUD_MEDIUM_KEY"
 "#;
         let s = scrub(code, PiiPolicy::default());
         assert_eq!(s.text, code, "{:?}", s.redactions);

@@ -27,9 +27,11 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn default_model() -> PathBuf {
-    let home = std::env::var_os("PAI_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pai")
-    });
+    let home = std::env::var_os("PAI_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pai")
+        });
     home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
@@ -57,7 +59,9 @@ async fn peer() -> String {
             async move { axum::Json(a) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
@@ -81,7 +85,9 @@ async fn oneshot(state: &Arc<ServeState>, uri: &str, body: &Value) -> (Duration,
 
 fn main() {
     let model = arg("--model").map_or_else(default_model, PathBuf::from);
-    let n: usize = arg("--requests").and_then(|v| v.parse().ok()).unwrap_or(500);
+    let n: usize = arg("--requests")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -26,7 +26,7 @@ impl Drop for Server {
 }
 
 fn start(model: &Path, home: &Path) -> Server {
-    let mut child = Command::new(SERVE)
+    let child = Command::new(SERVE)
         .args(["serve", "--port", "0", "--model", model.to_str().unwrap()])
         .env("PAI_HOME", home)
         .env("RUST_BACKTRACE", "0")
@@ -34,17 +34,26 @@ fn start(model: &Path, home: &Path) -> Server {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut said = String::new();
+    // Owned by the guard from here, so it is killed and waited for whatever happens.
+    let mut server = Server {
+        child,
+        addr: String::new(),
+        said: String::new(),
+    };
+    let mut stderr = BufReader::new(server.child.stderr.take().unwrap());
     loop {
         let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "exited: {said}");
-        said.push_str(&line);
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "exited: {}",
+            server.said
+        );
+        server.said.push_str(&line);
         if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_string();
+            server.addr = rest.split_whitespace().next().unwrap().to_string();
             // Keep draining its log so it never blocks on a full pipe.
             std::thread::spawn(move || for _ in stderr.lines() {});
-            return Server { child, addr, said };
+            return server;
         }
     }
 }

@@ -36,6 +36,11 @@ pub struct RouterConfig {
     pub cooldown_s: u64,
     /// Keep the egress ledger (`$PAI_HOME/router/egress.jsonl`): what left, when, where, a hash.
     pub ledger: bool,
+    /// Opt-in: save what a cloud tier answered to a request the router did not trust the local model
+    /// with as a chat example (`$PAI_HOME/escalations/<day>.jsonl`), which the next night ingests, so
+    /// tomorrow's adapter learns what today's had to send out. Private requests never leave, so none
+    /// is ever saved.
+    pub learn_from_escalations: bool,
     pub privacy: PrivacyConfig,
 }
 
@@ -56,6 +61,7 @@ impl Default for RouterConfig {
             breaker_failures: 3,
             cooldown_s: 30,
             ledger: true,
+            learn_from_escalations: false,
             privacy: PrivacyConfig::default(),
         }
     }

@@ -180,6 +180,16 @@ pub async fn auto_chat(
             o.remove(f);
         }
     }
+    // What an escalation would be saved as: the request's messages (a cloud answer to a request the
+    // local model was not trusted with becomes tomorrow's training example, when opted in).
+    let escalated: Vec<(String, String)> = if decision.level >= 2 && decision.egress_allowed {
+        crate::generation::chat_messages(&req)?
+            .into_iter()
+            .map(|m| (m.role, m.content))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut fallbacks: Vec<Fallback> = Vec::new();
     let mut local_error: Option<ApiError> = None;
     for &target in &decision.plan {
@@ -193,7 +203,7 @@ pub async fn auto_chat(
                     Err(("local".to_string(), "local", e.message))
                 }
             },
-            Target::Cloud(i) => cloud(&s, i, &decision, &original, req.stream).await,
+            Target::Cloud(i) => cloud(&s, i, &decision, &original, req.stream, &escalated).await,
         };
         match answered {
             Ok(Reply::Answer(resp)) => {
@@ -271,6 +281,7 @@ async fn cloud(
     decision: &Decision,
     original: &Value,
     stream: bool,
+    escalated: &[(String, String)],
 ) -> Result<Reply, (String, &'static str, String)> {
     let router = &s.router;
     let dep = router.deployment(i);
@@ -314,6 +325,17 @@ async fn cloud(
                     .unwrap_or((decision.prompt_tokens as u64, 0));
                 record.outcome = "ok".into();
                 account(s, i, &mut record, usage);
+                if !escalated.is_empty() {
+                    let answer = serde_json::from_slice::<Value>(&bytes)
+                        .ok()
+                        .and_then(|v| {
+                            v["choices"][0]["message"]["content"]
+                                .as_str()
+                                .map(String::from)
+                        })
+                        .unwrap_or_default();
+                    router.save_escalation(escalated, &answer);
+                }
                 let resp = (
                     [(axum::http::header::CONTENT_TYPE, "application/json")],
                     bytes,
@@ -325,7 +347,12 @@ async fn cloud(
                 dep.succeeded();
                 record.outcome = "ok".into();
                 return Ok(Reply::Answer(pass_through(
-                    s, i, record, decision, head, rest,
+                    s,
+                    i,
+                    record,
+                    decision,
+                    escalated.to_vec(),
+                    (head, rest),
                 )));
             }
             Err(f) => f,
@@ -393,8 +420,8 @@ fn pass_through(
     i: usize,
     mut record: EgressRecord,
     decision: &Decision,
-    head: Vec<Bytes>,
-    mut rest: super::upstream::ByteStream,
+    escalated: Vec<(String, String)>,
+    (head, mut rest): (Vec<Bytes>, super::upstream::ByteStream),
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     let s = s.clone();
@@ -444,6 +471,9 @@ fn pass_through(
             (prompt_tokens, completion)
         });
         account(&s, i, &mut record, usage);
+        if watch.done && !escalated.is_empty() {
+            s.router.save_escalation(&escalated, &watch.text);
+        }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut resp = Response::new(body);

@@ -156,6 +156,13 @@ pub struct Router {
     spend: Mutex<Spend>,
     /// The calibration file, reread when it changes (thresholds in the config win over it).
     calibration: Mutex<CalibrationFile>,
+    /// Where escalations are saved as chat examples (with `learn_from_escalations` and a home).
+    escalations: Option<PathBuf>,
+}
+
+/// Where the router saves escalations as chat examples, under `home` (one file a day).
+pub fn escalations_dir(home: &Path) -> PathBuf {
+    home.join("escalations")
 }
 
 /// `calibration.json` as last read.
@@ -210,6 +217,9 @@ impl Router {
         };
         let day = today();
         let usd = ledger.as_ref().map_or(0.0, |l| l.spent_on(&day));
+        let escalations = home
+            .filter(|_| config.learn_from_escalations)
+            .map(escalations_dir);
         Ok(Self {
             deployments: config.tiers.iter().cloned().map(Deployment::new).collect(),
             config,
@@ -218,6 +228,7 @@ impl Router {
             ledger,
             spend: Mutex::new(Spend { day, usd }),
             calibration: Mutex::new(calibration),
+            escalations,
         })
     }
 
@@ -231,6 +242,7 @@ impl Router {
             ledger: None,
             spend: Mutex::new(Spend::default()),
             calibration: Mutex::new(CalibrationFile::default()),
+            escalations: None,
             config,
         }
     }
@@ -437,6 +449,37 @@ impl Router {
             1 => [vec![Target::Local], of_level(2), of_level(3)].concat(),
             2 => [of_level(2), of_level(3), vec![Target::Local]].concat(),
             _ => [of_level(3), of_level(2), vec![Target::Local]].concat(),
+        }
+    }
+
+    /// Save a cloud tier's answer to an escalated request as a chat example: the request's messages
+    /// and the answer, one line of `escalations/<day>.jsonl` (OpenAI's fine-tuning format, what a
+    /// chat source holds).
+    pub(crate) fn save_escalation(&self, messages: &[(String, String)], answer: &str) {
+        let Some(dir) = &self.escalations else {
+            return;
+        };
+        if answer.trim().is_empty() {
+            return;
+        }
+        let mut all: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+            .collect();
+        all.push(serde_json::json!({"role": "assistant", "content": answer}));
+        let line = serde_json::json!({ "messages": all }).to_string() + "\n";
+        let path = dir.join(format!("{}.jsonl", today()));
+        let written = std::fs::create_dir_all(dir).and_then(|()| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?
+                .write_all(line.as_bytes())
+        });
+        match written {
+            Ok(()) => tracing::info!(path = %path.display(), "escalation saved for training"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "escalation not saved"),
         }
     }
 

@@ -37,6 +37,8 @@ pub enum Failure {
     },
     /// The stream ended or broke before its first token.
     Stream(String),
+    /// A success status whose body is not a chat completion.
+    BadAnswer(String),
 }
 
 impl Failure {
@@ -58,6 +60,7 @@ impl Failure {
             Self::Status { code, .. } if *code >= 500 => "5xx",
             Self::Status { .. } => "4xx",
             Self::Stream(_) => "stream",
+            Self::BadAnswer(_) => "bad_answer",
         }
     }
 
@@ -88,6 +91,7 @@ impl std::fmt::Display for Failure {
                 Ok(())
             }
             Self::Stream(m) => write!(f, "stream ended before its first token: {m}"),
+            Self::BadAnswer(m) => write!(f, "answered 200 with no chat completion: {m}"),
         }
     }
 }
@@ -198,11 +202,14 @@ impl Deployment {
                 });
             }
             if !stream {
-                return resp
-                    .bytes()
-                    .await
-                    .map(Answer::Whole)
-                    .map_err(request_failure);
+                let bytes = resp.bytes().await.map_err(request_failure)?;
+                let is_completion = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .is_ok_and(|v| v.get("choices").is_some_and(|c| c.is_array()));
+                if !is_completion {
+                    let start: String = String::from_utf8_lossy(&bytes).chars().take(120).collect();
+                    return Err(Failure::BadAnswer(start));
+                }
+                return Ok(Answer::Whole(bytes));
             }
             let mut rest: ByteStream = Box::pin(resp.bytes_stream());
             let mut head = Vec::new();

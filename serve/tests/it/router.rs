@@ -36,6 +36,8 @@ enum Behaviour {
     DropBeforeFirstToken,
     /// A stream that sends one token, then breaks.
     BreakAfterFirstToken,
+    /// 200 with a body that is no chat completion.
+    Garbage,
 }
 
 struct PeerState {
@@ -135,6 +137,7 @@ async fn peer_handler(State(p): State<Arc<PeerState>>, body: Bytes) -> Response 
         Behaviour::BreakAfterFirstToken => {
             broken(vec![chunk(None, None), chunk(Some("answer"), None)])
         }
+        Behaviour::Garbage => "<html>a captive portal</html>".into_response(),
         Behaviour::Answer if stream => {
             let (first, rest) = answer.split_at(6);
             let events = [
@@ -656,12 +659,14 @@ async fn streams_pass_through_and_fall_back_only_before_their_first_token() {
     let dropping = peer("dropping", Behaviour::DropBeforeFirstToken).await;
     let ok = peer("ok", Behaviour::Answer).await;
     let breaking = peer("breaking", Behaviour::BreakAfterFirstToken).await;
+    let garbage = peer("garbage", Behaviour::Garbage).await;
     let config = RouterConfig {
         retries: 0,
         ..fast(vec![
             tier("dropping", 2, &dropping.url),
             tier("ok", 2, &ok.url),
             tier("breaking", 3, &breaking.url),
+            tier("garbage", 3, &garbage.url),
         ])
     };
     let state = routed(dir.path(), config);
@@ -695,6 +700,34 @@ async fn streams_pass_through_and_fall_back_only_before_their_first_token() {
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     assert_eq!(ok.received().len(), 1);
 
+    // A whole answer that is no chat completion is a failure too, and so is a body cut off (the
+    // streaming peers break theirs): on to the next deployment.
+    let (status, h, body) = send(
+        &state,
+        "/v1/chat/completions",
+        ask("Whole, please", json!({"tier": "garbage"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let causes: Vec<String> = json_of(&body)["pai"]["route"]["fallbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{}/{}",
+                f["target"].as_str().unwrap(),
+                f["cause"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        causes,
+        ["garbage/bad_answer", "breaking/connect", "dropping/connect"]
+    );
+    assert_eq!(header(&h, "x-pai-tier"), "ok");
+
     // A local stream through the router keeps the route headers.
     let (status, h, body) = send(&state, "/v1/chat/completions", streamed("local"), &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -709,10 +742,10 @@ async fn streams_pass_through_and_fall_back_only_before_their_first_token() {
         &m,
         "pai_router_fallbacks_total{target=\"breaking\",cause=\"stream_after_first_token\"} 1",
     );
-    // The stream's usage chunk was counted.
+    // The stream's usage chunk was counted (10 prompt tokens), and the whole answer's (10).
     has_line(
         &m,
-        "pai_router_cloud_tokens_total{deployment=\"ok\",kind=\"prompt\"} 10",
+        "pai_router_cloud_tokens_total{deployment=\"ok\",kind=\"prompt\"} 20",
     );
 }
 
@@ -827,4 +860,74 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
     assert_eq!(header(&h, "x-pai-route-rule"), "budget");
     let restarted = Router::new(budget, Some(&home.join("home"))).unwrap();
     assert!((restarted.spent_today() - 18e-6).abs() < 1e-12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalations_become_chat_examples_when_the_owner_opts_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let medium = peer("medium", Behaviour::Answer).await;
+    let config = RouterConfig {
+        learn_from_escalations: true,
+        ..fast(vec![tier("medium", 2, &medium.url)])
+    };
+    let state = routed(dir.path(), config);
+    let system = json!({"role": "system", "content": "Be brief."});
+    let mut whole = ask("What is a monad?", json!({"tier": "L2"}));
+    whole["messages"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, system.clone());
+    let streamed = ask("And a functor?", json!({"tier": "L2", "stream": true}));
+    for body in [whole, streamed] {
+        let (status, h, _) = send(&state, "/v1/chat/completions", body, &[]).await;
+        assert_eq!(
+            (status, header(&h, "x-pai-tier")),
+            (StatusCode::OK, "medium")
+        );
+    }
+    // Kept local (asked, and private): nothing saved.
+    send(
+        &state,
+        "/v1/chat/completions",
+        ask("Hi", json!({"tier": "local"})),
+        &[],
+    )
+    .await;
+    send(
+        &state,
+        "/v1/chat/completions",
+        ask("Hi", json!({"private": true})),
+        &[],
+    )
+    .await;
+
+    // The stream's file line is written when it ends, just after the response.
+    let files = pai_serve::router::escalations_dir(&dir.path().join("home"));
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        lines = std::fs::read_dir(&files)
+            .map(|d| {
+                d.flat_map(|e| {
+                    std::fs::read_to_string(e.unwrap().path())
+                        .unwrap()
+                        .lines()
+                        .map(String::from)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        if lines.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    // What a chat source reads: OpenAI's fine-tuning format, the answer as the assistant's reply.
+    let first: pai_datasets::Conversation = serde_json::from_str(&lines[0]).unwrap();
+    let roles: Vec<&str> = first.messages.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, ["system", "user", "assistant"]);
+    assert_eq!(first.messages[2].content, "answer from medium");
+    let second: pai_datasets::Conversation = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(second.messages[1].content, "answer from medium");
 }
