@@ -219,6 +219,12 @@ pub fn egress(day: Option<&str>, json: bool) -> anyhow::Result<()> {
             r.cost_usd,
             &r.sha256[..16.min(r.sha256.len())]
         );
+        if r.redacted > 0 {
+            println!(
+                "  {} secret or personal values went out as placeholders (redact mode)",
+                r.redacted
+            );
+        }
         // Nothing private is ever sent; a line that says otherwise is a bug to report.
         if r.secrets + r.pii + r.private_shingles > 0 || r.flagged {
             println!("  !! the detectors flagged this request: please report it");

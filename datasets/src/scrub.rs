@@ -49,6 +49,9 @@ pub struct Scrubbed {
     pub text: String,
     /// Placeholder kind (e.g. `aws_key`, `email`) → count.
     pub redactions: BTreeMap<String, usize>,
+    /// What each placeholder replaced, rule by rule and left to right within a rule: (placeholder,
+    /// value). What a reversible redaction restores from (the router's redact mode).
+    pub removed: Vec<(String, String)>,
 }
 
 impl Scrubbed {
@@ -235,6 +238,7 @@ pub fn scrub(text: &str, pii: PiiPolicy) -> Scrubbed {
     let mut out = Scrubbed {
         text: text.to_string(),
         redactions: BTreeMap::new(),
+        removed: Vec::new(),
     };
     // Rules run in order on the text as earlier rules left it; a rule that matched nothing in the
     // original cannot match there either, except on a placeholder, which every rule refuses.
@@ -288,11 +292,16 @@ fn replace(
     }
     let mut count = 0;
     let placeholder = format!("<{class}:{kind}>");
+    let mut removed = Vec::new();
     let replaced = re.replace_all(&out.text, |c: &Captures| {
         if !accept(c) {
             return c[0].to_string();
         }
         count += 1;
+        removed.push((
+            placeholder.clone(),
+            c.name("v").map_or(&c[0], |m| m.as_str()).to_string(),
+        ));
         match c.name("v") {
             Some(v) => {
                 let whole = c.get(0).expect("group 0 always matches");
@@ -306,6 +315,7 @@ fn replace(
     if count > 0 {
         out.text = replaced;
         *out.redactions.entry(kind.to_string()).or_default() += count;
+        out.removed.append(&mut removed);
     }
 }
 

@@ -121,6 +121,10 @@ pub struct PrivacyConfig {
     pub private_index: bool,
     /// Sampled 8-word shingles of the request found in the index that make it private.
     pub min_private_shingles: usize,
+    /// Let a request whose only private content is secrets or personal data leave with them replaced
+    /// by placeholders, restored in the answer (`redact`). Private notes and flagged requests still
+    /// stay.
+    pub redact: bool,
 }
 
 impl Default for PrivacyConfig {
@@ -129,6 +133,7 @@ impl Default for PrivacyConfig {
             pii: Default::default(),
             private_index: true,
             min_private_shingles: 1,
+            redact: false,
         }
     }
 }

@@ -17,6 +17,7 @@ use axum::{Extension, Json};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
+use super::redact::{redact, Restorer, SseRestorer};
 use super::upstream::{backoff, Answer, Failure, SseWatch};
 use super::{Decision, EgressRecord, RouteInput, Target};
 use crate::error::ApiError;
@@ -131,8 +132,10 @@ async fn decide(
         None
     };
     let decision = router.decide(&input, verdict, confidence);
-    for detector in decision.privacy.detectors() {
-        s.metrics.router_kept_local(detector);
+    if !decision.egress_allowed {
+        for detector in decision.privacy.detectors() {
+            s.metrics.router_kept_local(detector);
+        }
     }
     tracing::info!(
         tier = %decision.tier, level = decision.level, rule = decision.rule,
@@ -182,14 +185,16 @@ pub async fn auto_chat(
     }
     // What an escalation would be saved as: the request's messages (a cloud answer to a request the
     // local model was not trusted with becomes tomorrow's training example, when opted in).
-    let escalated: Vec<(String, String)> = if decision.level >= 2 && decision.egress_allowed {
-        crate::generation::chat_messages(&req)?
-            .into_iter()
-            .map(|m| (m.role, m.content))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // A redacted request is never saved (it held secrets or personal data).
+    let escalated: Vec<(String, String)> =
+        if decision.level >= 2 && decision.egress_allowed && !decision.redact {
+            crate::generation::chat_messages(&req)?
+                .into_iter()
+                .map(|m| (m.role, m.content))
+                .collect()
+        } else {
+            Vec::new()
+        };
     let mut fallbacks: Vec<Fallback> = Vec::new();
     let mut local_error: Option<ApiError> = None;
     for &target in &decision.plan {
@@ -288,13 +293,28 @@ async fn cloud(
     let name = dep.config.name.clone();
     // The gate is asked again here, at the only place that sends: no plan or fallback reaches a
     // cloud tier with a request that may not leave.
-    if !decision.egress_allowed || !decision.privacy.may_leave() {
+    if !decision.egress_allowed || !(decision.privacy.may_leave() || decision.redact) {
         return Err((
             name,
             "private",
             "the request may not leave this machine".into(),
         ));
     }
+    // Redact mode: the values go out as placeholders (checked again on what would be sent).
+    let (original, restorer) = if decision.redact {
+        match redacted(router, original) {
+            Some((body, restorer)) => (body, Some(restorer)),
+            None => {
+                return Err((
+                    name,
+                    "private",
+                    "the request cannot be redacted exactly, so it may not leave".into(),
+                ))
+            }
+        }
+    } else {
+        (original.clone(), None)
+    };
     if !dep.admit(Instant::now()) {
         return Err((
             name,
@@ -302,14 +322,19 @@ async fn cloud(
             "cooling down after failures (circuit breaker open)".into(),
         ));
     }
-    let mut body = original.clone();
+    let mut body = original;
     body["model"] = json!(dep.config.model);
     let body = Bytes::from(body.to_string());
     let c = &router.config;
+    let redacted_values = restorer.as_ref().map_or(0, |r| r.len());
     let mut attempt = 0u32;
     loop {
         let result = dep.send(router.client(), body.clone(), stream).await;
         let mut record = EgressRecord::new(dep.config.level, &name, &body, &decision.privacy);
+        if decision.redact {
+            // What left held placeholders, not the values.
+            (record.secrets, record.pii, record.redacted) = (0, 0, redacted_values);
+        }
         let failure = match result {
             Ok(Answer::Whole(bytes)) => {
                 dep.succeeded();
@@ -336,6 +361,10 @@ async fn cloud(
                         .unwrap_or_default();
                     router.save_escalation(escalated, &answer);
                 }
+                let bytes = match &restorer {
+                    Some(r) => restore_whole(r, &bytes),
+                    None => bytes,
+                };
                 let resp = (
                     [(axum::http::header::CONTENT_TYPE, "application/json")],
                     bytes,
@@ -353,6 +382,7 @@ async fn cloud(
                     decision,
                     escalated.to_vec(),
                     (head, rest),
+                    restorer.map(SseRestorer::new),
                 )));
             }
             Err(f) => f,
@@ -399,6 +429,54 @@ async fn cloud(
     }
 }
 
+/// `original` with every message's text redacted (numbered placeholders across the request), and the
+/// restorer for the answer; None when a text cannot be redacted exactly or something would still be
+/// found in what is sent.
+fn redacted(router: &super::Router, original: &Value) -> Option<(Value, Restorer)> {
+    let pii = router.gate.pii();
+    let (mut next, mut values) = (0usize, Vec::new());
+    let mut body = original.clone();
+    let mut sent: Vec<String> = Vec::new();
+    for m in body["messages"].as_array_mut()? {
+        match &mut m["content"] {
+            Value::String(t) => {
+                *t = redact(t, pii, &mut next, &mut values)?;
+                sent.push(t.clone());
+            }
+            Value::Array(parts) => {
+                for p in parts {
+                    if let Value::String(t) = &mut p["text"] {
+                        *t = redact(t, pii, &mut next, &mut values)?;
+                        sent.push(t.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Value::String(n) = &mut m["name"] {
+            *n = redact(n, pii, &mut next, &mut values)?;
+            sent.push(n.clone());
+        }
+    }
+    let verdict = router.gate.check(sent.iter().map(String::as_str), false);
+    verdict.may_leave().then(|| (body, Restorer::new(values)))
+}
+
+/// A whole answer with the placeholders in its messages restored.
+fn restore_whole(r: &Restorer, bytes: &Bytes) -> Bytes {
+    let Ok(mut v) = serde_json::from_slice::<Value>(bytes) else {
+        return bytes.clone();
+    };
+    if let Some(choices) = v["choices"].as_array_mut() {
+        for c in choices {
+            if let Value::String(t) = &mut c["message"]["content"] {
+                *t = r.restore(t);
+            }
+        }
+    }
+    Bytes::from(v.to_string())
+}
+
 /// Count a cloud answer's tokens and cost, write its ledger line.
 fn account(s: &ServeState, i: usize, record: &mut EgressRecord, usage: (u64, u64)) {
     let router = &s.router;
@@ -422,6 +500,7 @@ fn pass_through(
     decision: &Decision,
     escalated: Vec<(String, String)>,
     (head, mut rest): (Vec<Bytes>, super::upstream::ByteStream),
+    mut restoring: Option<SseRestorer>,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     let s = s.clone();
@@ -429,22 +508,33 @@ fn pass_through(
     tokio::spawn(async move {
         let mut watch = SseWatch::default();
         let mut client_gone = false;
+        // Redact mode: the client gets the values back in place of the placeholders.
+        let mut out = |chunk: Bytes| match &mut restoring {
+            Some(r) => Bytes::from(r.feed(&chunk)),
+            None => chunk,
+        };
         for chunk in head {
             watch.feed(&chunk);
-            client_gone |= tx.send(Ok(chunk)).await.is_err();
+            client_gone |= tx.send(Ok(out(chunk))).await.is_err();
         }
         let mut broke: Option<String> = None;
         while !client_gone {
             match rest.next().await {
                 Some(Ok(chunk)) => {
                     watch.feed(&chunk);
-                    client_gone = tx.send(Ok(chunk)).await.is_err();
+                    client_gone = tx.send(Ok(out(chunk))).await.is_err();
                 }
                 Some(Err(e)) => {
                     broke = Some(e.to_string());
                     break;
                 }
                 None => break,
+            }
+        }
+        if let (Some(r), false) = (&mut restoring, client_gone) {
+            let rest = r.finish();
+            if !rest.is_empty() {
+                client_gone = tx.send(Ok(Bytes::from(rest))).await.is_err();
             }
         }
         if !watch.done && !client_gone {

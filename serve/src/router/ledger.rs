@@ -26,6 +26,9 @@ pub struct EgressRecord {
     pub pii: usize,
     pub private_shingles: usize,
     pub flagged: bool,
+    /// Values replaced by placeholders before it left (redact mode).
+    #[serde(default)]
+    pub redacted: usize,
     /// sha256 of the request body sent, and its length.
     pub sha256: String,
     pub bytes: usize,
@@ -46,6 +49,7 @@ impl EgressRecord {
             pii: verdict.pii.values().sum(),
             private_shingles: verdict.private_shingles,
             flagged: verdict.flagged,
+            redacted: 0,
             sha256: format!("{:x}", sha2::Sha256::digest(body)),
             bytes: body.len(),
             prompt_tokens: 0,

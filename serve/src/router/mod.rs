@@ -20,6 +20,7 @@ pub mod dispatch;
 pub mod ledger;
 pub mod privacy;
 pub mod probe;
+pub mod redact;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +82,8 @@ pub struct Decision {
     /// `confidence`, `uncalibrated`): /metrics counts by it.
     pub rule: &'static str,
     pub egress_allowed: bool,
+    /// It may leave only with its secrets and personal data redacted (redact mode).
+    pub redact: bool,
     /// The probe's measurement, when it ran, and the score the thresholds were compared with.
     pub probe: Option<probe::Probe>,
     pub score: Option<f64>,
@@ -337,12 +340,25 @@ impl Router {
             reasons: Vec::new(),
             rule: "uncalibrated",
             egress_allowed: privacy.may_leave(),
+            redact: false,
             probe,
             score: None,
             prompt_tokens: input.prompt_tokens,
             privacy,
             plan: Vec::new(),
         };
+        if !d.egress_allowed
+            && self.config.privacy.redact
+            && d.privacy.may_leave_redacted()
+            && !self.deployments.is_empty()
+        {
+            d.egress_allowed = true;
+            d.redact = true;
+            d.reasons.push(format!(
+                "{}: redacted before it leaves (redact mode)",
+                d.privacy.reasons().join("; ")
+            ));
+        }
         // A named deployment goes first in its level's order.
         let mut first: Option<usize> = None;
         if !d.egress_allowed {

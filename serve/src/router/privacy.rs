@@ -39,6 +39,16 @@ impl PrivacyVerdict {
         !self.flagged && self.secrets.is_empty() && self.pii.is_empty() && !self.private_text
     }
 
+    /// Whether it may leave with its secrets and personal data redacted (redact mode).
+    pub fn may_leave_redacted(&self) -> bool {
+        !self.flagged && !self.private_text
+    }
+
+    /// Values the scrubbers found: what redact mode replaces.
+    pub fn redactions(&self) -> usize {
+        self.secrets.values().sum::<usize>() + self.pii.values().sum::<usize>()
+    }
+
     /// Why a request must stay (empty when it may leave).
     pub fn reasons(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -140,6 +150,11 @@ impl PrivacyGate {
             tracing::debug!(path = %path.display(), "no privacy index yet (ingest builds it)");
         }
         loaded.index.clone()
+    }
+
+    /// Which personal data the gate looks for.
+    pub fn pii(&self) -> PiiPolicy {
+        self.pii
     }
 
     /// Shingles the loaded index holds (0: no index).

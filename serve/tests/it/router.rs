@@ -38,6 +38,8 @@ enum Behaviour {
     BreakAfterFirstToken,
     /// 200 with a body that is no chat completion.
     Garbage,
+    /// Answers with the last message's content (streamed in two pieces cut in its middle).
+    Echo,
 }
 
 struct PeerState {
@@ -95,7 +97,15 @@ async fn peer_handler(State(p): State<Arc<PeerState>>, body: Bytes) -> Response 
     let text = String::from_utf8_lossy(&body).into_owned();
     p.log.lock().unwrap().push((Instant::now(), text.clone()));
     let stream = json_of(&text)["stream"].as_bool().unwrap_or(false);
-    let answer = format!("answer from {}", p.name);
+    let answer = match p.behaviour {
+        Behaviour::Echo => json_of(&text)["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or_default()
+            .to_string(),
+        _ => format!("answer from {}", p.name),
+    };
     let broken = |first: Vec<Value>| {
         let head = Bytes::from(sse(&first));
         let items: Vec<Result<Bytes, std::io::Error>> = vec![
@@ -138,8 +148,8 @@ async fn peer_handler(State(p): State<Arc<PeerState>>, body: Bytes) -> Response 
             broken(vec![chunk(None, None), chunk(Some("answer"), None)])
         }
         Behaviour::Garbage => "<html>a captive portal</html>".into_response(),
-        Behaviour::Answer if stream => {
-            let (first, rest) = answer.split_at(6);
+        Behaviour::Answer | Behaviour::Echo if stream => {
+            let (first, rest) = answer.split_at(answer.len() / 2);
             let events = [
                 chunk(None, None),
                 chunk(Some(first), None),
@@ -154,7 +164,7 @@ async fn peer_handler(State(p): State<Arc<PeerState>>, body: Bytes) -> Response 
             )
                 .into_response()
         }
-        Behaviour::Answer => axum::Json(json!({
+        Behaviour::Answer | Behaviour::Echo => axum::Json(json!({
             "id": "chatcmpl-peer", "object": "chat.completion", "created": 0, "model": "m",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                          "finish_reason": "stop"}],
@@ -930,4 +940,74 @@ async fn escalations_become_chat_examples_when_the_owner_opts_in() {
     assert_eq!(first.messages[2].content, "answer from medium");
     let second: pai_datasets::Conversation = serde_json::from_str(&lines[1]).unwrap();
     assert_eq!(second.messages[1].content, "answer from medium");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redact_mode_sends_placeholders_and_restores_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = peer("echo", Behaviour::Echo).await;
+    let mut config = fast(vec![tier("echo", 2, &echo.url)]);
+    config.privacy.redact = true;
+    let state = routed(dir.path(), config);
+    let email = ["ada", "@", "analytical-engines.co.uk"].concat();
+    let token = ["gh", "p_", "Zq8Xw2Lm4Nv6Bp0Rt3Ys5Ku7Hj9Gf1Dc2Ae4"].concat();
+    let question = format!("Tell {email} that the token {token} expired; cc {email}.");
+
+    // Whole and streamed: the peer sees placeholders, the client gets its own text back.
+    for stream in [false, true] {
+        let (status, h, body) = send(
+            &state,
+            "/v1/chat/completions",
+            ask(&question, json!({"tier": "L2", "stream": stream})),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(header(&h, "x-pai-tier"), "echo");
+        let answer: String = if stream {
+            body.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .filter_map(|d| {
+                    json_of(d)["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(String::from)
+                })
+                .collect()
+        } else {
+            json_of(&body)["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(answer, question, "stream {stream}");
+    }
+    let seen = echo.received().join("\n");
+    assert!(!seen.contains(&email) && !seen.contains(&token), "{seen}");
+    assert!(
+        seen.contains("<PII:email#1>") && seen.contains("<PII:email#2>"),
+        "{seen}"
+    );
+    assert!(seen.contains("<SECRET:github_token#3>"), "{seen}");
+
+    // The ledger says what was redacted and that nothing detectable left.
+    let ledger = EgressLedger::read(&EgressLedger::path(&dir.path().join("home"))).unwrap();
+    assert_eq!(ledger.len(), 2);
+    assert!(
+        ledger
+            .iter()
+            .all(|r| r.redacted == 3 && r.secrets + r.pii == 0),
+        "{ledger:?}"
+    );
+
+    // A quote of a private note or a private flag is not redactable: it stays.
+    let (_, h, _) = send(
+        &state,
+        "/v1/chat/completions",
+        ask(&question, json!({"tier": "L2", "private": true})),
+        &[],
+    )
+    .await;
+    assert_eq!(header(&h, "x-pai-tier"), "local");
+    assert_eq!(echo.received().len(), 2);
 }
