@@ -448,6 +448,31 @@ fn render_router(out: &mut String, r: &RouterCounters) {
     }
 }
 
+/// The router's state now: each deployment up (its breaker not open) or not, and the day's spend.
+pub fn render_router_gauges(out: &mut String, deployments: &[(String, bool)], spent_usd: f64) {
+    header(
+        out,
+        "pai_router_deployment_up",
+        "gauge",
+        "1 while a cloud deployment's circuit breaker lets requests through, 0 while it is open.",
+    );
+    for (name, up) in deployments {
+        let _ = writeln!(
+            out,
+            "pai_router_deployment_up{{deployment=\"{}\"}} {}",
+            escape(name),
+            u8::from(*up)
+        );
+    }
+    header(
+        out,
+        "pai_router_spent_today_usd",
+        "gauge",
+        "US dollars spent on cloud deployments today (UTC), what the daily budget is held against.",
+    );
+    let _ = writeln!(out, "pai_router_spent_today_usd {spent_usd}");
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");

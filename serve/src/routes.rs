@@ -72,7 +72,12 @@ async fn count(
 }
 
 async fn metrics(State(s): State<Arc<ServeState>>) -> Response {
-    let text = s.metrics.render(s.loaded_count(), s.broken().len());
+    let mut text = s.metrics.render(s.loaded_count(), s.broken().len());
+    crate::metrics::render_router_gauges(
+        &mut text,
+        &s.router.deployments_up(),
+        s.router.spent_today(),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -172,7 +177,10 @@ async fn health(State(s): State<Arc<ServeState>>) -> Json<Value> {
         .map(|(name, error)| (name, json!(error)))
         .collect();
     let status = if broken.is_empty() { "ok" } else { "degraded" };
-    Json(json!({"status": status, "model": s.base_id, "adapter_errors": broken}))
+    Json(json!({
+        "status": status, "model": s.base_id, "adapter_errors": broken,
+        "router": s.router.status(),
+    }))
 }
 
 async fn models(State(s): State<Arc<ServeState>>) -> Json<Value> {

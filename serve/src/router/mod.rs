@@ -315,6 +315,41 @@ impl Router {
             .is_some_and(|b| self.spent_today() >= b)
     }
 
+    /// What `/health` says of the router: each deployment's breaker, the day's spend, the thresholds.
+    pub fn status(&self) -> serde_json::Value {
+        let now = std::time::Instant::now();
+        let tiers: Vec<serde_json::Value> = self
+            .deployments
+            .iter()
+            .map(|d| {
+                let (state, cooling) = d.state(now);
+                serde_json::json!({
+                    "name": d.config.name, "level": d.config.level, "breaker": state,
+                    "cooling_s": cooling,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "local_model": self.config.local_model,
+            "tiers": tiers,
+            "spent_today_usd": self.spent_today(),
+            "daily_budget_usd": self.config.daily_budget_usd,
+            "thresholds": self.thresholds(),
+            "privacy_index_shingles": self.gate.index_len(),
+            "redact": self.config.privacy.redact,
+            "learn_from_escalations": self.config.learn_from_escalations,
+        })
+    }
+
+    /// (deployment, whether its breaker lets requests through) for /metrics.
+    pub fn deployments_up(&self) -> Vec<(String, bool)> {
+        let now = std::time::Instant::now();
+        self.deployments
+            .iter()
+            .map(|d| (d.config.name.clone(), d.state(now).0 != "open"))
+            .collect()
+    }
+
     /// Whether the decision for this request depends on the local confidence probe (so the caller
     /// runs it only when it matters).
     pub fn needs_probe(&self, input: &RouteInput, privacy: &PrivacyVerdict) -> bool {

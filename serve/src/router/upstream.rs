@@ -127,10 +127,15 @@ impl Deployment {
         }
     }
 
-    /// Whether it is out now (its breaker open), without taking a probe slot.
-    pub fn cooling(&self, now: Instant) -> bool {
+    /// The breaker's state now: `closed`, `open` (with the seconds left), or `half-open` (the
+    /// cooldown is over; the next request probes it).
+    pub fn state(&self, now: Instant) -> (&'static str, f64) {
         let b = self.breaker();
-        b.open_until.is_some_and(|t| now < t) || (b.open_until.is_some() && b.probing)
+        match b.open_until {
+            None => ("closed", 0.0),
+            Some(t) if now < t => ("open", (t - now).as_secs_f64()),
+            Some(_) => ("half-open", 0.0),
+        }
     }
 
     /// Take the deployment for a request: false while its breaker is open; after the cooldown one

@@ -531,6 +531,20 @@ async fn failing_deployments_fall_back_in_order_and_the_metrics_say_so() {
         "pai_router_fallbacks_total{target=\"hang\",cause=\"breaker\"} 1",
     );
     has_line(&m, "pai_router_served_total{tier=\"pai\",level=\"3\"} 2");
+    has_line(&m, "pai_router_deployment_up{deployment=\"hang\"} 0");
+    has_line(&m, "pai_router_deployment_up{deployment=\"pai\"} 1");
+    // /health shows each deployment's breaker.
+    let resp = pai_serve::app(state.clone())
+        .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let health = json_of(&String::from_utf8_lossy(
+        &resp.into_body().collect().await.unwrap().to_bytes(),
+    ));
+    let tiers = health["router"]["tiers"].as_array().unwrap();
+    let hang = tiers.iter().find(|t| t["name"] == "hang").unwrap();
+    assert_eq!(hang["breaker"], "open", "{health}");
+    assert!(hang["cooling_s"].as_f64().unwrap() > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
