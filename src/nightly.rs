@@ -31,6 +31,8 @@ pub enum Exit {
     Failed = 5,
     /// On battery with `[nightly] only_on_ac`: nothing was done.
     OnBattery = 6,
+    /// The machine stayed busy past `[nightly] idle_wait_min`: nothing was done.
+    NotIdle = 7,
 }
 
 pub struct NightlyArgs {
@@ -68,6 +70,25 @@ pub fn nightly(args: NightlyArgs) -> anyhow::Result<Exit> {
     if settings.only_on_ac && on_battery() == Some(true) {
         println!("on battery power and [nightly] only_on_ac is set: nothing done tonight");
         return Ok(Exit::OnBattery);
+    }
+    if settings.idle_max_load > 0.0 {
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(settings.idle_wait_min * 60);
+        while let Some(load) = load_per_core().filter(|&l| l > settings.idle_max_load) {
+            if std::time::Instant::now() >= deadline {
+                println!(
+                    "the machine is busy (load {load:.2} per core, [nightly] idle_max_load {}) and \
+                     stayed so for {} min: nothing done tonight",
+                    settings.idle_max_load, settings.idle_wait_min
+                );
+                return Ok(Exit::NotIdle);
+            }
+            eprintln!(
+                "waiting for the machine to be idle (load {load:.2} per core > {})",
+                settings.idle_max_load
+            );
+            std::thread::sleep(std::time::Duration::from_secs(30));
+        }
     }
     if settings.nice > 0 {
         // SAFETY: nice(2) only changes this process's scheduling priority.
@@ -317,6 +338,14 @@ fn mark_promoted(home: &Path, eval_run: &str) -> anyhow::Result<()> {
 
 /// Whether the machine runs on battery, where Linux says (`None`: it does not say, or has no
 /// battery).
+/// The one-minute load average per core, where the system says (Linux: /proc/loadavg).
+fn load_per_core() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let one: f64 = text.split_whitespace().next()?.parse().ok()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(one / cores as f64)
+}
+
 fn on_battery() -> Option<bool> {
     let supplies = std::fs::read_dir("/sys/class/power_supply").ok()?;
     let mut mains = None;

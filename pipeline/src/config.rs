@@ -66,6 +66,11 @@ pub struct NightlySettings {
     pub threads: usize,
     /// Run only on mains power, where the system says (Linux: /sys/class/power_supply).
     pub only_on_ac: bool,
+    /// Run only when the machine is idle: the one-minute load average per core at most this (0: off;
+    /// where the system says, Linux: /proc/loadavg).
+    pub idle_max_load: f64,
+    /// Minutes to wait for the machine to become idle before giving the night up.
+    pub idle_wait_min: u64,
     /// Promote a candidate that passes the gate (off: the report says what would have happened).
     pub promote: bool,
 }
@@ -79,6 +84,8 @@ impl Default for NightlySettings {
             nice: 10,
             threads: 0,
             only_on_ac: false,
+            idle_max_load: 0.0,
+            idle_wait_min: 30,
             promote: true,
         }
     }
@@ -394,6 +401,13 @@ impl LoadedConfig {
         }
         if c.nightly.time_budget_min == 0 {
             bad("nightly.time_budget_min", "0".into(), "at least 1 minute");
+        }
+        if !(c.nightly.idle_max_load.is_finite() && c.nightly.idle_max_load >= 0.0) {
+            bad(
+                "nightly.idle_max_load",
+                c.nightly.idle_max_load.to_string(),
+                "0 (off) or a load per core above 0, e.g. 0.5",
+            );
         }
         if let Err(e) = crate::config::parse_cron(&c.schedule.cron) {
             bad("schedule.cron", format!("{:?}", c.schedule.cron), &e);

@@ -105,7 +105,8 @@ enum Command {
     /// One night of the loop: ingest, train, eval, gate (promote or reject), report. A run killed at
     /// any stage is taken up where it stopped by the next invocation. Exit codes: 0 done (promoted,
     /// or nothing enough to learn), 2 bad configuration, 3 candidate rejected, 4 another run holds
-    /// the lock, 5 a stage failed (run again to resume), 6 on battery with only_on_ac.
+    /// the lock, 5 a stage failed (run again to resume), 6 on battery with only_on_ac, 7 the machine
+    /// stayed busy ([nightly] idle_max_load).
     Nightly {
         /// A source on top of pai.toml's [[sources]]: DIR, DIR:notes, DIR:code or DIR:chat.
         #[arg(long = "source", value_name = "DIR[:KIND]")]

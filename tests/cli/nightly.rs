@@ -443,3 +443,43 @@ fn the_quick_start_night_on_the_default_model_promotes() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn a_busy_machine_is_waited_for_then_the_night_is_given_up() {
+    // The one-minute load while the test binaries run is above this (if the machine were somehow
+    // perfectly idle, the night would start: say so and stop rather than run a whole night).
+    let load: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    if load == 0.0 {
+        eprintln!("load average 0 (or no /proc/loadavg): nothing to check");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let notes = dir.path().join("notes");
+    std::fs::create_dir_all(&notes).unwrap();
+    let home = dir.path().join("home");
+    let out = Command::new(TRAIN)
+        .args(["nightly", "--source", &format!("{}:notes", notes.display())])
+        .env("PAI_HOME", &home)
+        .env("PAI_NIGHTLY_IDLE_MAX_LOAD", "0.000001")
+        .env("PAI_NIGHTLY_IDLE_WAIT_MIN", "0")
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("PAI_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.contains("the machine is busy"), "{said}");
+    // No run was started.
+    let runs: Vec<_> = std::fs::read_dir(home.join("runs"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !runs
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with("nightly-")),
+        "{runs:?}"
+    );
+}
