@@ -313,6 +313,15 @@ fn ask(text: &str, extra: Value) -> Value {
     body
 }
 
+/// A chat request with `model: auto` (`ask`) through the router.
+async fn chat(
+    state: &Arc<ServeState>,
+    text: &str,
+    extra: Value,
+) -> (StatusCode, HeaderMap, String) {
+    send(state, "/v1/chat/completions", ask(text, extra), &[]).await
+}
+
 fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
     h.get(name).map_or("", |v| v.to_str().unwrap())
 }
@@ -336,13 +345,7 @@ async fn a_named_tier_answers_and_the_answer_says_where_it_came_from() {
     let medium = peer("medium", Behaviour::Answer).await;
     let state = routed(dir.path(), fast(vec![tier("medium", 2, &medium.url)]));
 
-    let (status, h, body) = send(
-        &state,
-        "/v1/chat/completions",
-        ask("Hello there", json!({"tier": "L2", "user": "u1"})),
-        &[],
-    )
-    .await;
+    let (status, h, body) = chat(&state, "Hello there", json!({"tier": "L2", "user": "u1"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let v = json_of(&body);
     assert_eq!(v["choices"][0]["message"]["content"], "answer from medium");
@@ -366,13 +369,7 @@ async fn a_named_tier_answers_and_the_answer_says_where_it_came_from() {
     );
 
     // Without a tier and uncalibrated: the local model answers, with its adapter.
-    let (status, h, body) = send(
-        &state,
-        "/v1/chat/completions",
-        ask("Hello again", json!({})),
-        &[],
-    )
-    .await;
+    let (status, h, body) = chat(&state, "Hello again", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(header(&h, "x-pai-tier"), "local");
     assert_eq!(header(&h, "x-pai-adapter"), "personal@v1");
@@ -451,13 +448,7 @@ async fn failing_deployments_fall_back_in_order_and_the_metrics_say_so() {
     };
     let state = routed(&dir.path().join("router"), config);
 
-    let (status, h, body) = send(
-        &state,
-        "/v1/chat/completions",
-        ask("Tell me about rivers", json!({"tier": "L2"})),
-        &[],
-    )
-    .await;
+    let (status, h, body) = chat(&state, "Tell me about rivers", json!({"tier": "L2"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let v = json_of(&body);
     assert_eq!(header(&h, "x-pai-tier"), "pai");
@@ -508,13 +499,7 @@ async fn failing_deployments_fall_back_in_order_and_the_metrics_say_so() {
     has_line(&m, "pai_router_served_total{tier=\"pai\",level=\"3\"} 1");
 
     // The breakers are open: the next request skips the failed deployments without a call.
-    let (status, h, body) = send(
-        &state,
-        "/v1/chat/completions",
-        ask("And lakes?", json!({"tier": "L2"})),
-        &[],
-    )
-    .await;
+    let (status, h, body) = chat(&state, "And lakes?", json!({"tier": "L2"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(header(&h, "x-pai-tier"), "pai");
     assert_eq!(
@@ -652,13 +637,7 @@ async fn private_material_never_reaches_a_cloud_tier() {
     }
 
     // An ordinary request with the local model down goes out, past the failing tier.
-    let (status, h, body) = send(
-        &state,
-        "/v1/chat/completions",
-        ask("What is a river delta?", json!({})),
-        &[],
-    )
-    .await;
+    let (status, h, body) = chat(&state, "What is a river delta?", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(header(&h, "x-pai-tier"), "open");
     assert_eq!(header(&h, "x-pai-fallbacks"), "2", "local, then broken");
@@ -726,13 +705,7 @@ async fn streams_pass_through_and_fall_back_only_before_their_first_token() {
 
     // A whole answer that is no chat completion is a failure too, and so is a body cut off (the
     // streaming peers break theirs): on to the next deployment.
-    let (status, h, body) = send(
-        &state,
-        "/v1/chat/completions",
-        ask("Whole, please", json!({"tier": "garbage"})),
-        &[],
-    )
-    .await;
+    let (status, h, body) = chat(&state, "Whole, please", json!({"tier": "garbage"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let causes: Vec<String> = json_of(&body)["pai"]["route"]["fallbacks"]
         .as_array()
@@ -865,21 +838,9 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
     };
     let home = dir.path().join("b");
     let state = routed(&home, budget.clone());
-    let (_, h, _) = send(
-        &state,
-        "/v1/chat/completions",
-        ask("First", json!({"tier": "L2"})),
-        &[],
-    )
-    .await;
+    let (_, h, _) = chat(&state, "First", json!({"tier": "L2"})).await;
     assert_eq!(header(&h, "x-pai-tier"), "medium");
-    let (_, h, body) = send(
-        &state,
-        "/v1/chat/completions",
-        ask("Second", json!({"tier": "L2"})),
-        &[],
-    )
-    .await;
+    let (_, h, body) = chat(&state, "Second", json!({"tier": "L2"})).await;
     assert_eq!(header(&h, "x-pai-tier"), "local", "{body}");
     assert_eq!(header(&h, "x-pai-route-rule"), "budget");
     let restarted = Router::new(budget, Some(&home.join("home"))).unwrap();
@@ -910,20 +871,8 @@ async fn escalations_become_chat_examples_when_the_owner_opts_in() {
         );
     }
     // Kept local (asked, and private): nothing saved.
-    send(
-        &state,
-        "/v1/chat/completions",
-        ask("Hi", json!({"tier": "local"})),
-        &[],
-    )
-    .await;
-    send(
-        &state,
-        "/v1/chat/completions",
-        ask("Hi", json!({"private": true})),
-        &[],
-    )
-    .await;
+    chat(&state, "Hi", json!({"tier": "local"})).await;
+    chat(&state, "Hi", json!({"private": true})).await;
 
     // The stream's file line is written when it ends, just after the response.
     let files = pai_serve::router::escalations_dir(&dir.path().join("home"));
@@ -969,13 +918,8 @@ async fn redact_mode_sends_placeholders_and_restores_the_answer() {
 
     // Whole and streamed: the peer sees placeholders, the client gets its own text back.
     for stream in [false, true] {
-        let (status, h, body) = send(
-            &state,
-            "/v1/chat/completions",
-            ask(&question, json!({"tier": "L2", "stream": stream})),
-            &[],
-        )
-        .await;
+        let (status, h, body) =
+            chat(&state, &question, json!({"tier": "L2", "stream": stream})).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(header(&h, "x-pai-tier"), "echo");
         let answer: String = if stream {
@@ -1015,13 +959,7 @@ async fn redact_mode_sends_placeholders_and_restores_the_answer() {
     );
 
     // A quote of a private note or a private flag is not redactable: it stays.
-    let (_, h, _) = send(
-        &state,
-        "/v1/chat/completions",
-        ask(&question, json!({"tier": "L2", "private": true})),
-        &[],
-    )
-    .await;
+    let (_, h, _) = chat(&state, &question, json!({"tier": "L2", "private": true})).await;
     assert_eq!(header(&h, "x-pai-tier"), "local");
     assert_eq!(echo.received().len(), 2);
 }
