@@ -25,8 +25,9 @@ use crate::openai::{ChatRequest, Content};
 use crate::routes::{parse, ApiKeyIndex};
 use crate::state::ServeState;
 
-/// Fields only pai reads: never forwarded to a cloud tier.
-const PAI_FIELDS: [&str; 3] = ["adapter", "tier", "private"];
+/// Fields never forwarded to a cloud tier: pai's own, and OpenAI's `user` (the owner's end-user id
+/// stays on this machine).
+const PAI_FIELDS: [&str; 4] = ["adapter", "tier", "private", "user"];
 
 /// One target of the plan that did not answer, and why.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -36,8 +37,16 @@ struct Fallback {
     error: String,
 }
 
-/// The texts the privacy gate reads: every message's content (and name).
-fn texts(req: &ChatRequest) -> Vec<String> {
+/// The texts the privacy gate reads: every message's content (and name), and the stop sequences
+/// (everything of the request that is forwarded and written by a person).
+fn gate_texts(req: &ChatRequest) -> Vec<String> {
+    let mut out = contents(req);
+    out.extend(req.stop.clone().map(|s| s.into_vec()).unwrap_or_default());
+    out
+}
+
+/// Every message's content (and name).
+fn contents(req: &ChatRequest) -> Vec<String> {
     req.messages
         .iter()
         .flat_map(|m| {
@@ -101,10 +110,10 @@ async fn decide(
     headers: &HeaderMap,
 ) -> Result<Decision, ApiError> {
     let router = &s.router;
-    let texts = texts(req);
-    let verdict = router
-        .gate
-        .check(texts.iter().map(String::as_str), flagged(req, headers));
+    let verdict = router.gate.check(
+        gate_texts(req).iter().map(String::as_str),
+        flagged(req, headers),
+    );
     let messages = crate::generation::chat_messages(req)?;
     let prompt_tokens = s
         .base
@@ -123,6 +132,7 @@ async fn decide(
         local_context: s.base.model.config().context_length,
     };
     let confidence = if router.needs_probe(&input, &verdict) {
+        let texts = contents(req);
         probe(
             s,
             super::probe::probe_text(texts.iter().map(String::as_str)),
@@ -457,6 +467,12 @@ fn redacted(router: &super::Router, original: &Value) -> Option<(Value, Restorer
             *n = redact(n, pii, &mut next, &mut values)?;
             sent.push(n.clone());
         }
+    }
+    // Stop sequences are sent as they are: one with a secret or personal data keeps it all here.
+    match &body["stop"] {
+        Value::String(t) => sent.push(t.clone()),
+        Value::Array(all) => sent.extend(all.iter().filter_map(|t| t.as_str().map(String::from))),
+        _ => {}
     }
     let verdict = router.gate.check(sent.iter().map(String::as_str), false);
     verdict.may_leave().then(|| (body, Restorer::new(values)))

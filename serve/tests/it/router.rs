@@ -359,12 +359,14 @@ async fn a_named_tier_answers_and_the_answer_says_where_it_came_from() {
         .unwrap()
         .contains("asked for L2"));
 
-    // What the peer received: the OpenAI request with its model, without pai's own fields.
+    // What the peer received: the OpenAI request with its model, without pai's own fields and
+    // without the end-user id.
     let sent = json_of(&medium.received()[0]);
     assert_eq!(sent["model"], "medium-model");
-    assert_eq!(sent["user"], "u1");
     assert!(
-        sent.get("tier").is_none() && sent.get("private").is_none(),
+        ["tier", "private", "user"]
+            .iter()
+            .all(|f| sent.get(*f).is_none()),
         "{sent}"
     );
 
@@ -957,6 +959,16 @@ async fn redact_mode_sends_placeholders_and_restores_the_answer() {
             .all(|r| r.redacted == 3 && r.secrets + r.pii == 0),
         "{ledger:?}"
     );
+
+    // A stop sequence is sent as it is: one carrying personal data keeps the request here.
+    let (_, h, body) = chat(
+        &state,
+        "Plain question",
+        json!({"tier": "L2", "stop": [email.clone()]}),
+    )
+    .await;
+    assert_eq!(header(&h, "x-pai-tier"), "local", "{body}");
+    assert_eq!(echo.received().len(), 2);
 
     // A quote of a private note or a private flag is not redactable: it stays.
     let (_, h, _) = chat(&state, &question, json!({"tier": "L2", "private": true})).await;
