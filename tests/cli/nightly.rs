@@ -483,3 +483,59 @@ fn a_busy_machine_is_waited_for_then_the_night_is_given_up() {
         "{runs:?}"
     );
 }
+
+#[test]
+fn the_scheduler_runs_the_night_as_a_process_when_its_time_comes() {
+    let w = World::new("", (0..3).map(note));
+    // A schedule every two seconds, the tiny model and the notes from pai.toml.
+    std::fs::write(
+        w.home.join("pai.toml"),
+        format!(
+            "model = {:?}\n\n[nightly]\nnice = 0\n\n[schedule]\ncron = \"*/2 * * * * *\"\n\n\
+             [[sources]]\npath = {:?}\nkind = \"notes\"\n",
+            w.model_arg(),
+            w.notes.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(TRAIN)
+        .arg("schedule")
+        .env("PAI_HOME", &w.home)
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("PAI_MODEL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ended = loop {
+        let mut line = String::new();
+        if said.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
+            break None;
+        }
+        log.push_str(&line);
+        if let Some(code) = line.split("the nightly run ended with exit code ").nth(1) {
+            break Some(code.trim().to_string());
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // Three short notes are less than [nightly] min_new_tokens: the night ingests, trains nothing,
+    // and ends well (exit 0).
+    assert_eq!(ended.as_deref(), Some("0"), "{log}");
+    assert!(
+        log.contains("next run at") && log.contains("starting the nightly run"),
+        "{log}"
+    );
+    let history = w.pai(&["history", "--json"]);
+    assert!(history.status.success(), "{}", text(&history.stderr));
+    let runs = json(&history);
+    assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
+    assert!(!runs[0]["outcome"].is_null(), "the night finished: {runs}");
+    let schedule: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.home.join("runs").join("schedule.json")).unwrap())
+            .unwrap();
+    assert!(!schedule.as_object().unwrap().is_empty(), "{schedule}");
+}
