@@ -11,10 +11,11 @@
 //!    calibrated thresholds (`pai-train router calibrate`); uncalibrated, local.
 //!
 //! The plan puts the chosen tier first, then the other cloud tiers, then the local model (for a cloud
-//! choice). Sending is in `dispatch`, one deployment's manners in `upstream`, the ledger of what left in
-//! `ledger`.
+//! choice). The HTTP side is in `dispatch`, sending to a deployment in `cloud`, one deployment's
+//! manners in `upstream`, the ledger of what left in `ledger`.
 
 pub mod calibrate;
+mod cloud;
 pub mod config;
 pub mod dispatch;
 pub mod ledger;
