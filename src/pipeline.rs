@@ -123,6 +123,7 @@ pub fn status(json: bool) -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.next_after(chrono::Local::now()));
     let scheduler = ScheduleState::read(&home.join("runs"));
+    let router = crate::router::status(&home, &loaded.config.router);
     if json {
         println!(
             "{}",
@@ -134,6 +135,7 @@ pub fn status(json: bool) -> anyhow::Result<()> {
                 "runs": last,
                 "next_scheduled": next.map(|t| t.to_rfc3339()),
                 "scheduler": scheduler,
+                "router": router,
             })
         );
         return Ok(());
@@ -173,6 +175,9 @@ pub fn status(json: bool) -> anyhow::Result<()> {
                 .map(|c| format!(", exit code {c}"))
                 .unwrap_or_default()
         );
+    }
+    for line in crate::router::status_lines(&router) {
+        println!("{line}");
     }
     Ok(())
 }

@@ -179,6 +179,62 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `pai-train status` says of the router: the tiers, the calibration, and what left today.
+pub fn status(home: &Path, config: &pai_serve::router::RouterConfig) -> serde_json::Value {
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let left: Vec<_> = EgressLedger::read(&EgressLedger::path(home))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.time.starts_with(&today))
+        .collect();
+    let calibration = Calibration::read(&Calibration::path(home)).ok().flatten();
+    serde_json::json!({
+        "tiers": config.tiers.iter().map(|t| format!("{} (L{})", t.name, t.level)).collect::<Vec<_>>(),
+        "thresholds": config.thresholds.or(calibration.as_ref().map(|c| c.thresholds)),
+        "calibrated": calibration.as_ref().map(|c| serde_json::json!({
+            "time": c.time, "agreement": c.agreement, "held_out_agreement": c.held_out_agreement,
+            "share": c.share, "local_model": c.local_model,
+        })),
+        "egress_today": {"requests": left.len(), "cost_usd": left.iter().map(|r| r.cost_usd).sum::<f64>()},
+        "daily_budget_usd": config.daily_budget_usd,
+    })
+}
+
+/// `status`'s router lines.
+pub fn status_lines(s: &serde_json::Value) -> Vec<String> {
+    let tiers: Vec<&str> = s["tiers"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    if tiers.is_empty() {
+        return vec!["router: local only (no [[router.tiers]])".into()];
+    }
+    let calibrated = match &s["calibrated"] {
+        serde_json::Value::Null if s["thresholds"].is_null() => {
+            "not calibrated (pai-train router calibrate): local first".to_string()
+        }
+        serde_json::Value::Null => "thresholds from pai.toml".to_string(),
+        c => format!(
+            "calibrated {} ({:.0}% agreement, {:.0}% held out)",
+            c["time"].as_str().unwrap_or("?"),
+            100.0 * c["agreement"].as_f64().unwrap_or(0.0),
+            100.0 * c["held_out_agreement"].as_f64().unwrap_or(0.0)
+        ),
+    };
+    let budget = s["daily_budget_usd"]
+        .as_f64()
+        .map(|b| format!(" of ${b:.2}"))
+        .unwrap_or_default();
+    vec![
+        format!("router: local, then {}; {calibrated}", tiers.join(", ")),
+        format!(
+            "  left the machine today: {} requests, ${:.4}{budget} (pai-train egress)",
+            s["egress_today"]["requests"].as_u64().unwrap_or(0),
+            s["egress_today"]["cost_usd"].as_f64().unwrap_or(0.0)
+        ),
+    ]
+}
+
 /// `pai-train egress`: what left the machine (newest last), optionally one day's.
 pub fn egress(day: Option<&str>, json: bool) -> anyhow::Result<()> {
     let path = EgressLedger::path(&crate::pai_home());

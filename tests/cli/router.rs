@@ -200,6 +200,21 @@ fn a_pai_serve_routes_to_another_keeps_private_requests_and_keeps_a_ledger() {
     assert_eq!(record["deployment"], "peer");
     assert_eq!(record["sha256"].as_str().unwrap().len(), 64);
 
+    // `status` says where requests can go, the calibration, and what left today.
+    let out = run(TRAIN, &["status"], None, &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("router: local, then peer (L2); calibrated "),
+        "{said}"
+    );
+    assert!(
+        said.contains("left the machine today: 1 requests"),
+        "{said}"
+    );
+    let status = json(&run(TRAIN, &["status", "--json"], None, &env));
+    assert_eq!(status["router"]["egress_today"]["requests"], 1, "{status}");
+
     // A bad tier is named by `config check`.
     std::fs::write(
         home.join("pai.toml"),
