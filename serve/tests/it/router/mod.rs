@@ -1,7 +1,8 @@
-//! The router against real peers on loopback (`peers`; the privacy gate's tests in `privacy`): OpenAI-compatible servers that answer,
+//! The router against real peers on loopback (`peers`): OpenAI-compatible servers that answer,
 //! refuse connections, hang, answer 429 with Retry-After, 500, or drop a stream before or after its
 //! first token, and a second pai-serve. Each peer logs every body it receives, so the tests can say
-//! what left the machine: planted private notes, secrets and personal data never appear in any log.
+//! what left the machine. Fallbacks, streams, decisions and escalations here; the privacy gate and
+//! redact mode in `privacy`.
 
 use std::sync::Arc;
 use std::time::Duration;
