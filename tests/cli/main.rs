@@ -1,9 +1,9 @@
 //! End to end: the `pai-serve` and `pai-train` binaries as a user runs them, on the real default model
 //! (installed by scripts/fetch-model.sh) and on a tiny random model written here.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 mod adapters;
 mod evals;
@@ -142,3 +142,52 @@ pub fn json(out: &Output) -> serde_json::Value {
     serde_json::from_str(text(&out.stdout).trim()).unwrap()
 }
 pub const TRAIN: &str = env!("CARGO_BIN_EXE_pai-train");
+
+/// A running `pai-serve serve` (killed when dropped).
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    /// What it said on standard error up to listening.
+    pub said: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `pai-serve serve` on a free loopback port with `home`, once it listens.
+pub fn start_serve(model: &Path, home: &Path) -> Server {
+    let child = Command::new(SERVE)
+        .args(["serve", "--port", "0", "--model", model.to_str().unwrap()])
+        .env("PAI_HOME", home)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Owned by the guard from here, so it is killed and waited for whatever happens.
+    let mut server = Server {
+        child,
+        addr: String::new(),
+        said: String::new(),
+    };
+    let mut stderr = BufReader::new(server.child.stderr.take().unwrap());
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "exited: {}",
+            server.said
+        );
+        server.said.push_str(&line);
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            server.addr = rest.split_whitespace().next().unwrap().to_string();
+            // Keep draining its log so it never blocks on a full pipe.
+            std::thread::spawn(move || for _ in stderr.lines() {});
+            return server;
+        }
+    }
+}

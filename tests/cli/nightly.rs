@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{json, pond_note as note, text, World, SERVE, TRAIN};
+use crate::{json, pond_note as note, start_serve, text, World, TRAIN};
 
 /// The `x-pai-adapter` header of a completion for `model`, or the status line when it failed.
 fn served_by(addr: &str, model: &str) -> String {
@@ -92,23 +92,8 @@ fn nights_promote_reject_resume_and_the_server_follows() {
     let nightly = |day: &str, env: &[(&str, &str)]| night_cmd(day, env).output().unwrap();
 
     // A server running before the first night, with no adapter yet.
-    let mut server = Command::new(SERVE)
-        .args(["serve", "--port", "0", "--model", w.model_arg()])
-        .env("PAI_HOME", home)
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = BufReader::new(server.stderr.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(said.read_line(&mut line).unwrap() > 0, "pai-serve exited");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut said, &mut std::io::sink()));
+    let mut server = start_serve(&w.model, home);
+    let addr = server.addr.clone();
     assert!(served_by(&addr, "personal").contains("404"));
 
     // Night 1: no incumbent, so the candidate faces the bare base; it learnt the notes: promoted,
@@ -316,9 +301,9 @@ fn nights_promote_reject_resume_and_the_server_follows() {
     assert!(history.contains("6 runs, "), "{history}");
 
     let _ = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+        .args(["-TERM", &server.child.id().to_string()])
         .status();
-    assert!(server.wait().unwrap().success());
+    assert!(server.child.wait().unwrap().success());
 }
 
 #[test]

@@ -3,60 +3,8 @@
 //! routing server reads, a request carrying personal data stays local, and `pai-train egress` shows
 //! what left (a hash, not the text).
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
 use crate::serve::http;
-use crate::{json, run, text, tiny_model, SERVE, TRAIN};
-
-/// A running `pai-serve serve` (killed when dropped).
-struct Server {
-    child: Child,
-    addr: String,
-    /// What it said on standard error up to listening.
-    said: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(model: &Path, home: &Path) -> Server {
-    let child = Command::new(SERVE)
-        .args(["serve", "--port", "0", "--model", model.to_str().unwrap()])
-        .env("PAI_HOME", home)
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Owned by the guard from here, so it is killed and waited for whatever happens.
-    let mut server = Server {
-        child,
-        addr: String::new(),
-        said: String::new(),
-    };
-    let mut stderr = BufReader::new(server.child.stderr.take().unwrap());
-    loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "exited: {}",
-            server.said
-        );
-        server.said.push_str(&line);
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            server.addr = rest.split_whitespace().next().unwrap().to_string();
-            // Keep draining its log so it never blocks on a full pipe.
-            std::thread::spawn(move || for _ in stderr.lines() {});
-            return server;
-        }
-    }
-}
+use crate::{json, run, start_serve as start, text, tiny_model, TRAIN};
 
 fn chat(text: &str, tier: Option<&str>) -> String {
     let mut body = serde_json::json!({
