@@ -395,6 +395,9 @@ impl Router {
                 d.privacy.reasons().join("; ")
             ));
         }
+        // The day's spend, read once for the rule and the plan.
+        let spent = self.spent_today();
+        let budget_spent = self.config.daily_budget_usd.is_some_and(|b| spent >= b);
         // A named deployment goes first in its level's order.
         let mut first: Option<usize> = None;
         if !d.egress_allowed {
@@ -402,12 +405,11 @@ impl Router {
             d.reasons
                 .push("private requests are answered only on this machine".into());
             d.rule = "private";
-        } else if !self.deployments.is_empty() && self.budget_spent() {
+        } else if !self.deployments.is_empty() && budget_spent {
             d.rule = "budget";
             d.reasons.push(format!(
-                "today's cloud budget of ${:.2} is spent (${:.4})",
+                "today's cloud budget of ${:.2} is spent (${spent:.4})",
                 self.config.daily_budget_usd.unwrap_or(0.0),
-                self.spent_today()
             ));
         } else if let Some(tier) = input.tier.as_deref() {
             d.rule = "asked";
@@ -454,7 +456,7 @@ impl Router {
                     .push("not calibrated (pai-train router calibrate): local first".into()),
             }
         }
-        d.plan = self.plan(d.level, first, d.egress_allowed && !self.budget_spent());
+        d.plan = self.plan(d.level, first, d.egress_allowed && !budget_spent);
         if let Some(Target::Cloud(i)) = d.plan.first() {
             d.tier = self.deployments[*i].config.name.clone();
         } else if d.level > 1 {

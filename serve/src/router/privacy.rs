@@ -44,11 +44,6 @@ impl PrivacyVerdict {
         !self.flagged && !self.private_text
     }
 
-    /// Values the scrubbers found: what redact mode replaces.
-    pub fn redactions(&self) -> usize {
-        self.secrets.values().sum::<usize>() + self.pii.values().sum::<usize>()
-    }
-
     /// Why a request must stay (empty when it may leave).
     pub fn reasons(&self) -> Vec<String> {
         let mut out = Vec::new();

@@ -28,7 +28,11 @@ pub enum Answer {
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
-    Connect(String),
+    /// The connection failed (`sent`: false when it was never made, so nothing left) or broke.
+    Connect {
+        message: String,
+        sent: bool,
+    },
     Timeout,
     Status {
         code: u16,
@@ -54,7 +58,7 @@ impl Failure {
     /// A short label for /metrics and the ledger.
     pub fn cause(&self) -> &'static str {
         match self {
-            Self::Connect(_) => "connect",
+            Self::Connect { .. } => "connect",
             Self::Timeout => "timeout",
             Self::Status { code: 429, .. } => "429",
             Self::Status { code, .. } if *code >= 500 => "5xx",
@@ -66,14 +70,14 @@ impl Failure {
 
     /// Whether bytes may have reached the deployment (a refused connection sent nothing).
     pub fn sent(&self) -> bool {
-        !matches!(self, Self::Connect(m) if m.contains("refused"))
+        !matches!(self, Self::Connect { sent: false, .. })
     }
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Connect(m) => write!(f, "connection failed: {m}"),
+            Self::Connect { message, .. } => write!(f, "connection failed: {message}"),
             Self::Timeout => f.write_str("timed out"),
             Self::Status {
                 code,
@@ -247,7 +251,10 @@ fn request_failure(e: reqwest::Error) -> Failure {
     while let Some(inner) = cause.source() {
         cause = inner;
     }
-    Failure::Connect(cause.to_string())
+    Failure::Connect {
+        message: cause.to_string(),
+        sent: !e.is_connect(),
+    }
 }
 
 /// How long to wait before retry `attempt` (1 for the first retry): the deployment's Retry-After when
