@@ -190,7 +190,9 @@ async fn clients_take_turns_for_places_in_the_batch() {
         tokio::task::yield_now().await;
     }
     for (who, n) in [("a", 2), ("a", 3), ("a", 4), ("b", 1)] {
-        tasks.push(send(who, n, 2));
+        // Long enough (30 steps) that the previous request's client has recorded its answer before
+        // this one can finish: the order recorded is the order the engine ran them in.
+        tasks.push(send(who, n, 30));
         let queued = tasks.len() - 1;
         while gauge(app.clone(), "pai_queue_depth").await < queued as f64 {
             assert!(
