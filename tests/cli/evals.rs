@@ -132,9 +132,12 @@ fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
     // the noise adapter's own sample continuation is taken as the "secret"); an empty canary file
     // fails closed; canaries never completed pass.
     let sample = &report["samples"][0];
+    // Trimmed: the noise adapter's text can start with whitespace, and a canary's secret may not be
+    // blank.
     let leaked: String = sample["candidate"]
         .as_str()
         .unwrap()
+        .trim_start()
         .chars()
         .take(12)
         .collect();
