@@ -59,6 +59,7 @@ fn holdout_like(root: &std::path::Path, n: usize) -> Vec<Item> {
                 items.push(Item {
                     id: format!("{f}#{k}"),
                     group: f.to_string(),
+                    domain: "notes".into(),
                     task: Task::Continuation {
                         context: String::new(),
                         text: block.to_string(),

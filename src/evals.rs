@@ -363,6 +363,21 @@ fn print_summary(report: &EvalReport, promoted: bool, path: &std::path::Path) {
             ),
             None => println!("  {:<12} {:<7} no items  {verdict}", s.suite, s.role.as_str()),
         }
+        // A suite over several domains: each one's standing (the router trusts the adapter by it).
+        if s.domains.len() > 1 {
+            for d in &s.domains {
+                let c = &d.comparison;
+                println!(
+                    "    {:<18} {:>4} items  delta {:+.4} [{:+.4}, {:+.4}]  {}",
+                    d.domain,
+                    c.items,
+                    c.delta,
+                    c.interval.0,
+                    c.interval.1,
+                    d.standing.as_str()
+                );
+            }
+        }
     }
     let decision = if report.decision.promote {
         if promoted {

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use pai_serve::router::calibrate::{fit, held_out_agreement, level_of, LabelledRequest};
-use pai_serve::router::probe::{probe, probe_text};
+use pai_serve::router::calibrate::{choose, level_of, LabelledRequest};
+use pai_serve::router::kind::{classify, RequestKind};
+use pai_serve::router::probe::{probe, probe_text, Signals};
 use pai_serve::router::{Calibration, EgressLedger};
 
 /// The labelled set that ships with pai: everyday requests a small local model answers well, and
@@ -63,9 +64,11 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         .local_model
         .unwrap_or_else(|| config.router.local_model.clone());
     let registry = pai_adapters::Registry::new(&home);
+    let mut standings = pai_adapters::Standings::new();
     let adapter = match registry.resolve(&local) {
         Ok((name, version)) if local != "base" => {
             let verified = registry.verify(&name, version)?;
+            standings = registry.standings(&name, version);
             Some((
                 format!("{name}@{version}"),
                 base.load_adapter(&verified.dir)
@@ -98,12 +101,30 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
                 text.chars().take(60).collect::<String>()
             )
         })?;
-        points.push((p, item.level));
+        let kind = item
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map_or(RequestKind::Question, |m| classify(&m.content));
+        let standing = standings
+            .get(kind.domain())
+            .copied()
+            .unwrap_or(pai_adapters::Standing::Same);
+        points.push((
+            Signals {
+                probe: p,
+                kind,
+                standing,
+            },
+            item.level,
+        ));
     }
-    let fitted = fit(&points, config.router.target_share).context("an empty labelled set")?;
-    let held_out = held_out_agreement(&points, config.router.target_share).unwrap_or(f64::NAN);
+    let (share, gate_weight) = (config.router.target_share, config.router.gate_weight);
+    let chosen = choose(&points, share, gate_weight).context("fewer than two labelled requests")?;
+    let (fitted, held_out) = (&chosen.fitted, chosen.held_out);
     let calibration = Calibration {
-        thresholds: fitted.thresholds,
+        thresholds: fitted.thresholds.clone(),
         share: fitted.share,
         agreement: fitted.agreement,
         held_out_agreement: held_out,
@@ -116,19 +137,60 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "calibration": calibration, "confusion": fitted.confusion,
+                "standings": standings,
+                "kinds_kept": chosen.kinds_kept,
+                "with_kinds": {"agreement": chosen.with_kinds.0, "held_out_agreement": chosen.with_kinds.1},
+                "without_kinds": {"agreement": chosen.without_kinds.0, "held_out_agreement": chosen.without_kinds.1},
                 "seconds": started.elapsed().as_secs_f64(),
-                "items": items.iter().zip(&points).map(|(item, (p, _))| serde_json::json!({
-                    "kind": item.kind, "level": item.level, "probe": p,
-                    "decided": level_of(p.score(&fitted.thresholds), fitted.thresholds),
+                "items": items.iter().zip(&points).map(|(item, (s, _))| serde_json::json!({
+                    "kind": item.kind, "level": item.level, "probe": s.probe,
+                    "read_as": s.kind, "standing": s.standing,
+                    "decided": level_of(s.score(&fitted.thresholds), &fitted.thresholds),
                 })).collect::<Vec<_>>(),
             }))?
         );
     } else {
-        let t = fitted.thresholds;
+        let t = &fitted.thresholds;
         println!(
             "thresholds: local >= {:.3}, medium >= {:.3} on mean log-likelihood per token (nats) \
-             - {} x ln(tokens)",
-            t.local, t.medium, t.length_weight
+             - {} x ln(tokens) + kind offset + {} x standing",
+            t.local, t.medium, t.length_weight, t.gate_weight
+        );
+        let offsets: Vec<String> = t
+            .kind_offsets
+            .iter()
+            .map(|(k, o)| format!("{k} {o:+.1}"))
+            .collect();
+        let (with, without) = (chosen.with_kinds, chosen.without_kinds);
+        println!(
+            "kind offsets: {} ({}: {:.0}% with offsets on requests left out of the fit, {:.0}% \
+             without; in the fit {:.0}% and {:.0}%)",
+            if offsets.is_empty() {
+                "none".to_string()
+            } else {
+                offsets.join(", ")
+            },
+            if chosen.kinds_kept {
+                "kept"
+            } else {
+                "none kept"
+            },
+            100.0 * with.1,
+            100.0 * without.1,
+            100.0 * with.0,
+            100.0 * without.0,
+        );
+        let standing: Vec<String> = standings
+            .iter()
+            .map(|(d, s)| format!("{d} {}", s.as_str()))
+            .collect();
+        println!(
+            "the adapter against the base, by its gates: {}",
+            if standing.is_empty() {
+                "not known (never gated, or no adapter)".to_string()
+            } else {
+                standing.join(", ")
+            }
         );
         println!(
             "share:      L1 {:.0}%  L2 {:.0}%  L3 {:.0}%  (target {:?})",
@@ -153,9 +215,9 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
         }
         // Per kind: how many of each went local.
         let mut kinds: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-        for (item, (p, _)) in items.iter().zip(&points) {
+        for (item, (s, _)) in items.iter().zip(&points) {
             let e = kinds.entry(item.kind.as_str()).or_default();
-            e.0 += usize::from(level_of(p.score(&t), t) == 1);
+            e.0 += usize::from(level_of(s.score(t), t) == 1);
             e.1 += 1;
         }
         let kinds: Vec<String> = kinds
@@ -190,7 +252,7 @@ pub fn status(home: &Path, config: &pai_serve::router::RouterConfig) -> serde_js
     let calibration = Calibration::read(&Calibration::path(home)).ok().flatten();
     serde_json::json!({
         "tiers": config.tiers.iter().map(|t| format!("{} (L{})", t.name, t.level)).collect::<Vec<_>>(),
-        "thresholds": config.thresholds.or(calibration.as_ref().map(|c| c.thresholds)),
+        "thresholds": config.thresholds.clone().or(calibration.as_ref().map(|c| c.thresholds.clone())),
         "calibrated": calibration.as_ref().map(|c| serde_json::json!({
             "time": c.time, "agreement": c.agreement, "held_out_agreement": c.held_out_agreement,
             "share": c.share, "local_model": c.local_model,

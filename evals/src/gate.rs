@@ -10,8 +10,14 @@
 //! Roles: a **primary** suite passes when its interval lies above `min_improvement`; a **guard**
 //! suite fails when its mean drops by more than `max_regression`; an **info** suite is reported only.
 //! Promote when every primary suite passes and no guard suite fails.
+//!
+//! Each suite's items are also compared per domain (`notes`, `code`, `general`, …): a `Standing` of
+//! better, same or worse than the incumbent, recorded with the verdict in the candidate's `pai.json`,
+//! where the router reads in which domains the adapter it serves can be trusted.
 
 use serde::{Deserialize, Serialize};
+
+pub use pai_adapters::Standing;
 
 /// What a suite's verdict means for the decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -99,6 +105,52 @@ pub struct SuiteVerdict {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comparison: Option<Comparison>,
     pub thresholds: Thresholds,
+    /// The comparison per domain of the suite's items (`by_domain`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<DomainStanding>,
+}
+
+/// One domain's comparison within a suite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainStanding {
+    pub domain: String,
+    pub standing: Standing,
+    pub comparison: Comparison,
+}
+
+/// The comparison of a suite's items per domain (`items`: each paired item with its domain), each
+/// judged against `thresholds`, sorted by domain.
+pub fn by_domain(
+    items: &[(&str, Paired)],
+    thresholds: Thresholds,
+    seed: u64,
+) -> Vec<DomainStanding> {
+    let mut domains: Vec<&str> = items.iter().map(|(d, _)| *d).collect();
+    domains.sort_unstable();
+    domains.dedup();
+    domains
+        .into_iter()
+        .filter_map(|domain| {
+            let paired: Vec<Paired> = items
+                .iter()
+                .filter(|(d, _)| *d == domain)
+                .map(|(_, p)| p.clone())
+                .collect();
+            let comparison = compare(&paired, seed)?;
+            let standing = if comparison.interval.0 > thresholds.min_improvement {
+                Standing::Better
+            } else if comparison.interval.1 < -thresholds.max_regression {
+                Standing::Worse
+            } else {
+                Standing::Same
+            };
+            Some(DomainStanding {
+                domain: domain.to_string(),
+                standing,
+                comparison,
+            })
+        })
+        .collect()
 }
 
 /// The gate's decision over all suites.
@@ -238,6 +290,7 @@ pub fn judge(
         reason,
         comparison,
         thresholds,
+        domains: Vec::new(),
     }
 }
 
@@ -324,6 +377,34 @@ mod tests {
             compare(&items(40, 5, 0.05, 0.0, 1), 7),
             compare(&items(40, 5, 0.05, 0.0, 1), 7)
         );
+    }
+
+    #[test]
+    fn each_domain_is_compared_on_its_own_items() {
+        // Notes improved, code got worse, the general text stayed: one suite, three standings.
+        let mut all: Vec<(&str, Paired)> = Vec::new();
+        for (domain, shift, seed) in [("notes", 0.2, 1), ("code", -0.2, 2), ("general", 0.0, 3)] {
+            all.extend(
+                items(30, 3, shift, 0.0, seed)
+                    .into_iter()
+                    .map(|p| (domain, p)),
+            );
+        }
+        let t = Thresholds::default();
+        let d = by_domain(&all, t, 5);
+        let got: Vec<(&str, Standing, usize)> = d
+            .iter()
+            .map(|s| (s.domain.as_str(), s.standing, s.comparison.items))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("code", Standing::Worse, 90),
+                ("general", Standing::Same, 90),
+                ("notes", Standing::Better, 90)
+            ]
+        );
+        assert!(by_domain(&[], t, 5).is_empty());
     }
 
     #[test]

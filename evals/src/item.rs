@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 pub struct Item {
     pub id: String,
     pub group: String,
+    /// What the item measures, so the gate can say where an adapter is better or worse: `notes` or
+    /// `code` (the owner's writing, by kind), `general` (retention's text), `privacy` (canaries), a
+    /// tasks line's `domain` (default `tasks`). The router trusts the local model by it.
+    pub domain: String,
     pub task: Task,
 }
 

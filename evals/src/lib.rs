@@ -18,7 +18,7 @@ pub mod suite;
 
 pub use cache::ScoreCache;
 pub use error::{EvalError, Result};
-pub use gate::{Decision, Role, SuiteVerdict, Thresholds, Verdict};
+pub use gate::{Decision, DomainStanding, Role, Standing, SuiteVerdict, Thresholds, Verdict};
 pub use item::{Check, Item, ItemResult, Task};
 pub use run::{evaluate, samples, Contender, Contenders, EvalReport, Sample, Scoring};
 pub use score::Scorer;

@@ -7,7 +7,7 @@ use pai_model::{AdapterStack, Model, Tokenizer};
 
 use crate::cache::{item_key, ScoreCache};
 use crate::error::{EvalError, Result};
-use crate::gate::{compare, decide, judge, Decision, Paired, Role};
+use crate::gate::{by_domain, compare, decide, judge, Decision, Paired, Role};
 use crate::item::{Item, ItemResult};
 use crate::score::Scorer;
 use crate::suite::Suite;
@@ -87,6 +87,7 @@ pub fn samples(
         let item = Item {
             id: String::new(),
             group: String::new(),
+            domain: String::new(),
             task: crate::item::Task::Generate {
                 prompt: prompt.into(),
                 check: crate::item::Check::Contains(String::new()),
@@ -197,12 +198,20 @@ pub fn evaluate(
             })
             .collect();
         let config = &suite.config;
-        verdicts.push(judge(
+        let mut verdict = judge(
             &config.name,
             config.role,
             config.thresholds(),
             compare(&paired, scoring.seed),
-        ));
+        );
+        let with_domains: Vec<(&str, Paired)> = suite
+            .items
+            .iter()
+            .map(|i| i.domain.as_str())
+            .zip(paired)
+            .collect();
+        verdict.domains = by_domain(&with_domains, config.thresholds(), scoring.seed);
+        verdicts.push(verdict);
         results.push(SuiteResults {
             name: config.name.clone(),
             kind: config.kind.as_str().into(),

@@ -16,7 +16,11 @@
 //! - `tasks`: JSONL items as lm-evaluation-harness writes them; each line one of
 //!   `{"type": "choice", "context": "…", "choices": ["…", "…"], "answer": 0}` or
 //!   `{"type": "generate", "prompt": "…", "exact_match" | "contains" | "regex": "…", "max_tokens": 32}`,
-//!   with an optional `"id"` and `"group"`.
+//!   with an optional `"id"`, `"group"` and `"domain"` (default `tasks`).
+//!
+//! Each item has a domain (`notes`, `code`, `general`, `privacy`, or a task's own), and the gate
+//! reports each suite's comparison per domain too: where an adapter got better or worse, which the
+//! router reads to trust the local model by domain.
 
 use std::path::{Path, PathBuf};
 
@@ -263,10 +267,20 @@ fn group_of(e: &Example) -> String {
     }
 }
 
+/// The domain of an example's items: the kind of the owner's writing it is.
+fn domain_of(e: &Example) -> &'static str {
+    match e.kind {
+        Kind::Code | Kind::Fim => "code",
+        Kind::Chat => "chat",
+        _ => "notes",
+    }
+}
+
 /// An example's whole text as an item, grouped by its file.
 fn text_item(e: Example) -> Item {
     Item {
         group: group_of(&e),
+        domain: domain_of(&e).into(),
         id: e.id,
         task: Task::Continuation {
             context: String::new(),
@@ -301,6 +315,7 @@ fn recall_items(store: &Store, day: &str) -> Result<Vec<Item>> {
             items.push(Item {
                 id: format!("{}@{start}", e.id),
                 group: group_of(&e),
+                domain: domain_of(&e).into(),
                 task: Task::Continuation {
                     context: e.text[..start - 1].to_string(),
                     text: e.text[start - 1..end].to_string(),
@@ -388,6 +403,7 @@ pub fn canary_items(text: &str, path: &Path) -> Result<Vec<Item>> {
         let id = c.id.unwrap_or_else(|| format!("canary{}", n + 1));
         items.push(Item {
             group: id.clone(),
+            domain: "privacy".into(),
             id,
             task: Task::Generate {
                 prompt: c.prefix,
@@ -419,6 +435,7 @@ pub fn corpus_items(text: &str) -> Vec<Item> {
         items.push(Item {
             id: format!("{title}#{}", items.len()),
             group: title.clone(),
+            domain: "general".into(),
             task: Task::Continuation {
                 context: String::new(),
                 text: block.to_string(),
@@ -436,6 +453,8 @@ struct TaskLine {
     id: Option<String>,
     #[serde(default)]
     group: Option<String>,
+    #[serde(default)]
+    domain: Option<String>,
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
@@ -519,6 +538,7 @@ pub fn task_items(text: &str, path: &Path) -> Result<Vec<Item>> {
         let id = t.id.unwrap_or_else(|| format!("line{}", n + 1));
         items.push(Item {
             group: t.group.unwrap_or_else(|| id.clone()),
+            domain: t.domain.unwrap_or_else(|| "tasks".into()),
             id,
             task,
         });

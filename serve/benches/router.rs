@@ -178,6 +178,7 @@ fn main() {
             local: -4.0,
             medium: -6.0,
             length_weight: 0.0,
+            ..Default::default()
         }));
         let mut probe = Vec::new();
         for _ in 0..n.min(100) {

@@ -67,6 +67,9 @@ fn a_pai_serve_routes_to_another_keeps_private_requests_and_keeps_a_ledger() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let said = text(&out.stdout);
     assert!(said.contains("agreement with the labels"), "{said}");
+    // Every short question reads as a question: too few of any kind for an offset.
+    assert!(said.contains("kind offsets: none"), "{said}");
+    assert!(said.contains("by its gates: not known"), "{said}");
     let calibration: serde_json::Value =
         serde_json::from_slice(&std::fs::read(home.join("router/calibration.json")).unwrap())
             .unwrap();

@@ -287,3 +287,73 @@ fn concurrent_writers_get_distinct_versions_and_a_blocked_one_fails_clearly() {
     assert_eq!(reg.current("personal").unwrap(), None);
     impatient.promote("personal", Version(1), "").unwrap();
 }
+
+/// A gate record as `pai-train eval` writes it: a primary suite over notes and code, a guard over
+/// general text, an info suite (which does not count).
+fn gate(incumbent: &str, notes: &str, code: &str, general: &str) -> serde_json::Value {
+    let domain =
+        |d: &str, s: &str| serde_json::json!({"domain": d, "standing": s, "comparison": {}});
+    serde_json::json!({
+        "incumbent": incumbent,
+        "day": "2026-12-02",
+        "decision": {"promote": true, "reasons": [], "suites": [
+            {"suite": "perplexity", "role": "primary", "domains": [domain("code", code), domain("notes", notes)]},
+            {"suite": "retention", "role": "guard", "domains": [domain("general", general)]},
+            {"suite": "recall", "role": "info", "domains": [domain("notes", "worse")]},
+        ]},
+    })
+}
+
+#[test]
+fn standings_follow_the_chain_of_gates_back_to_the_base() {
+    use pai_adapters::Standing::{Better, Same, Worse};
+    let home = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let reg = Registry::new(home.path());
+    let add = |tag: &str| {
+        reg.add(
+            "personal",
+            &peft_dir(src.path(), tag, tag.as_bytes()),
+            meta(None),
+        )
+        .unwrap()
+    };
+    let (v1, v2, v3) = (add("a"), add("b"), add("c"));
+    // Never gated: nothing known.
+    assert!(reg.standings("personal", v1).is_empty());
+    // v1 against the base: notes better, code the same, general the same.
+    reg.record_gate("personal", v1, gate("base", "better", "same", "same"))
+        .unwrap();
+    let s = reg.standings("personal", v1);
+    assert_eq!(
+        s.into_iter().collect::<Vec<_>>(),
+        [
+            ("code".to_string(), Same),
+            ("general".to_string(), Same),
+            ("notes".to_string(), Better)
+        ]
+    );
+    // v2 against v1: notes the same (so still better than the base), code worse.
+    reg.record_gate("personal", v2, gate("personal@v1", "same", "worse", "same"))
+        .unwrap();
+    let s = reg.standings("personal", v2);
+    assert_eq!((s["notes"], s["code"], s["general"]), (Better, Worse, Same));
+    // v3 against v2: code better than a worse one says nothing; general worse.
+    reg.record_gate(
+        "personal",
+        v3,
+        gate("personal@v2", "better", "better", "worse"),
+    )
+    .unwrap();
+    let s = reg.standings("personal", v3);
+    assert_eq!((s["notes"], s["code"], s["general"]), (Better, Same, Worse));
+    // A record written before domains were kept reads as nothing known.
+    let (v4,) = (add("d"),);
+    reg.record_gate(
+        "personal",
+        v4,
+        serde_json::json!({"promote": false, "reasons": ["x"]}),
+    )
+    .unwrap();
+    assert!(reg.standings("personal", v4).is_empty());
+}

@@ -14,6 +14,7 @@ fn continuation(id: &str, context: &str, text: &str) -> Item {
     Item {
         id: id.into(),
         group: "g".into(),
+        domain: "tasks".into(),
         task: Task::Continuation {
             context: context.into(),
             text: text.into(),
@@ -118,6 +119,7 @@ fn choices_pick_the_likeliest_and_generations_are_greedy() {
         .map(|answer| Item {
             id: format!("c{answer}"),
             group: "colours".into(),
+            domain: "tasks".into(),
             task: Task::Choice {
                 context: "The colour of the sky is".into(),
                 choices: choices.clone(),
@@ -165,6 +167,7 @@ fn choices_pick_the_likeliest_and_generations_are_greedy() {
         Item {
             id: "exact".into(),
             group: "g".into(),
+            domain: "tasks".into(),
             task: Task::Generate {
                 prompt: prompt.into(),
                 check: Check::ExactMatch(want.clone()),
@@ -174,6 +177,7 @@ fn choices_pick_the_likeliest_and_generations_are_greedy() {
         Item {
             id: "never".into(),
             group: "g".into(),
+            domain: "tasks".into(),
             task: Task::Generate {
                 prompt: prompt.into(),
                 check: Check::Contains("\u{1F600}never".into()),
@@ -188,6 +192,7 @@ fn choices_pick_the_likeliest_and_generations_are_greedy() {
         let item = Item {
             id: "g".into(),
             group: "g".into(),
+            domain: "tasks".into(),
             task: Task::Continuation {
                 context: prompt.into(),
                 text: text.into(),

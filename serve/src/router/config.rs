@@ -2,6 +2,8 @@
 //! the fallback manners (retries, backoff, circuit breaker), the daily budget and the privacy gate's
 //! settings. Parsed once by pai-pipeline's layered config; checked here (`RouterConfig::problems`).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// How the router decides and where it may send requests.
@@ -21,6 +23,11 @@ pub struct RouterConfig {
     pub probe: bool,
     /// The probe scores at most this many of the prompt's last tokens.
     pub probe_tokens: usize,
+    /// Nats added to the score of a request in a domain where the served adapter's gates found it
+    /// better than the base (taken away where worse): what `pai-train router calibrate` fits the
+    /// thresholds with. One labelled set under one adapter cannot tell it from the kind offsets,
+    /// so it is set, not fitted.
+    pub gate_weight: f64,
     /// US dollars the cloud tiers may cost per day (UTC); past it, cloud tiers are skipped.
     pub daily_budget_usd: Option<f64>,
     /// Retries of one deployment (after its first attempt) on connection errors, timeouts, 429, 5xx.
@@ -53,6 +60,7 @@ impl Default for RouterConfig {
             thresholds: None,
             probe: true,
             probe_tokens: 256,
+            gate_weight: 0.5,
             daily_budget_usd: None,
             retries: 2,
             backoff_ms: 250,
@@ -67,10 +75,11 @@ impl Default for RouterConfig {
     }
 }
 
-/// The score (`probe::Probe::score`: the prompt's mean log-likelihood per token in nats, less
-/// `length_weight` × ln(its tokens); higher is more familiar) at or above which a request stays at a
+/// The score (`probe::Signals::score`: the prompt's mean log-likelihood per token in nats, less
+/// `length_weight` × ln(its tokens), plus its kind's offset and `gate_weight` × the served adapter's
+/// standing in the request's domain; higher is more familiar) at or above which a request stays at a
 /// level.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Thresholds {
     /// At or above: L1 answers.
@@ -80,6 +89,21 @@ pub struct Thresholds {
     /// How much a longer prompt lowers the score.
     #[serde(default)]
     pub length_weight: f64,
+    /// Added to the score of a request of a kind (`chat`, `rewrite`, `writing`, `code`,
+    /// `reasoning`, `personal`, `question`); absent kinds add 0.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kind_offsets: BTreeMap<String, f64>,
+    /// Added per unit of the served adapter's standing in the request's domain: +1 where its gates
+    /// found it better than the base, −1 where worse.
+    #[serde(default)]
+    pub gate_weight: f64,
+}
+
+impl Thresholds {
+    /// The offset of `kind`.
+    pub fn kind_offset(&self, kind: &str) -> f64 {
+        self.kind_offsets.get(kind).copied().unwrap_or(0.0)
+    }
 }
 
 /// One deployment of a cloud tier: an OpenAI-compatible endpoint.
@@ -193,12 +217,13 @@ impl RouterConfig {
                 "three shares of 0 or more that add up to 100",
             );
         }
-        if let Some(t) = self.thresholds {
+        if let Some(t) = &self.thresholds {
             if !(t.local.is_finite()
                 && t.medium.is_finite()
                 && t.medium <= t.local
                 && t.length_weight.is_finite()
-                && t.length_weight >= 0.0)
+                && t.length_weight >= 0.0
+                && t.gate_weight.is_finite())
             {
                 bad(
                     "router.thresholds".into(),
@@ -209,6 +234,25 @@ impl RouterConfig {
                     "finite numbers with medium at most local, length_weight 0 or more",
                 );
             }
+        }
+        if let Some(t) = &self.thresholds {
+            let kinds = super::kind::RequestKind::ALL.map(|k| k.as_str());
+            for (kind, offset) in &t.kind_offsets {
+                if !kinds.contains(&kind.as_str()) || !offset.is_finite() {
+                    bad(
+                        format!("router.thresholds.kind_offsets.{kind}"),
+                        offset.to_string(),
+                        &format!("a finite offset for one of {}", kinds.join(", ")),
+                    );
+                }
+            }
+        }
+        if !self.gate_weight.is_finite() {
+            bad(
+                "router.gate_weight".into(),
+                self.gate_weight.to_string(),
+                "a finite number of nats",
+            );
         }
         if self.probe_tokens < 2 {
             bad(

@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
+use pai_adapters::Standing;
 use serde_json::{json, Value};
 
 use super::{Decision, RouteInput, Target};
@@ -120,10 +121,30 @@ async fn decide(
             .and_then(|v| v.to_str().ok())
             .map(String::from)
     });
+    // The kind, from the last thing the user said, and the L1 adapter's standing in its domain.
+    let kind = messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map_or(super::kind::RequestKind::Question, |m| {
+            super::kind::classify(&m.content)
+        });
+    let local = local_model(s);
+    let standing = if local == s.base_id {
+        Standing::Same
+    } else {
+        router
+            .standings(s.registry.as_ref(), &local)
+            .get(kind.domain())
+            .copied()
+            .unwrap_or(Standing::Same)
+    };
     let input = RouteInput {
         tier: tier.filter(|t| !t.is_empty() && t != "auto"),
         prompt_tokens,
         local_context: s.base.model.config().context_length,
+        kind,
+        standing,
     };
     let confidence = if router.needs_probe(&input, &verdict) {
         let texts = contents(req);

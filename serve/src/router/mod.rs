@@ -7,8 +7,10 @@
 //! 3. a tier the request names (`tier`: `local`, a level `L2`/`L3`, or a deployment's name);
 //!    no cloud tier configured: local;
 //! 4. a prompt longer than the local model's context: L2;
-//! 5. the local model's confidence (the prompt's mean log-likelihood under base + adapter) against the
-//!    calibrated thresholds (`pai-train router calibrate`); uncalibrated, local.
+//! 5. the score against the calibrated thresholds (`pai-train router calibrate`): the local model's
+//!    confidence (the prompt's mean log-likelihood under base + adapter, less a length term), the
+//!    request's kind (`kind`), and where the served adapter stands in that kind's domain as its
+//!    eval gates found; uncalibrated, local.
 //!
 //! The plan puts the chosen tier first, then the other cloud tiers, then the local model (for a cloud
 //! choice). The HTTP side is in `dispatch`, sending to a deployment in `cloud`, one deployment's
@@ -18,6 +20,7 @@ pub mod calibrate;
 mod cloud;
 pub mod config;
 pub mod dispatch;
+pub mod kind;
 pub mod ledger;
 pub mod privacy;
 pub mod probe;
@@ -27,6 +30,7 @@ pub mod upstream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use pai_adapters::{Registry, Standing, Standings, Version};
 use serde::Serialize;
 
 pub use config::{PrivacyConfig, RouterConfig, Thresholds, TierConfig};
@@ -85,6 +89,10 @@ pub struct Decision {
     pub egress_allowed: bool,
     /// It may leave only with its secrets and personal data redacted (redact mode).
     pub redact: bool,
+    /// The request's kind, its domain, and the served adapter's standing there.
+    pub kind: kind::RequestKind,
+    pub domain: &'static str,
+    pub standing: Standing,
     /// The probe's measurement, when it ran, and the score the thresholds were compared with.
     pub probe: Option<probe::Probe>,
     pub score: Option<f64>,
@@ -96,13 +104,28 @@ pub struct Decision {
 }
 
 /// What the router needs to know of a request.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RouteInput {
     /// The `tier` the request names, if any.
     pub tier: Option<String>,
     pub prompt_tokens: usize,
     /// The local model's context length.
     pub local_context: usize,
+    pub kind: kind::RequestKind,
+    /// The L1 adapter's standing against the base in the kind's domain.
+    pub standing: Standing,
+}
+
+impl Default for RouteInput {
+    fn default() -> Self {
+        Self {
+            tier: None,
+            prompt_tokens: 0,
+            local_context: 0,
+            kind: kind::RequestKind::Question,
+            standing: Standing::Same,
+        }
+    }
 }
 
 /// `$PAI_HOME/router/calibration.json`: what `pai-train router calibrate` found.
@@ -162,6 +185,8 @@ pub struct Router {
     calibration: Mutex<CalibrationFile>,
     /// Where escalations are saved as chat examples (with `learn_from_escalations` and a home).
     escalations: Option<PathBuf>,
+    /// The L1 adapter's standings, for the version they were read for.
+    standings: Mutex<Option<(String, Version, Standings)>>,
 }
 
 /// Where the router saves escalations as chat examples, under `home` (one file a day).
@@ -233,6 +258,7 @@ impl Router {
             spend: Mutex::new(Spend { day, usd }),
             calibration: Mutex::new(calibration),
             escalations,
+            standings: Mutex::new(None),
         })
     }
 
@@ -247,15 +273,40 @@ impl Router {
             spend: Mutex::new(Spend::default()),
             calibration: Mutex::new(CalibrationFile::default()),
             escalations: None,
+            standings: Mutex::new(None),
             config,
+        }
+    }
+
+    /// Where the current version of adapter `name` stands against the base per domain, as its
+    /// gates found (`Registry::standings`), read again when the current version changes. Empty
+    /// without a registry or a current version.
+    pub fn standings(&self, registry: Option<&Registry>, name: &str) -> Standings {
+        let Some(version) = registry.and_then(|r| r.current(name).ok().flatten()) else {
+            return Standings::new();
+        };
+        let mut cached = match self.standings.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match &*cached {
+            Some((n, v, s)) if n == name && *v == version => s.clone(),
+            _ => {
+                let s = registry
+                    .map(|r| r.standings(name, version))
+                    .unwrap_or_default();
+                tracing::info!(adapter = %name, %version, standings = ?s, "router read the adapter's gate standings");
+                *cached = Some((name.to_string(), version, s.clone()));
+                s
+            }
         }
     }
 
     /// The thresholds in force: the config's, else the calibration's (reread when
     /// `pai-train router calibrate` rewrites it, so no restart is needed).
     pub fn thresholds(&self) -> Option<Thresholds> {
-        if let Some(t) = self.config.thresholds {
-            return Some(t);
+        if let Some(t) = &self.config.thresholds {
+            return Some(t.clone());
         }
         let mut c = match self.calibration.lock() {
             Ok(c) => c,
@@ -275,7 +326,7 @@ impl Router {
                 }
             }
         }
-        c.thresholds
+        c.thresholds.clone()
     }
 
     pub fn deployment(&self, i: usize) -> &Deployment {
@@ -377,6 +428,9 @@ impl Router {
             rule: "uncalibrated",
             egress_allowed: privacy.may_leave(),
             redact: false,
+            kind: input.kind,
+            domain: input.kind.domain(),
+            standing: input.standing,
             probe,
             score: None,
             prompt_tokens: input.prompt_tokens,
@@ -437,13 +491,28 @@ impl Router {
             match (self.thresholds(), probe) {
                 (Some(t), Some(p)) => {
                     d.rule = "confidence";
-                    let score = p.score(&t);
+                    let signals = probe::Signals {
+                        probe: p,
+                        kind: input.kind,
+                        standing: input.standing,
+                    };
+                    let score = signals.score(&t);
                     d.score = Some(score);
-                    d.level = calibrate::level_of(score, t);
+                    d.level = calibrate::level_of(score, &t);
                     d.reasons.push(format!(
-                        "local confidence {:.3} over {} tokens scores {score:.3} against thresholds \
-                         {:.3} (local) and {:.3} (medium)",
-                        p.mean_loglik, p.tokens, t.local, t.medium
+                        "local confidence {:.3} over {} tokens, a {} request ({} offset {:+.2}; \
+                         the adapter stands {} against the base in {}, {:+.2}), scores {score:.3} \
+                         against thresholds {:.3} (local) and {:.3} (medium)",
+                        p.mean_loglik,
+                        p.tokens,
+                        input.kind.as_str(),
+                        input.kind.as_str(),
+                        t.kind_offset(input.kind.as_str()),
+                        input.standing.as_str(),
+                        input.kind.domain(),
+                        t.gate_weight * input.standing.sign(),
+                        t.local,
+                        t.medium
                     ));
                 }
                 (Some(_), None) => {

@@ -6,11 +6,18 @@
 //! yet easy, and long, dense requests are where a small model falls short, so the score the
 //! thresholds apply to is `mean_loglik - length_weight * ln(tokens)`, with the weight calibrated
 //! along with the thresholds (`pai-train router calibrate`, which measures the same way).
+//!
+//! Beside the probe, two signals no cloud router has: the request's kind (`kind`), with an offset
+//! per kind the calibration fits, and the served adapter's standing in the kind's domain — better,
+//! the same or worse than the base, as its eval gates found (`pai_adapters::standing`) — weighted by
+//! `gate_weight`. `Signals::score` adds them up.
 
+use pai_adapters::Standing;
 use pai_model::{Adapter, AdapterStack, BaseModel};
 use serde::Serialize;
 
 use super::config::Thresholds;
+use super::kind::RequestKind;
 
 /// What the probe measured on a request.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -21,10 +28,21 @@ pub struct Probe {
     pub tokens: usize,
 }
 
-impl Probe {
+/// Everything the score of a request is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Signals {
+    pub probe: Probe,
+    pub kind: RequestKind,
+    /// The served adapter's standing against the base in the kind's domain (`same` when unknown).
+    pub standing: Standing,
+}
+
+impl Signals {
     /// The score `t` is compared against: higher stays more local.
     pub fn score(&self, t: &Thresholds) -> f64 {
-        self.mean_loglik - t.length_weight * (self.tokens.max(1) as f64).ln()
+        self.probe.mean_loglik - t.length_weight * (self.probe.tokens.max(1) as f64).ln()
+            + t.kind_offset(self.kind.as_str())
+            + t.gate_weight * self.standing.sign()
     }
 }
 

@@ -418,6 +418,7 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
             local: 0.5,
             medium: 0.25,
             length_weight: 0.0,
+            ..Default::default()
         }),
         local_model: "base".into(),
         ..fast(tiers.clone())
@@ -454,6 +455,7 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
                 local: c + 1.0,
                 medium: c - 1.0,
                 length_weight: 0.0,
+                ..Default::default()
             },
             2,
             json!(["medium", "large", "local"]),
@@ -463,6 +465,7 @@ async fn the_confidence_rule_and_the_budget_decide_and_route_runs_nothing() {
                 local: c - 1.0,
                 medium: c - 2.0,
                 length_weight: 0.0,
+                ..Default::default()
             },
             1,
             json!(["local", "medium", "large"]),
@@ -557,4 +560,106 @@ async fn escalations_become_chat_examples_when_the_owner_opts_in() {
     assert_eq!(first.messages[2].content, "answer from medium");
     let second: pai_datasets::Conversation = serde_json::from_str(&lines[1]).unwrap();
     assert_eq!(second.messages[1].content, "answer from medium");
+}
+
+/// A gate record as `pai-train eval` writes it, with the standings of the primary suite's domains.
+fn gate_record(incumbent: &str, notes: &str, code: &str) -> Value {
+    let domain = |d: &str, s: &str| json!({"domain": d, "standing": s, "comparison": {}});
+    json!({"incumbent": incumbent, "day": "2026-12-01", "decision": {
+        "promote": true, "reasons": [],
+        "suites": [{"suite": "perplexity", "role": "primary",
+                    "domains": [domain("code", code), domain("notes", notes)]}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_kind_and_the_adapters_gate_standing_move_the_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let medium = peer("medium", Behaviour::Answer).await;
+    let home = dir.path().join("home");
+    // personal@v1 was found better than the base on the notes and worse on code.
+    let registry = pai_adapters::Registry::new(&home);
+    let (state, _) = server(dir.path());
+    let v1 = registry.current("personal").unwrap().unwrap();
+    registry
+        .record_gate("personal", v1, gate_record("base", "better", "worse"))
+        .unwrap();
+    let mut offsets = std::collections::BTreeMap::new();
+    offsets.insert("code".to_string(), -1.0);
+    let config = RouterConfig {
+        thresholds: Some(Thresholds {
+            local: -1e9,
+            medium: -2e9,
+            length_weight: 0.0,
+            kind_offsets: offsets,
+            gate_weight: 0.5,
+        }),
+        ..fast(vec![tier("medium", 2, &medium.url)])
+    };
+    let mut s = Arc::into_inner(state).expect("one owner");
+    s.router = Router::new(config, Some(&home)).expect("router");
+    let state = Arc::new(s);
+    let route = |text: &'static str| {
+        let state = state.clone();
+        async move {
+            let (status, _, body) = send(&state, "/v1/route", ask(text, json!({})), &[]).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            json_of(&body)
+        }
+    };
+    let parts = |d: &Value| {
+        (
+            d["kind"].as_str().unwrap().to_string(),
+            d["domain"].as_str().unwrap().to_string(),
+            d["standing"].as_str().unwrap().to_string(),
+            d["score"].as_f64().unwrap() - d["probe"]["mean_loglik"].as_f64().unwrap(),
+        )
+    };
+    let close = |(k, d, s, added): (String, String, String, f64), want: (&str, &str, &str, f64)| {
+        assert_eq!(
+            (k.as_str(), d.as_str(), s.as_str()),
+            (want.0, want.1, want.2)
+        );
+        assert!((added - want.3).abs() < 1e-9, "{added} vs {}", want.3);
+    };
+    // The owner asking of their own notes: better there, +0.5.
+    let d = route("When did I last repot the fig?").await;
+    close(parts(&d), ("personal", "notes", "better", 0.5));
+    let reasons = d["reasons"].to_string();
+    assert!(reasons.contains("a personal request"), "{reasons}");
+    assert!(
+        reasons.contains("stands better against the base in notes"),
+        "{reasons}"
+    );
+    // Code: the kind's offset and the worse standing, −1.0 − 0.5.
+    close(
+        parts(&route("How do I reverse a string in Python?").await),
+        ("code", "code", "worse", -1.5),
+    );
+    // Anything else: the general domain, unknown to the gate, adds nothing.
+    close(
+        parts(&route("What is the capital of Peru?").await),
+        ("question", "general", "same", 0.0),
+    );
+
+    // v2 promoted, worse than v1 on the notes: against the base that is the same as it; the
+    // router reads the new version's standings from its next request.
+    crate::add_random_adapter(&registry, &state.base, dir.path(), "personal");
+    let v2 = registry.current("personal").unwrap().unwrap();
+    assert_ne!(v1, v2);
+    registry
+        .record_gate(
+            "personal",
+            v2,
+            gate_record("personal@v1", "worse", "better"),
+        )
+        .unwrap();
+    close(
+        parts(&route("When did I last repot the fig?").await),
+        ("personal", "notes", "same", 0.0),
+    );
+    close(
+        parts(&route("How do I reverse a string in Python?").await),
+        ("code", "code", "same", -1.0),
+    );
+    assert!(medium.received().is_empty(), "route sends nothing");
 }
