@@ -67,6 +67,8 @@ pub struct ServeState {
     pub max_resident: usize,
     pub max_resident_bytes: usize,
     uses: std::sync::atomic::AtomicU64,
+    /// Times the background loader looked for a newer current version (`background_refreshes`).
+    refreshes: std::sync::atomic::AtomicU64,
     /// The version each name was last served at (what answers while a newer current is broken).
     serving: Mutex<HashMap<String, Arc<LoadedAdapter>>>,
     /// Names whose current version fails, with the error.
@@ -134,6 +136,7 @@ impl ServeState {
             max_resident: 16,
             max_resident_bytes: 1 << 30,
             uses: std::sync::atomic::AtomicU64::new(0),
+            refreshes: std::sync::atomic::AtomicU64::new(0),
             next_id: std::sync::atomic::AtomicU64::new(1),
             generations: std::sync::atomic::AtomicU64::new(1),
             by_path: Mutex::new(HashMap::new()),
@@ -305,6 +308,8 @@ impl ServeState {
                             return;
                         };
                         // Failures are logged and reported in /health by `refresh`.
+                        s.refreshes
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let _ = s.refresh(&name, &mut failed);
                     }
                 });
@@ -314,6 +319,12 @@ impl ServeState {
             tx
         });
         let _ = loader.send(name.to_string());
+    }
+
+    /// Times the background loader has looked for a newer current version of a name (an idle server
+    /// looks no more).
+    pub fn background_refreshes(&self) -> u64 {
+        self.refreshes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Watch the registry's CURRENT pointers and swap each newly promoted version in as soon as it
@@ -331,6 +342,11 @@ impl ServeState {
                 let (Ok(event), Some(s)) = (event, state.upgrade()) else {
                     return;
                 };
+                // A pointer moves by rename (create, modify, remove). Reading one — which the
+                // loader itself does — is an access event, and reacting to it would loop forever.
+                if matches!(event.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
                 for path in &event.paths {
                     if path.file_name().is_some_and(|n| n == "CURRENT") {
                         if let Some(name) = path.parent().and_then(|p| p.file_name()) {

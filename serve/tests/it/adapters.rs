@@ -260,6 +260,36 @@ async fn adapters_load_and_unload_by_path_inside_the_root_with_compare_and_swap(
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// A promotion wakes the loader once; reading the pointer (which the loader and the router do) is
+/// no promotion, so an idle server stays idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_server_does_not_keep_reloading_after_a_promotion() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, registry) = server(dir.path());
+    state.watch_registry().expect("watch");
+    crate::add_random_adapter(&registry, &state.base, dir.path(), "personal");
+    let started = std::time::Instant::now();
+    while state.background_refreshes() < 2 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "no refresh"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let settled = state.background_refreshes();
+    // Reads of the pointer, as every request's lookup makes.
+    for _ in 0..20 {
+        registry.current("personal").unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert_eq!(
+        state.background_refreshes(),
+        settled,
+        "the loader kept waking with nothing promoted"
+    );
+}
+
 /// Streams running without a pause while a good version is promoted and then one that cannot load
 /// onto this base: no request fails, every answer names the version and generation it ran on (the
 /// same in its headers and in every chunk), and the broken version never answers.
