@@ -346,18 +346,35 @@ fn load_per_core() -> Option<f64> {
     Some(one / cores as f64)
 }
 
+/// Whether the machine runs on battery, where Linux says (`/sys/class/power_supply`).
 fn on_battery() -> Option<bool> {
-    let supplies = std::fs::read_dir("/sys/class/power_supply").ok()?;
-    let mut mains = None;
-    for s in supplies.flatten() {
-        let kind = std::fs::read_to_string(s.path().join("type")).unwrap_or_default();
-        if kind.trim() == "Mains" {
-            let online = std::fs::read_to_string(s.path().join("online")).unwrap_or_default();
-            let on = online.trim() == "1";
-            mains = Some(mains.unwrap_or(false) || on);
+    on_battery_in(Path::new("/sys/class/power_supply"))
+}
+
+/// On battery when a mains supply is there and none is online; with no mains supply listed (some
+/// laptops list only their battery), when a battery is discharging. None when nothing says.
+fn on_battery_in(supplies: &Path) -> Option<bool> {
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let (mut mains, mut discharging) = (None, None);
+    for s in std::fs::read_dir(supplies).ok()?.flatten() {
+        match read(s.path().join("type")).as_str() {
+            "Mains" => {
+                let on = read(s.path().join("online")) == "1";
+                mains = Some(mains.unwrap_or(false) || on);
+            }
+            "Battery" => {
+                let d = read(s.path().join("status")) == "Discharging";
+                discharging = Some(discharging.unwrap_or(false) || d);
+            }
+            _ => {}
         }
     }
-    mains.map(|on| !on)
+    mains.map(|on| !on).or(discharging)
 }
 
 /// The one-screen summary of a night.
@@ -434,5 +451,58 @@ fn fmt_duration(d: std::time::Duration) -> String {
         format!("{s:.1}s")
     } else {
         format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supply(root: &Path, name: &str, files: &[(&str, &str)]) {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (f, v) in files {
+            std::fs::write(dir.join(f), format!("{v}\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn battery_power_is_read_from_the_power_supplies() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert_eq!(on_battery_in(&root.join("absent")), None);
+        assert_eq!(on_battery_in(root), None, "nothing listed");
+        // A laptop: mains unplugged, battery discharging.
+        supply(
+            root,
+            "BAT0",
+            &[("type", "Battery"), ("status", "Discharging")],
+        );
+        assert_eq!(
+            on_battery_in(root),
+            Some(true),
+            "only a battery, discharging"
+        );
+        supply(root, "AC", &[("type", "Mains"), ("online", "0")]);
+        supply(
+            root,
+            "ucsi-source-psy-1",
+            &[("type", "USB"), ("online", "1")],
+        );
+        assert_eq!(on_battery_in(root), Some(true));
+        // Plugged in (the battery may still say discharging for a moment: mains decides).
+        supply(root, "AC", &[("type", "Mains"), ("online", "1")]);
+        assert_eq!(on_battery_in(root), Some(false));
+        // A second mains supply offline changes nothing.
+        supply(root, "ADP2", &[("type", "Mains"), ("online", "0")]);
+        assert_eq!(on_battery_in(root), Some(false));
+        // A desktop: no supplies at all says nothing; a charged battery alone is not on battery.
+        let desk = tempfile::tempdir().unwrap();
+        supply(
+            desk.path(),
+            "BAT1",
+            &[("type", "Battery"), ("status", "Full")],
+        );
+        assert_eq!(on_battery_in(desk.path()), Some(false));
     }
 }
