@@ -331,7 +331,7 @@ fn sample_prompts(store: &Store, day: &str) -> anyhow::Result<Vec<(String, Strin
         .take(3)
         .map(|e| (e.path.clone(), cut(&e.text)))
         .collect();
-    if let Some(p) = pai_evals::suite::corpus_items(pai_evals::suite::RETENTION_CORPUS).first() {
+    if let Some(p) = pai_evals::sources::corpus_items(pai_evals::suite::RETENTION_CORPUS).first() {
         if let pai_evals::Task::Continuation { text, .. } = &p.task {
             prompts.push((p.group.clone(), cut(text)));
         }

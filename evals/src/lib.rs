@@ -1,6 +1,6 @@
 //! pai-evals: does a candidate adapter deserve to be served?
 //!
-//! Suites (`suite`) are lists of items (`item`): the owner's holdout writing, a general corpus the
+//! Suites (`suite`) are lists of items (`item`, drawn by `sources`): the owner's holdout writing, a general corpus the
 //! base knows, the owner's own task files. The scorer (`score`) runs them on the served quantized
 //! base with an adapter stack, continuations packed side by side in one pass per row. `run::evaluate`
 //! scores the candidate and the incumbent on the same items, and the gate (`gate`) compares them item
@@ -14,6 +14,7 @@ pub mod item;
 pub mod report;
 pub mod run;
 pub mod score;
+pub mod sources;
 pub mod suite;
 
 pub use cache::ScoreCache;

@@ -10,6 +10,7 @@ mod evals;
 mod ingest;
 mod model;
 mod nightly;
+mod nightly_default_model;
 mod router;
 mod serve;
 mod train;

@@ -1,20 +1,19 @@
 //! `pai-train nightly` end to end: a server started before the first night picks up what the night
 //! promotes with no restart; a night with nothing new ends at once; a night with new notes promotes a
 //! better candidate over the first; a worse candidate is rejected and the server keeps the version it had; a night killed in training is taken up where it stopped;
-//! `rollback` restores; `status`, `history`, `config` and `init` say what happened. The same story
-//! runs on the tiny model (every detail, fast) and on the real default model with the quick start's
-//! settings.
+//! `rollback` restores; `status`, `history`, `config` and `init` say what happened — on the tiny
+//! model, every detail and fast (the same story on the real default model: `nightly_default_model`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{json, pond_note as note, start_serve, text, World, TRAIN};
 
 /// The `x-pai-adapter` header of a completion for `model`, or the status line when it failed.
-fn served_by(addr: &str, model: &str) -> String {
+pub(crate) fn served_by(addr: &str, model: &str) -> String {
     let body = format!(r#"{{"model": "{model}", "prompt": "The heron", "max_tokens": 2}}"#);
     let Ok(mut s) = TcpStream::connect(addr) else {
         return "no connection".into();
@@ -33,7 +32,7 @@ fn served_by(addr: &str, model: &str) -> String {
 }
 
 /// Wait until `model` is served by `want` (the server swaps a promoted version in the background).
-fn wait_served(addr: &str, model: &str, want: &str) {
+pub(crate) fn wait_served(addr: &str, model: &str, want: &str) {
     let started = Instant::now();
     loop {
         let got = served_by(addr, model);
@@ -48,7 +47,7 @@ fn wait_served(addr: &str, model: &str, want: &str) {
     }
 }
 
-fn state_of(home: &Path, id: &str) -> serde_json::Value {
+pub(crate) fn state_of(home: &Path, id: &str) -> serde_json::Value {
     serde_json::from_str(
         &std::fs::read_to_string(home.join("runs").join(id).join("state.json")).unwrap(),
     )
@@ -57,7 +56,7 @@ fn state_of(home: &Path, id: &str) -> serde_json::Value {
 
 /// Start the night `cmd` for `day` and kill it once its training has written a checkpoint; the
 /// run's id, its state showing only the ingest stage finished.
-fn kill_after_first_checkpoint(mut cmd: Command, home: &Path, day: &str) -> String {
+pub(crate) fn kill_after_first_checkpoint(mut cmd: Command, home: &Path, day: &str) -> String {
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -92,6 +91,44 @@ fn kill_after_first_checkpoint(mut cmd: Command, home: &Path, day: &str) -> Stri
     assert_eq!(killed["stages"].as_array().unwrap().len(), 1, "{killed}");
     assert!(killed["finished"].is_null());
     run_id
+}
+
+/// A night the gate rejected: exit code 3 for the cron job, and the summary names the version.
+pub(crate) fn assert_rejected(out: &Output, version: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains(&format!("rejected {version}")),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+/// The killed run `run_id` was taken up by the night that printed `out` (promoted or rejected) and
+/// finished its `steps`, with no new run started: `runs` in all.
+pub(crate) fn assert_taken_up(home: &Path, run_id: &str, out: &Output, steps: u64, runs: usize) {
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let resumed = state_of(home, run_id);
+    assert_eq!(resumed["resumed"], 1, "{resumed}");
+    assert!(resumed["finished"].is_string(), "{resumed}");
+    assert_eq!(resumed["stages"][1]["result"]["steps"], steps, "{resumed}");
+    assert_eq!(
+        pai_pipeline::nightly::runs(&home.join("runs"))
+            .unwrap()
+            .len(),
+        runs,
+        "taken up, not started anew"
+    );
 }
 
 #[test]
@@ -208,18 +245,9 @@ fn nights_promote_reject_resume_and_the_server_follows() {
         let (name, body) = note(i);
         std::fs::write(w.notes.join(name), body).unwrap();
     }
-    let out = nightly("2026-12-03", &[("PAI_TRAIN_MAX_STEPS", "2")]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains("rejected v3"),
-        "{}",
-        text(&out.stdout)
+    assert_rejected(
+        &nightly("2026-12-03", &[("PAI_TRAIN_MAX_STEPS", "2")]),
+        "v3",
     );
     assert_eq!(served_by(&addr, "personal"), "personal@v2");
 
@@ -234,16 +262,7 @@ fn nights_promote_reject_resume_and_the_server_follows() {
         home,
         "2026-12-04",
     );
-    let out = nightly("2026-12-04", &[]);
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "{}",
-        text(&out.stderr)
-    );
-    let resumed = state_of(home, &run_id);
-    assert_eq!(resumed["resumed"], 1, "{resumed}");
-    assert!(resumed["finished"].is_string());
-    assert_eq!(resumed["stages"][1]["result"]["steps"], 2000, "{resumed}");
+    assert_taken_up(home, &run_id, &nightly("2026-12-04", &[]), 2000, 5);
     let metrics = std::fs::read_to_string(
         home.join("runs")
             .join(format!("{run_id}-train"))
@@ -251,13 +270,6 @@ fn nights_promote_reject_resume_and_the_server_follows() {
     )
     .unwrap();
     assert!(metrics.lines().count() > 1);
-    assert_eq!(
-        pai_pipeline::nightly::runs(&home.join("runs"))
-            .unwrap()
-            .len(),
-        5,
-        "taken up, not started anew"
-    );
 
     // Rollback serves the version the current one replaced: v1 when night 4 was rejected, v2 when it
     // was promoted.
@@ -393,229 +405,6 @@ fn config_show_check_and_init() {
     let crontab = text(&pai(&["schedule", "--print-crontab"], &[]).stdout);
     assert!(crontab.starts_with("30 2 * * * PAI_HOME="), "{crontab}");
     assert!(crontab.contains("pai-train nightly"), "{crontab}");
-}
-
-/// A note of `sections` dated log entries about the pond, varied enough that ingest keeps each one
-/// (no near-duplicates) and alike enough that an adapter trained on some predicts the rest.
-fn pond_log(title: &str, seed: usize, sections: usize) -> String {
-    let birds = [
-        "heron",
-        "kingfisher",
-        "moorhen",
-        "little grebe",
-        "mallard",
-        "coot",
-        "grey wagtail",
-    ];
-    let places = [
-        "east bank",
-        "reed bed",
-        "willow stump",
-        "shallows by the sluice",
-        "island",
-    ];
-    let weather = [
-        "mist",
-        "light rain",
-        "a hard frost",
-        "low sun",
-        "a north wind",
-        "drizzle",
-    ];
-    let doing = [
-        "fishing without moving for ten minutes",
-        "chasing another off the territory",
-        "preening on a half-sunk branch",
-        "diving twice and coming up empty",
-        "calling from cover",
-    ];
-    let mut text = format!("# {title}\n\n");
-    for i in 0..sections {
-        let k = seed * 31 + i * 7;
-        text += &format!(
-            "## {:02} November\n\nAt {:02}:{:02}, in {}, a {} on the {}, {}. The gauge read {} cm and \
-             the water was {}. Counted {} {}s and {} {}s before the path flooded near the {}. \
-             Feeder refilled with {} scoops; next check on day {}.\n\n",
-            1 + i % 28,
-            6 + k % 3,
-            (k * 13) % 60,
-            weather[k % weather.len()],
-            birds[k % birds.len()],
-            places[(k / 2) % places.len()],
-            doing[(k / 3) % doing.len()],
-            10 + (k * 7) % 25,
-            ["clear", "cloudy", "green", "brown after the rain"][k % 4],
-            2 + k % 9,
-            birds[(k + 2) % birds.len()],
-            1 + k % 4,
-            birds[(k + 4) % birds.len()],
-            places[(k + 1) % places.len()],
-            1 + k % 3,
-            1 + (i + 5) % 28,
-        );
-    }
-    text
-}
-
-/// The nightly loop on the real default model, with the quick start's settings (examples/notes.env)
-/// over a copy of the ten example notes: a server started before the first night serves each
-/// promoted version with no restart; night 1 learns the notes and is promoted against the bare base;
-/// the same night again finds nothing new; night 2, with new logs and an edited note, promotes a
-/// candidate that beats v1; night 3's candidate, trained one step, is rejected while the server keeps
-/// v2; night 4, killed after its first checkpoint, is taken up and finished by the next invocation;
-/// `rollback` serves the version before.
-#[test]
-fn the_default_model_nights_promote_reject_resume_and_roll_back() {
-    let model = crate::pai_home().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let notes = dir.path().join("notes");
-    std::fs::create_dir_all(&notes).unwrap();
-    for entry in std::fs::read_dir(root.join("examples/notes")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, notes.join(path.file_name().unwrap())).unwrap();
-    }
-    let settings = std::fs::read_to_string(root.join("examples/notes.env")).unwrap();
-    let quick_start: Vec<(String, String)> = settings
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let command = |args: &[&str], extra: &[(&str, &str)]| {
-        let mut cmd = Command::new(TRAIN);
-        cmd.args(args)
-            .env("PAI_HOME", &home)
-            .env_remove("PAI_MODEL")
-            .env("RUST_BACKTRACE", "0");
-        for (k, v) in &quick_start {
-            cmd.env(k, v);
-        }
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        cmd
-    };
-    let pai = |args: &[&str]| command(args, &[]).output().unwrap();
-    let m = model.to_str().unwrap();
-    let night_cmd = |day: &str, extra: &[(&str, &str)]| {
-        command(&["nightly", "--day", day, "--model", m], extra)
-    };
-    let night = |day: &str, extra: &[(&str, &str)]| night_cmd(day, extra).output().unwrap();
-    let out = pai(&["init", "--source", &format!("{}:notes", notes.display())]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-
-    let mut server = start_serve(&model, &home);
-    let addr = server.addr.clone();
-    assert!(served_by(&addr, "personal").contains("404"));
-
-    // Night 1: the quick start's night. No incumbent: against the bare base.
-    let out = night("2026-12-01", &[]);
-    let said = text(&out.stdout);
-    assert!(out.status.success(), "{said}\n{}", text(&out.stderr));
-    assert!(said.contains("promoted v1"), "{said}");
-    let state: serde_json::Value = json(&pai(&["status", "--json"]));
-    let run = &state["runs"][0];
-    assert_eq!(run["stages"][2]["result"]["incumbent"], "base", "{run}");
-    assert_eq!(run["stages"][2]["result"]["pass"], true, "{run}");
-    wait_served(&addr, "personal", "personal@v1");
-    let out = night("2026-12-01", &[]);
-    assert!(
-        text(&out.stdout).contains("nothing new to learn"),
-        "{}",
-        text(&out.stdout)
-    );
-
-    // Night 2: six new logs of the pond and an edited note. The owner has switched to the
-    // `continue` strategy (v1 goes on learning: the bare-base `fresh` candidate, diluted over old and
-    // new notes, loses on the old ones what it gains on the new) at a gentler learning rate, with
-    // the trainer's retention limit under the gate's so that what it ships passes the guard. v1 has
-    // never seen the logs: the candidate is better on them, promoted, and the server swaps it in.
-    for n in 1..=6 {
-        std::fs::write(
-            notes.join(format!("pond-log-{n}.md")),
-            pond_log(&format!("Pond log {n}"), n, 4),
-        )
-        .unwrap();
-    }
-    let mut bees = std::fs::read_to_string(notes.join("bees.md")).unwrap();
-    bees += "\n## Autumn\n\nHive A went into winter on 21 kg of stores; Hive B on 17 kg, fed 2 kg of fondant.\n";
-    std::fs::write(notes.join("bees.md"), bees).unwrap();
-    let out = night(
-        "2026-12-02",
-        &[
-            ("PAI_TRAIN_STRATEGY", "continue"),
-            ("PAI_TRAIN_LEARNING_RATE", "0.0002"),
-            ("PAI_TRAIN_EPOCHS", "2"),
-            ("PAI_TRAIN_MAX_RETENTION_RISE", "0.01"),
-        ],
-    );
-    let said = text(&out.stdout);
-    assert!(out.status.success(), "{said}\n{}", text(&out.stderr));
-    assert!(said.contains("promoted v2"), "{said}");
-    assert!(said.contains("against personal@v1"), "{said}");
-    wait_served(&addr, "personal", "personal@v2");
-
-    // Night 3: more of the log, but a candidate trained a single step: rejected (exit code 3), and
-    // the server keeps v2.
-    std::fs::write(notes.join("pond-log-7.md"), pond_log("Pond log 7", 7, 14)).unwrap();
-    let out = night("2026-12-03", &[("PAI_TRAIN_MAX_STEPS", "1")]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains("rejected v3"),
-        "{}",
-        text(&out.stdout)
-    );
-    assert_eq!(served_by(&addr, "personal"), "personal@v2");
-
-    // Night 4, killed after its first checkpoint; the next invocation takes it up and finishes it.
-    std::fs::write(notes.join("pond-log-8.md"), pond_log("Pond log 8", 8, 14)).unwrap();
-    let four = [
-        ("PAI_TRAIN_MAX_STEPS", "8"),
-        ("PAI_TRAIN_CHECKPOINT_EVERY", "2"),
-    ];
-    let run_id = kill_after_first_checkpoint(night_cmd("2026-12-04", &four), &home, "2026-12-04");
-    let out = night("2026-12-04", &four);
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    let resumed = state_of(&home, &run_id);
-    assert_eq!(resumed["resumed"], 1, "{resumed}");
-    assert!(resumed["finished"].is_string(), "{resumed}");
-    assert_eq!(resumed["stages"][1]["result"]["steps"], 8, "{resumed}");
-    assert_eq!(
-        pai_pipeline::nightly::runs(&home.join("runs"))
-            .unwrap()
-            .len(),
-        5,
-        "taken up, not started anew"
-    );
-
-    // Rollback serves the version the current one replaced.
-    let status = json(&pai(&["status", "--json"]));
-    let current = status["adapters"][0]["current"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let previous = if current == "v2" { "v1" } else { "v2" };
-    let out = pai(&["rollback", "personal"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    wait_served(&addr, "personal", &format!("personal@{previous}"));
-
-    let _ = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status();
-    assert!(server.child.wait().unwrap().success());
 }
 
 #[test]

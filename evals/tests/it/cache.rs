@@ -1,7 +1,8 @@
 //! Kept scores: a second run with the same contenders scores nothing new and decides the same.
 
 use candle_core::quantized::GgmlDType;
-use pai_evals::suite::{corpus_items, RETENTION_CORPUS};
+use pai_evals::sources::corpus_items;
+use pai_evals::suite::RETENTION_CORPUS;
 use pai_evals::{
     evaluate, Contender, Contenders, Role, ScoreCache, Scoring, Suite, SuiteConfig, SuiteKind,
 };
