@@ -77,15 +77,10 @@ pub fn level_of(score: f64, t: &Thresholds) -> u8 {
     }
 }
 
-/// Thresholds (length weight and kind offsets) that split `items` (signals, label) into
-/// `target_share` (percent, adding to 100) and agree best with the labels, the adapter's standing
-/// weighted by `gate_weight`. None for an empty set.
-pub fn fit(items: &[(Signals, u8)], target_share: [f64; 3], gate_weight: f64) -> Option<Fitted> {
-    fit_with(items, target_share, gate_weight, true)
-}
-
-/// `fit`, with or without kind offsets.
-fn fit_with(
+/// Thresholds (length weight and, with `kinds`, kind offsets) that split `items` (signals, label)
+/// into `target_share` (percent, adding to 100) and agree best with the labels, the adapter's
+/// standing weighted by `gate_weight`. None for an empty set.
+fn fit(
     items: &[(Signals, u8)],
     target_share: [f64; 3],
     gate_weight: f64,
@@ -139,15 +134,7 @@ fn fit_with(
 
 /// The agreement on items the fit has not seen: each item decided by the thresholds fitted to all
 /// the others (leave-one-out), the honest figure for a small labelled set.
-pub fn held_out_agreement(
-    items: &[(Signals, u8)],
-    target_share: [f64; 3],
-    gate_weight: f64,
-) -> Option<f64> {
-    held_out_with(items, target_share, gate_weight, true)
-}
-
-fn held_out_with(
+fn held_out_agreement(
     items: &[(Signals, u8)],
     target_share: [f64; 3],
     gate_weight: f64,
@@ -164,7 +151,7 @@ fn held_out_with(
             .filter(|(j, _)| *j != i)
             .map(|(_, x)| *x)
             .collect();
-        let t = fit_with(&others, target_share, gate_weight, kinds)?.thresholds;
+        let t = fit(&others, target_share, gate_weight, kinds)?.thresholds;
         let (s, label) = items[i];
         agreed += usize::from(level_of(s.score(&t), &t) == label);
     }
@@ -187,10 +174,10 @@ pub struct Chosen {
 /// Fit with and without kind offsets and keep the one that agrees better with labels it has not
 /// seen (without, on a tie). None for fewer than two items.
 pub fn choose(items: &[(Signals, u8)], target_share: [f64; 3], gate_weight: f64) -> Option<Chosen> {
-    let with = fit_with(items, target_share, gate_weight, true)?;
-    let with_held = held_out_with(items, target_share, gate_weight, true)?;
-    let without = fit_with(items, target_share, gate_weight, false)?;
-    let without_held = held_out_with(items, target_share, gate_weight, false)?;
+    let with = fit(items, target_share, gate_weight, true)?;
+    let with_held = held_out_agreement(items, target_share, gate_weight, true)?;
+    let without = fit(items, target_share, gate_weight, false)?;
+    let without_held = held_out_agreement(items, target_share, gate_weight, false)?;
     let kinds_kept = with_held > without_held && !with.thresholds.kind_offsets.is_empty();
     Some(Chosen {
         with_kinds: (with.agreement, with_held),
@@ -271,7 +258,7 @@ mod tests {
         // 20 one-token items, confidence falling with the index; the least confident labelled 3.
         let items: Vec<(Signals, u8)> =
             (0..20).map(|i| (probe(-(i as f64), 1), label(i))).collect();
-        let f = fit(&items, [80.0, 15.0, 5.0], 0.5).unwrap();
+        let f = fit(&items, [80.0, 15.0, 5.0], 0.5, true).unwrap();
         assert_eq!(f.share, [80.0, 15.0, 5.0]);
         assert_eq!(f.agreement, 1.0);
         assert_eq!(f.thresholds.length_weight, 0.0, "length says nothing here");
@@ -283,7 +270,7 @@ mod tests {
 
         // Labels the confidence does not order: the share holds, the agreement says so.
         let shuffled: Vec<(Signals, u8)> = items.iter().map(|&(p, l)| (p, 4 - l)).collect();
-        let f = fit(&shuffled, [80.0, 15.0, 5.0], 0.5).unwrap();
+        let f = fit(&shuffled, [80.0, 15.0, 5.0], 0.5, true).unwrap();
         assert_eq!(f.share, [80.0, 15.0, 5.0]);
         assert_eq!(f.confusion[2][0], 16, "every L3 label decided local");
         assert!(f.agreement < 0.2, "{}", f.agreement);
@@ -293,20 +280,20 @@ mod tests {
         let by_length: Vec<(Signals, u8)> = (0..20)
             .map(|i| (probe(-3.0 + 0.01 * (i % 3) as f64, 5 + 10 * i), label(i)))
             .collect();
-        let f = fit(&by_length, [80.0, 15.0, 5.0], 0.5).unwrap();
+        let f = fit(&by_length, [80.0, 15.0, 5.0], 0.5, true).unwrap();
         assert!(f.thresholds.length_weight > 0.0);
         assert_eq!(f.agreement, 1.0);
 
         // Left out, an item at a boundary can land on the other side (the shares are of 19 items).
-        let held_out = held_out_agreement(&by_length, [80.0, 15.0, 5.0], 0.5).unwrap();
+        let held_out = held_out_agreement(&by_length, [80.0, 15.0, 5.0], 0.5, true).unwrap();
         assert!((0.85..=1.0).contains(&held_out), "{held_out}");
-        let held_out = held_out_agreement(&shuffled, [80.0, 15.0, 5.0], 0.5).unwrap();
+        let held_out = held_out_agreement(&shuffled, [80.0, 15.0, 5.0], 0.5, true).unwrap();
         assert!(held_out < 0.5, "{held_out}");
 
         // Everything local.
-        let f = fit(&items, [100.0, 0.0, 0.0], 0.5).unwrap();
+        let f = fit(&items, [100.0, 0.0, 0.0], 0.5, true).unwrap();
         assert_eq!(f.share, [100.0, 0.0, 0.0]);
-        assert!(fit(&[], [80.0, 15.0, 5.0], 0.5).is_none());
+        assert!(fit(&[], [80.0, 15.0, 5.0], 0.5, true).is_none());
     }
 
     #[test]
@@ -321,7 +308,7 @@ mod tests {
         for (i, item) in items.iter_mut().take(5).enumerate() {
             *item = (of_kind(-4.5 - 0.1 * i as f64, 10, RequestKind::Rewrite), 1);
         }
-        let f = fit(&items, [80.0, 15.0, 5.0], 0.5).unwrap();
+        let f = fit(&items, [80.0, 15.0, 5.0], 0.5, true).unwrap();
         assert_eq!(f.agreement, 1.0, "{f:?}");
         assert!(f.thresholds.kind_offset("rewrite") >= 1.0, "{f:?}");
         assert_eq!(f.thresholds.kind_offset("question"), 0.0, "{f:?}");
@@ -329,7 +316,7 @@ mod tests {
         items.truncate(18);
         items.push((of_kind(-4.6, 10, RequestKind::Chat), 1));
         items.push((of_kind(-4.7, 10, RequestKind::Chat), 1));
-        let f = fit(&items, [80.0, 15.0, 5.0], 0.5).unwrap();
+        let f = fit(&items, [80.0, 15.0, 5.0], 0.5, true).unwrap();
         assert_eq!(f.thresholds.kind_offset("chat"), 0.0, "{f:?}");
     }
 }

@@ -80,13 +80,12 @@ fn local_model(s: &Arc<ServeState>) -> String {
     }
 }
 
-/// The local model's confidence on `text` (`probe::confidence`, off the async threads).
-async fn probe(s: &Arc<ServeState>, text: String) -> Option<super::probe::Probe> {
-    let local = local_model(s);
+/// The local model's confidence on `text` under `local` (`local_model`), off the async threads.
+async fn probe(s: &Arc<ServeState>, local: &str, text: String) -> Option<super::probe::Probe> {
     let adapter = if local == s.base_id {
         None
     } else {
-        s.resolve(&local, None).ok().flatten()
+        s.resolve(local, None).ok().flatten()
     };
     let s = s.clone();
     tokio::task::spawn_blocking(move || {
@@ -150,6 +149,7 @@ async fn decide(
         let texts = contents(req);
         probe(
             s,
+            &local,
             super::probe::probe_text(texts.iter().map(String::as_str)),
         )
         .await

@@ -98,6 +98,19 @@ async fn chat(
     send(state, "/v1/chat/completions", ask(text, extra), &[]).await
 }
 
+/// The text of an SSE chat stream: its chunks' deltas, joined.
+fn streamed_text(body: &str) -> String {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            json_of(d)["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
 fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
     h.get(name).map_or("", |v| v.to_str().unwrap())
 }
@@ -334,16 +347,7 @@ async fn streams_pass_through_and_fall_back_only_before_their_first_token() {
     assert_eq!(header(&h, "x-pai-tier"), "ok");
     assert_eq!(header(&h, "x-pai-fallbacks"), "1");
     assert_eq!(header(&h, "content-type"), "text/event-stream");
-    let text: String = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| {
-            json_of(d)["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
+    let text = streamed_text(&body);
     assert_eq!(text, "answer from ok");
     assert!(body.trim_end().ends_with("data: [DONE]"));
     assert_eq!(dropping.received().len(), 1);

@@ -7,7 +7,7 @@ use pai_serve::router::EgressLedger;
 use serde_json::{json, Value};
 
 use super::peers::{pai_serve_peer, peer, Behaviour};
-use super::{ask, chat, fast, has_line, header, metrics, routed, send, tier};
+use super::{ask, chat, fast, has_line, header, metrics, routed, send, streamed_text, tier};
 use crate::json_of;
 
 /// A request carrying something private: its text, extra fields, headers, the detector expected.
@@ -175,15 +175,7 @@ async fn redact_mode_sends_placeholders_and_restores_the_answer() {
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(header(&h, "x-pai-tier"), "echo");
         let answer: String = if stream {
-            body.lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .filter(|d| *d != "[DONE]")
-                .filter_map(|d| {
-                    json_of(d)["choices"][0]["delta"]["content"]
-                        .as_str()
-                        .map(String::from)
-                })
-                .collect()
+            streamed_text(&body)
         } else {
             json_of(&body)["choices"][0]["message"]["content"]
                 .as_str()
