@@ -157,6 +157,9 @@ pub(crate) fn print_summary(s: &IngestSummary, day: &str, took: std::time::Durat
     if let Some(n) = s.privacy_index_shingles {
         println!("privacy index rebuilt: {n} sampled shingles of private text");
     }
+    if let Some(n) = s.shareable_index_shingles {
+        println!("shareable index rebuilt: {n} sampled shingles of shareable sources' text");
+    }
     if !s.redactions.is_empty() {
         let r: Vec<String> = s
             .redactions

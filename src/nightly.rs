@@ -261,6 +261,7 @@ impl Stages for PaiStages {
                     .unwrap_or_default()
                     .to_string(),
                 steps: r.steps,
+                best_step: r.metrics["best_step"].as_u64().map(|s| s as usize),
             })
         };
         go().map_err(|e| format!("{e:#}"))
@@ -275,7 +276,7 @@ impl Stages for PaiStages {
                 day: Some(run.day.clone()),
                 suites: Vec::new(),
                 model: Some(self.model.clone()),
-                row_tokens: 512,
+                row_tokens: pai_evals::DEFAULT_ROW_TOKENS,
                 promote: false,
                 json: true,
             })?;
@@ -402,11 +403,17 @@ fn print_summary(home: &Path, state: &RunState, took: std::time::Duration) {
                 })
                 .unwrap_or_default(),
             Stage::Train => format!(
-                "{}@{} ({} steps, {})",
+                "{}@{} ({} steps, {}{})",
                 state.adapter,
                 r.result["version"].as_str().unwrap_or("?"),
                 r.result["steps"],
-                r.result["stop"].as_str().unwrap_or("?")
+                r.result["stop"].as_str().unwrap_or("?"),
+                if r.result["best_step"].as_u64() == Some(0) {
+                    "; every checkpoint forgot past the retention guard: it is the weights \
+                     training started from"
+                } else {
+                    ""
+                }
             ),
             Stage::Eval => format!(
                 "against {}: {}",

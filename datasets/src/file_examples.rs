@@ -42,7 +42,11 @@ pub(crate) fn file_examples(
         SourceKind::Notes => {
             let ext = relative.rsplit('.').next().unwrap_or("");
             let note = parse(text, NoteFormat::from_extension(ext));
-            let privacy = source.privacy.max(note.frontmatter.privacy);
+            // The note's frontmatter only raises its source's privacy (its `Normal` says nothing).
+            let privacy = match note.frontmatter.privacy {
+                Privacy::Normal => source.privacy,
+                raised => source.privacy.max(raised),
+            };
             if privacy == Privacy::Exclude {
                 return (Vec::new(), true, BTreeMap::new());
             }

@@ -22,7 +22,7 @@ use crate::journal::{Deletion, FileEntry, Journal};
 use crate::minhash::NearDupIndex;
 use crate::privacy_index::PrivacyIndex;
 use crate::scrub::PiiPolicy;
-use crate::source::Source;
+use crate::source::{Privacy, Source};
 use crate::store::Store;
 use crate::walk::{read_text, walk, FoundFile, SkipReason};
 
@@ -92,6 +92,8 @@ pub struct IngestSummary {
     pub near_duplicates: usize,
     /// Sampled shingles in the privacy index, when this run rebuilt it.
     pub privacy_index_shingles: Option<usize>,
+    /// Sampled shingles in the shareable index, when it was rebuilt.
+    pub shareable_index_shingles: Option<usize>,
     pub examples_retracted: usize,
     pub redactions: BTreeMap<String, usize>,
     pub dry_run: bool,
@@ -150,6 +152,7 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
         bytes: 0,
         flush_bytes: opts.settings.part_mb << 20,
         any_private: false,
+        added_from: HashSet::new(),
     };
     let mut journals = Vec::with_capacity(walked.len());
     let mut retract_candidates: HashSet<String> = HashSet::new();
@@ -195,11 +198,49 @@ pub fn run(opts: &IngestOptions) -> Result<IngestSummary> {
             index.save(&index_path)?;
             summary.privacy_index_shingles = Some(index.len());
         }
+        summary.shareable_index_shingles =
+            update_shareable_index(opts, &store, &sink.added_from, !retract.is_empty())?;
         for (name, j) in &journals {
             j.save(opts.home, name)?;
         }
     }
     Ok(summary)
+}
+
+/// Rebuild the shareable index (the privacy index's shingles of the examples of sources marked
+/// `shareable`, private notes in them left out) when what it should hold may have changed: a
+/// shareable source added examples, examples were retracted, the file is missing or in another
+/// format, or a source became or stopped being shareable. The sources it was built from are kept
+/// beside it; sources not in this run keep their standing. Returns its size when rebuilt.
+fn update_shareable_index(
+    opts: &IngestOptions,
+    store: &Store,
+    added_from: &HashSet<String>,
+    retracted: bool,
+) -> Result<Option<usize>> {
+    let recorded = PrivacyIndex::shareable_sources(opts.home)?;
+    let mut names = recorded.clone();
+    for source in opts.sources {
+        if source.privacy == Privacy::Shareable {
+            names.insert(source.name.clone());
+        } else {
+            names.remove(&source.name);
+        }
+    }
+    let path = PrivacyIndex::shareable_path(opts.home);
+    let stale = names != recorded
+        || (!names.is_empty()
+            && (retracted
+                || names.iter().any(|n| added_from.contains(n))
+                || !PrivacyIndex::is_current(&path)));
+    if !stale {
+        return Ok(None);
+    }
+    let texts = store.shareable_texts(&names)?;
+    let index = PrivacyIndex::build(texts.iter().map(String::as_str));
+    index.save(&path)?;
+    PrivacyIndex::save_shareable_sources(opts.home, &names)?;
+    Ok(Some(index.len()))
 }
 
 /// The example ids of journal entries whose file is gone or changed size or mtime.
@@ -310,6 +351,8 @@ struct Sink<'a> {
     flush_bytes: usize,
     /// Whether a private example was added (the privacy index is then rebuilt).
     any_private: bool,
+    /// The sources that added examples (a shareable one's rebuilds the shareable index).
+    added_from: HashSet<String>,
 }
 
 impl Sink<'_> {
@@ -317,6 +360,9 @@ impl Sink<'_> {
         *summary.examples_added.entry(e.kind).or_default() += 1;
         summary.tokens_added += e.n_tokens as usize;
         self.any_private |= e.private;
+        if !self.added_from.contains(&e.source) {
+            self.added_from.insert(e.source.clone());
+        }
         self.bytes += e.text.len() + e.context.len();
         self.buffered.push(e);
         if self.bytes >= self.flush_bytes {

@@ -8,10 +8,15 @@
 //! costs 2 bytes per private word. It is rebuilt from the dataset after an ingest that added or removed
 //! anything private, so a note deleted or made public leaves it at the next ingest.
 //!
+//! The same structure, built from the examples of sources marked `shareable`, is the shareable index
+//! (`index/shareable.bin`, with the names of the sources it was built from in
+//! `index/shareable-sources.json`): a request that quotes one of those may leave redacted.
+//!
 //! File: `$PAI_HOME/index/private.bin`: the magic `PAIPRIV2` (1 was the FNV word hashes), shingle
 //! words (u32), sampling modulus (u32), count (u64), then the sorted hashes (u64), all little-endian;
 //! written atomically. Ingest rebuilds a file in another format or with other settings.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::error::{DatasetError, Result};
@@ -60,9 +65,42 @@ fn sampled(text: &str) -> impl Iterator<Item = u64> {
     hashes.into_iter()
 }
 
+fn shareable_sources_path(home: &Path) -> PathBuf {
+    home.join("index").join("shareable-sources.json")
+}
+
 impl PrivacyIndex {
     pub fn path(home: &Path) -> PathBuf {
         home.join("index").join("private.bin")
+    }
+
+    /// The shareable index: the same shingles of shareable sources' examples.
+    pub fn shareable_path(home: &Path) -> PathBuf {
+        home.join("index").join("shareable.bin")
+    }
+
+    /// The sources the shareable index was last built from (none before the first build).
+    pub fn shareable_sources(home: &Path) -> Result<BTreeSet<String>> {
+        let path = shareable_sources_path(home);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DatasetError::BadIndex {
+                path,
+                reason: format!(
+                    "not a JSON list of source names ({e}); the next ingest rewrites it"
+                ),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(e) => Err(DatasetError::io("read", &path, e)),
+        }
+    }
+
+    /// Record the sources the shareable index was built from (after the index is written).
+    pub fn save_shareable_sources(home: &Path, names: &BTreeSet<String>) -> Result<()> {
+        let bytes = serde_json::to_vec(names).map_err(|e| DatasetError::BadIndex {
+            path: shareable_sources_path(home),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&shareable_sources_path(home), &bytes)
     }
 
     pub fn build<'a>(texts: impl IntoIterator<Item = &'a str>) -> Self {

@@ -27,7 +27,12 @@ pub enum SourceKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Privacy {
-    /// Trained on; may be quoted to a cloud model by the router.
+    /// Trained on; a request quoting it may go to a cloud model with its secrets and personal data
+    /// replaced by placeholders, restored in the answer (the router's redact mode `shareable`;
+    /// recorded in the shareable index). Text from other sources that carries either stays local.
+    Shareable,
+    /// Trained on; may be quoted to a cloud model by the router when it carries no secret or
+    /// personal data.
     #[default]
     Normal,
     /// Trained on; recorded in the privacy index, so requests that contain it stay local.

@@ -11,7 +11,7 @@
 //! LZ4-compressed: about twice as fast to write as zstd's default on text (ingest writes every byte it
 //! reads), read by polars, pyarrow and every parquet reader since format 2.9.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hashbrown::HashSet;
 use std::path::{Path, PathBuf};
@@ -213,16 +213,33 @@ impl Store {
         Ok(out)
     }
 
-    /// The texts of the private examples (for the privacy index).
+    /// The texts of private examples (the privacy index).
     pub fn private_texts(&self) -> Result<Vec<String>> {
+        self.texts_where(|_, private| private)
+    }
+
+    /// The texts of `sources`' examples that are not private (the shareable index).
+    pub fn shareable_texts(&self, sources: &BTreeSet<String>) -> Result<Vec<String>> {
+        if sources.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.texts_where(|source, private| !private && sources.contains(source))
+    }
+
+    /// The texts of the examples `keep(source, private)` accepts, over every part.
+    fn texts_where(&self, keep: impl Fn(&str, bool) -> bool) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for path in self.all_parts()? {
-            let df = read_columns(&path, &["text", "private"])?;
+            let df = read_columns(&path, &["text", "source", "private"])?;
             let mut collect = || -> PolarsResult<()> {
                 let texts = df.column("text")?.str()?;
+                let sources = df.column("source")?.str()?;
                 let private = df.column("private")?.bool()?;
                 for i in 0..df.height() {
-                    if private.get(i) == Some(true) {
+                    if keep(
+                        sources.get(i).unwrap_or_default(),
+                        private.get(i) == Some(true),
+                    ) {
                         out.push(texts.get(i).unwrap_or_default().to_string());
                     }
                 }

@@ -22,5 +22,5 @@ pub use error::{EvalError, Result};
 pub use gate::{Decision, DomainStanding, Role, Standing, SuiteVerdict, Thresholds, Verdict};
 pub use item::{Check, Item, ItemResult, Task};
 pub use run::{evaluate, samples, Contender, Contenders, EvalReport, Sample, Scoring};
-pub use score::Scorer;
+pub use score::{Scorer, DEFAULT_ROW_TOKENS};
 pub use suite::{load_configs, Suite, SuiteConfig, SuiteKind};

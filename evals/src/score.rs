@@ -13,6 +13,10 @@ use pai_model::{generate, AdapterStack, GenerateOptions, Model, PackedRow, Token
 use crate::error::Result;
 use crate::item::{Detail, Item, ItemResult, Task};
 
+/// The longest row `pai-train eval` and the nightly gate score in one pass, by default: a longer
+/// sequence keeps its first this many tokens.
+pub const DEFAULT_ROW_TOKENS: usize = 512;
+
 /// A model, its tokenizer and the adapters to score with.
 pub struct Scorer<'a> {
     pub model: &'a Model,

@@ -66,6 +66,10 @@ pub struct Trained {
     /// Why training stopped (`completed`, `time_budget`, `early_stopping`, …).
     pub stop: String,
     pub steps: usize,
+    /// The step whose weights were kept (0: none beat the start within the retention guard, so the
+    /// candidate is the weights training started from). Absent in runs recorded before it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<usize>,
 }
 
 /// What the evaluation decided.

@@ -234,7 +234,7 @@ struct EvalArgs {
     #[arg(long, env = "PAI_MODEL")]
     model: Option<PathBuf>,
     /// Longest row of tokens scored in one pass.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = pai_evals::DEFAULT_ROW_TOKENS)]
     row_tokens: usize,
     /// Serve the candidate when the gate passes it.
     #[arg(long)]

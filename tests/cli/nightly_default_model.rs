@@ -10,6 +10,11 @@ use crate::nightly::{
 };
 use crate::{json, start_serve, text, TRAIN};
 
+fn json_file(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// A note of `sections` dated log entries about the pond, varied enough that ingest keeps each one
 /// (no near-duplicates) and alike enough that an adapter trained on some predicts the rest.
 fn pond_log(title: &str, seed: usize, sections: usize) -> String {
@@ -144,8 +149,7 @@ fn the_default_model_nights_promote_reject_resume_and_roll_back() {
 
     // Night 2: six new logs of the pond and an edited note. The owner has switched to the
     // `continue` strategy (v1 goes on learning: the bare-base `fresh` candidate, diluted over old and
-    // new notes, loses on the old ones what it gains on the new) at a gentler learning rate, with
-    // the trainer's retention limit under the gate's so that what it ships passes the guard. v1 has
+    // new notes, loses on the old ones what it gains on the new) at a gentler learning rate. v1 has
     // never seen the logs: the candidate is better on them, promoted, and the server swaps it in.
     for n in 1..=6 {
         std::fs::write(
@@ -163,7 +167,6 @@ fn the_default_model_nights_promote_reject_resume_and_roll_back() {
             ("PAI_TRAIN_STRATEGY", "continue"),
             ("PAI_TRAIN_LEARNING_RATE", "0.0002"),
             ("PAI_TRAIN_EPOCHS", "2"),
-            ("PAI_TRAIN_MAX_RETENTION_RISE", "0.01"),
         ],
     );
     let said = text(&out.stdout);
@@ -171,6 +174,31 @@ fn the_default_model_nights_promote_reject_resume_and_roll_back() {
     assert!(said.contains("promoted v2"), "{said}");
     assert!(said.contains("against personal@v1"), "{said}");
     wait_served(&addr, "personal", "personal@v2");
+    // The trainer measured forgetting exactly as the gate's retention guard then did: the same
+    // loss under v1 and under the candidate it shipped.
+    let trained = json_file(&home.join("adapters/personal/v2/pai.json"));
+    let state: serde_json::Value = json(&pai(&["status", "--json"]));
+    let eval_run = state["runs"][0]["stages"][2]["result"]["run"]
+        .as_str()
+        .expect("the eval stage's run")
+        .to_string();
+    let gate = json_file(&home.join("runs").join(eval_run).join("eval.json"));
+    let guard = gate["decision"]["suites"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["suite"] == "retention"))
+        .expect("the retention guard's verdict")["comparison"]
+        .clone();
+    let m = &trained["metrics"];
+    for (trainer, gate) in [
+        (&m["reference_retention_loss"], &guard["incumbent"]),
+        (&m["best_retention_loss"], &guard["candidate"]),
+    ] {
+        let (t, g) = (trainer.as_f64().unwrap(), -gate.as_f64().unwrap());
+        assert!(
+            (t - g).abs() < 1e-6,
+            "trainer {t} vs gate {g}: {m} / {guard}"
+        );
+    }
 
     // Night 3: more of the log, but a candidate trained a single step: rejected (exit code 3), and
     // the server keeps v2.

@@ -51,11 +51,13 @@ pub struct TrainConfig {
     pub eval_tokens: usize,
     /// Stop after this many evaluations without a better holdout loss (0: never).
     pub early_stopping_patience: usize,
-    /// The most a checkpoint may raise the perplexity of general text the base model knew (the job's
-    /// retention text), as a fraction: 0.03 is 3%. A checkpoint past it is never the one shipped,
-    /// however good its holdout loss, and counts as no improvement for early stopping. A huge value
-    /// (1e9) turns the guard off.
-    pub max_retention_rise: f64,
+    /// The most a checkpoint may raise the loss on general text the base model knew, in nats per
+    /// token, measured as the eval gate's retention guard measures it (the mean over its items,
+    /// against the incumbent); ≈ the relative rise in perplexity, 0.02 ≈ 2%. A checkpoint past it
+    /// is never the one shipped, however good its holdout loss, and counts as no improvement for
+    /// early stopping. Absent: the guard suite's own `max_regression`, so that training ships
+    /// nothing the gate fails; a huge value (1e9) turns the guard off.
+    pub max_retention_rise: Option<f64>,
     pub checkpoint_every: usize,
     /// Stop at a checkpoint after this many seconds (the run still writes its adapter).
     pub time_budget_s: Option<u64>,
@@ -90,7 +92,7 @@ impl Default for TrainConfig {
             eval_every: 50,
             eval_tokens: 8192,
             early_stopping_patience: 0,
-            max_retention_rise: 0.03,
+            max_retention_rise: None,
             checkpoint_every: 50,
             time_budget_s: None,
             backward_cache_mib: 1024,
@@ -192,12 +194,14 @@ impl TrainConfig {
         if self.eps.is_nan() || self.eps <= 0.0 {
             return bad("eps", self.eps.to_string(), "above 0");
         }
-        if !(self.max_retention_rise.is_finite() && self.max_retention_rise >= 0.0) {
-            return bad(
-                "max_retention_rise",
-                self.max_retention_rise.to_string(),
-                "a finite fraction, 0 or more (0.03 is 3%; 1e9 turns the guard off)",
-            );
+        if let Some(rise) = self.max_retention_rise {
+            if !(rise.is_finite() && rise >= 0.0) {
+                return bad(
+                    "max_retention_rise",
+                    rise.to_string(),
+                    "finite nats per token, 0 or more (0.02 ≈ 2% perplexity; 1e9 turns the guard off)",
+                );
+            }
         }
         if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad("weight_decay", self.weight_decay.to_string(), "0 or more");

@@ -34,6 +34,11 @@ pub enum TrainError {
     },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    #[error("scoring the retention guard's text: {source}")]
+    Retention {
+        #[source]
+        source: BoxError,
+    },
     #[error("the loss became {value} at step {step}; lower train.learning_rate or check the data")]
     NonFinite { step: usize, value: f32 },
     #[error(transparent)]
@@ -58,5 +63,8 @@ impl TrainError {
         }
     }
 }
+
+/// An error from outside the crate (the retention guard's scorer).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;

@@ -21,9 +21,10 @@ pub mod trainer;
 
 pub use config::{Strategy, TrainConfig};
 pub use data::{fit_to_rows, Cursor, DocEncoder, Packer, Row, TrainDoc};
-pub use error::{Result, TrainError};
+pub use error::{BoxError, Result, TrainError};
 pub use loss::weighted_cross_entropy;
 pub use params::LoraParams;
 pub use trainer::{
-    eval_rows, holdout_loss, train, StepMetrics, StopReason, TrainJob, TrainOutcome,
+    eval_rows, holdout_loss, train, RetentionGuard, RetentionScore, StepMetrics, StopReason,
+    TrainJob, TrainOutcome,
 };

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use pai_datasets::ingest::{run, IngestOptions, IngestSettings, IngestSummary};
 use pai_datasets::{
-    resolve_sources, Conversation, CountTokens, Example, Kind, SourceConfig, Store,
+    resolve_sources, Conversation, CountTokens, Example, Kind, Privacy, SourceConfig, Store,
 };
 
 /// Counts words (joins by counting the join).
@@ -24,6 +24,8 @@ fn write(root: &Path, rel: &str, text: &str) {
 }
 
 struct World {
+    /// The notes source's `privacy` (normal unless a test changes it).
+    notes_privacy: std::cell::Cell<Privacy>,
     home: tempfile::TempDir,
     notes: tempfile::TempDir,
     code: tempfile::TempDir,
@@ -33,6 +35,7 @@ struct World {
 impl World {
     fn new() -> Self {
         Self {
+            notes_privacy: std::cell::Cell::new(Privacy::Normal),
             home: tempfile::tempdir().unwrap(),
             notes: tempfile::tempdir().unwrap(),
             code: tempfile::tempdir().unwrap(),
@@ -61,6 +64,7 @@ impl World {
         ];
         let mut configs = configs.to_vec();
         configs[0].name = Some("notes".into());
+        configs[0].privacy = self.notes_privacy.get();
         configs[1].name = Some("code".into());
         configs[2].name = Some("chat".into());
         let sources = resolve_sources(&configs).unwrap();
@@ -429,6 +433,62 @@ fn the_privacy_index_follows_the_private_notes() {
     assert_eq!(s3.privacy_index_shingles, Some(0));
     let index = pai_datasets::PrivacyIndex::load(&path).unwrap();
     assert_eq!(index.check(quote).found, 0);
+}
+
+/// A source marked shareable has its own index (what the router may send out redacted): its notes'
+/// passages are in it, a private note inside it is not (that one is in the privacy index), and the
+/// source made normal again leaves it.
+#[test]
+fn the_shareable_index_follows_the_sources_marked_shareable() {
+    let w = World::new();
+    w.notes_privacy.set(Privacy::Shareable);
+    let n = w.notes.path();
+    let work = "the supplier meeting moved to thursday afternoon because the new pricing sheet                 is still with finance and the warehouse wants the pallet counts confirmed first";
+    let diary = "slept badly again and the physiotherapist says the knee needs another six weeks                  of exercises before I can think about running the half marathon in spring";
+    let contact = ["ops", "@", "example-supplier.com"].concat();
+    write(
+        n,
+        "work.md",
+        &format!(
+            "# Work
+{work}, ask {contact}
+"
+        ),
+    );
+    write(
+        n,
+        "diary.md",
+        &format!(
+            "---
+private: true
+---
+# Diary
+{diary}
+"
+        ),
+    );
+    let s1 = w.ingest("2026-03-01");
+    assert!(s1.shareable_index_shingles.unwrap_or(0) > 0, "{s1:#?}");
+    let path = pai_datasets::PrivacyIndex::shareable_path(w.home.path());
+    let shareable = pai_datasets::PrivacyIndex::load(&path).unwrap();
+    let private =
+        pai_datasets::PrivacyIndex::load(&pai_datasets::PrivacyIndex::path(w.home.path())).unwrap();
+    assert!(shareable.check(work).found > 0);
+    assert_eq!(
+        shareable.check(diary).found,
+        0,
+        "a private note is never shareable"
+    );
+    assert!(private.check(diary).found > 0);
+    assert_eq!(private.check(work).found, 0);
+    // Nothing changed: not rebuilt.
+    assert_eq!(w.ingest("2026-03-02").shareable_index_shingles, None);
+    // The source made normal: the index is emptied.
+    w.notes_privacy.set(Privacy::Normal);
+    assert_eq!(w.ingest("2026-03-03").shareable_index_shingles, Some(0));
+    let shareable = pai_datasets::PrivacyIndex::load(&path).unwrap();
+    assert_eq!(shareable.check(work).found, 0);
+    assert_eq!(w.ingest("2026-03-04").shareable_index_shingles, None);
 }
 
 #[test]

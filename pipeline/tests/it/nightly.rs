@@ -57,6 +57,7 @@ impl Stages for Recorder {
             version: "v1".into(),
             stop: "completed".into(),
             steps: 5,
+            best_step: Some(5),
         })
     }
     fn eval(&mut self, _: &RunState, t: &Trained) -> Result<Evaluated, String> {

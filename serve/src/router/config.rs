@@ -145,10 +145,59 @@ pub struct PrivacyConfig {
     pub private_index: bool,
     /// Sampled 8-word shingles of the request found in the index that make it private.
     pub min_private_shingles: usize,
-    /// Let a request whose only private content is secrets or personal data leave with them replaced
-    /// by placeholders, restored in the answer (`redact`). Private notes and flagged requests still
+    /// Which requests whose only private content is secrets or personal data may leave with them
+    /// replaced by placeholders, restored in the answer. Private notes and flagged requests still
     /// stay.
-    pub redact: bool,
+    pub redact: Redact,
+}
+
+/// Redact mode: which requests carrying secrets or personal data may leave with placeholders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Redact {
+    /// None: such a request stays local.
+    Off,
+    /// Those that quote a source the owner marked `privacy = "shareable"` (recognised through the
+    /// shareable index ingest builds); with no such source, none.
+    #[default]
+    Shareable,
+    /// Every one.
+    All,
+}
+
+impl Redact {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Shareable => "shareable",
+            Self::All => "all",
+        }
+    }
+}
+
+/// `off`, `shareable` or `all`; `false` and `true` (what `redact` was before it had a middle) read
+/// as `off` and `all`.
+impl<'de> Deserialize<'de> for Redact {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(false) => Ok(Self::Off),
+            Raw::Bool(true) => Ok(Self::All),
+            Raw::Name(n) => match n.as_str() {
+                "off" => Ok(Self::Off),
+                "shareable" => Ok(Self::Shareable),
+                "all" => Ok(Self::All),
+                other => Err(serde::de::Error::custom(format!(
+                    "redact = {other:?}: use \"off\", \"shareable\" or \"all\""
+                ))),
+            },
+        }
+    }
 }
 
 impl Default for PrivacyConfig {
@@ -157,7 +206,7 @@ impl Default for PrivacyConfig {
             pii: Default::default(),
             private_index: true,
             min_private_shingles: 1,
-            redact: false,
+            redact: Redact::Shareable,
         }
     }
 }

@@ -33,7 +33,7 @@ use std::sync::Mutex;
 use pai_adapters::{Registry, Standing, Standings, Version};
 use serde::Serialize;
 
-pub use config::{PrivacyConfig, RouterConfig, Thresholds, TierConfig};
+pub use config::{PrivacyConfig, Redact, RouterConfig, Thresholds, TierConfig};
 pub use ledger::{EgressLedger, EgressRecord};
 pub use privacy::{PrivacyGate, PrivacyVerdict};
 use upstream::Deployment;
@@ -221,8 +221,7 @@ impl Router {
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|source| RouterError::Client { source })?;
-        let index = home.map(pai_datasets::PrivacyIndex::path);
-        let gate = PrivacyGate::new(&config.privacy, index);
+        let gate = PrivacyGate::new(&config.privacy, home);
         let calibration = CalibrationFile {
             path: home.map(Calibration::path),
             ..Default::default()
@@ -389,6 +388,7 @@ impl Router {
             "thresholds": self.thresholds(),
             "privacy_index_shingles": self.gate.index_len(),
             "redact": self.config.privacy.redact,
+            "shareable_index_shingles": self.gate.shareable_len(),
             "learn_from_escalations": self.config.learn_from_escalations,
         })
     }
@@ -438,15 +438,15 @@ impl Router {
             plan: Vec::new(),
         };
         if !d.egress_allowed
-            && self.config.privacy.redact
-            && d.privacy.may_leave_redacted()
+            && d.privacy.may_leave_redacted(self.config.privacy.redact)
             && !self.deployments.is_empty()
         {
             d.egress_allowed = true;
             d.redact = true;
             d.reasons.push(format!(
-                "{}: redacted before it leaves (redact mode)",
-                d.privacy.reasons().join("; ")
+                "{}: redacted before it leaves (redact mode {})",
+                d.privacy.reasons().join("; "),
+                self.config.privacy.redact.as_str()
             ));
         }
         // The day's spend, read once for the rule and the plan.

@@ -215,7 +215,7 @@ fn learns_this_projects_code_without_forgetting_general_text() {
             config: &cfg,
             train: &train_docs,
             holdout: &holdout,
-            retention: &[],
+            retention: None,
             init: None,
             base_name: None,
             run_dir: run.path(),

@@ -8,8 +8,8 @@ use pai_datasets::{Conversation, Example, Kind, Split};
 use pai_model::testing::TinySpec;
 use pai_model::{Adapter, AdapterStack, BaseModel};
 use pai_trainers::{
-    eval_rows, fit_to_rows, holdout_loss, train, DocEncoder, Packer, StopReason, TrainConfig,
-    TrainDoc, TrainJob,
+    eval_rows, fit_to_rows, holdout_loss, train, DocEncoder, Packer, RetentionGuard, StopReason,
+    TrainConfig, TrainDoc, TrainJob,
 };
 
 use crate::{max_abs_diff, tiny};
@@ -52,7 +52,7 @@ fn job<'a>(
         config: cfg,
         train: docs,
         holdout: docs,
-        retention: &[],
+        retention: None,
         init: None,
         base_name: Some("tiny".into()),
         run_dir,
@@ -271,9 +271,10 @@ fn a_time_budget_stop_ships_the_weights_it_reached() {
     assert!(b_norm > 0.0, "the shipped adapter is not the initial one");
 }
 
-/// With retention text (here: other patterns the corpus does not teach), a checkpoint that raises its
-/// loss past `max_retention_rise` is never shipped, however good its holdout loss; with a generous
-/// bound the same run ships its best holdout.
+/// With a retention guard (here: text the corpus does not teach), a checkpoint that raises its item
+/// loss past the guard's limit is never shipped, however good its holdout loss; with a generous
+/// bound the same run ships its best holdout. The limit is measured against the guard's reference:
+/// against an incumbent that already forgot, the same strict limit lets that much through.
 #[test]
 fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -303,17 +304,25 @@ fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
         })
         .collect();
     let stop = AtomicBool::new(false);
-    let run_with = |rise: f64, name: &str| {
+    // The guard's score: the retention text's loss (pai-train hands in the eval gate's scorer).
+    let rows = eval_rows(&retention, 32, 1 << 20, 0).expect("retention rows");
+    let score = |adapter: Option<&Adapter>| -> Result<f64, pai_trainers::BoxError> {
+        Ok(holdout_loss(&base.model, adapter, &rows)?.expect("counted tokens"))
+    };
+    let run_with = |rise: f64, reference: Option<&Adapter>, name: &str| {
         let cfg = TrainConfig {
             max_steps: Some(24),
             eval_every: 4,
             learning_rate: 2e-2,
-            max_retention_rise: rise,
             ..config()
         };
         let run = dir.path().join(name);
         let job = TrainJob {
-            retention: &retention,
+            retention: Some(RetentionGuard {
+                score: &score,
+                reference,
+                max_rise: rise,
+            }),
             ..job(&base, &cfg, &docs, &run, false, &stop)
         };
         let out = train(&job, &mut |_| {}).expect("train");
@@ -326,8 +335,8 @@ fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
         (out, retention_losses)
     };
 
-    let (loose, losses) = run_with(100.0, "loose");
-    let base_r = loose.base_retention.expect("base retention loss");
+    let (loose, losses) = run_with(100.0, None, "loose");
+    let base_r = loose.reference_retention.expect("base retention loss");
     assert_eq!(losses.len(), 6, "one retention loss per evaluation");
     // The case the guard exists for: the best holdout checkpoint forgot.
     let loose_r = loose.best_retention.expect("loose best retention");
@@ -338,7 +347,7 @@ fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
 
     // Strict: no rise allowed. Whatever ships has a retention loss at or below the base's, and the
     // checkpoints that forgot were passed over.
-    let (strict, _) = run_with(0.0, "strict");
+    let (strict, _) = run_with(0.0, None, "strict");
     match (strict.best_retention, strict.best_holdout) {
         (Some(r), Some(_)) => assert!(r <= base_r + 1e-9, "{r} vs base {base_r}"),
         (None, None) => {} // every checkpoint forgot: the starting weights ship
@@ -348,6 +357,18 @@ fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
         strict.best_step, loose.best_step,
         "the strict run shipped the checkpoint the guard should have refused"
     );
+
+    // Against the loose run's adapter as the incumbent, the reference is its retention loss, and
+    // a strict limit now lets the loose run's best checkpoint through (a hair above 0 for rounding).
+    let (against, _) = run_with(1e-6, Some(&loose.adapter), "against-incumbent");
+    let reference = against
+        .reference_retention
+        .expect("incumbent's retention loss");
+    assert!(
+        (reference - loose_r).abs() < 1e-4,
+        "the reference is the incumbent's loss: {reference} vs {loose_r}"
+    );
+    assert_eq!(against.best_step, loose.best_step);
 }
 
 #[test]

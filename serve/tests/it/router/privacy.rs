@@ -162,7 +162,7 @@ async fn redact_mode_sends_placeholders_and_restores_the_answer() {
     let dir = tempfile::tempdir().unwrap();
     let echo = peer("echo", Behaviour::Echo).await;
     let mut config = fast(vec![tier("echo", 2, &echo.url)]);
-    config.privacy.redact = true;
+    config.privacy.redact = pai_serve::router::Redact::All;
     let state = routed(dir.path(), config);
     let email = ["ada", "@", "analytical-engines.co.uk"].concat();
     let token = ["gh", "p_", "Zq8Xw2Lm4Nv6Bp0Rt3Ys5Ku7Hj9Gf1Dc2Ae4"].concat();
@@ -216,4 +216,45 @@ async fn redact_mode_sends_placeholders_and_restores_the_answer() {
     let (_, h, _) = chat(&state, &question, json!({"tier": "L2", "private": true})).await;
     assert_eq!(header(&h, "x-pai-tier"), "local");
     assert_eq!(echo.received().len(), 2);
+}
+
+/// In redact mode `shareable` (the default), a request that quotes a source the owner marked
+/// shareable leaves with placeholders; the same personal data in a request that quotes nothing of it
+/// stays local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shareable_mode_redacts_only_quotes_of_shareable_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let minutes =
+        "Minutes of the supplier call: the pallet counts are confirmed for Thursday, the \
+                   pricing sheet is back from finance, and the warehouse opens an hour early.";
+    pai_datasets::PrivacyIndex::build([minutes])
+        .save(&pai_datasets::PrivacyIndex::shareable_path(
+            &dir.path().join("home"),
+        ))
+        .unwrap();
+    let echo = peer("echo", Behaviour::Echo).await;
+    let config = fast(vec![tier("echo", 2, &echo.url)]);
+    assert_eq!(config.privacy.redact, pai_serve::router::Redact::Shareable);
+    let state = routed(dir.path(), config);
+    let email = ["ops", "@", "example-supplier.com"].concat();
+
+    let quoting = format!("Send this to {email}: {minutes}");
+    let (status, h, body) = chat(&state, &quoting, json!({"tier": "L2"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(header(&h, "x-pai-tier"), "echo", "{body}");
+    let answer = json_of(&body)["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(answer, quoting);
+    let seen = echo.received().join("\n");
+    assert!(
+        !seen.contains(&email) && seen.contains("<PII:email#1>"),
+        "{seen}"
+    );
+
+    let unknown = format!("Tell {email} that the meeting moved to Friday.");
+    let (_, h, body) = chat(&state, &unknown, json!({"tier": "L2"})).await;
+    assert_eq!(header(&h, "x-pai-tier"), "local", "{body}");
+    assert_eq!(echo.received().len(), 1);
 }
