@@ -24,9 +24,10 @@ done
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pai-target}"
-# The dev profile builds the hot crates at opt-level 3 (Cargo.toml): the test build's binary serves.
-cargo build --bin pai-train --manifest-path "$root/Cargo.toml" >&2
-bin="$CARGO_TARGET_DIR/debug/pai-train"
+# The release binary: the dev build's steps take twice as long (8.6 s against 4.4 s a step on 2
+# cores, 2026-12-03), its hot crates' opt-level notwithstanding.
+cargo build --release --bin pai-train --manifest-path "$root/Cargo.toml" >&2
+bin="$CARGO_TARGET_DIR/release/pai-train"
 
 export PAI_MODEL="${PAI_MODEL:-${PAI_HOME:-$HOME/.pai}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 work="${keep:-$(mktemp -d)}"
