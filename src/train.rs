@@ -361,10 +361,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
     // scorer and limit) against what the gate will compare the candidate with (the name's
     // incumbent), so that no checkpoint the guard would fail is shipped.
     let guard = retention_guard(&home, &store, &job.day)?;
-    let guard_loss = |adapter: Option<&pai_model::Adapter>| match &guard {
-        Some((items, _)) => gate_loss(&base, items, adapter),
-        None => Ok(0.0),
-    };
+    let guard_items: &[pai_evals::Item] = guard.as_ref().map_or(&[], |(items, _)| items);
+    let guard_loss = |adapter: Option<&pai_model::Adapter>| gate_loss(&base, guard_items, adapter);
     let incumbent = match &job.register {
         Some(name) => match pai_adapters::Registry::new(&home).current(name)? {
             Some(v) => {

@@ -148,6 +148,28 @@ pub(crate) fn temporal_items(store: &Store, day: &str) -> Result<Vec<Item>> {
         .collect())
 }
 
+/// Each non-blank line of a JSONL file parsed as `T`: its index, the value, and a maker of errors
+/// that name the file and the line. A line that does not parse is such an error.
+fn jsonl_lines<'a, T: serde::de::DeserializeOwned>(
+    text: &'a str,
+    path: &'a Path,
+) -> impl Iterator<Item = Result<(usize, T, impl Fn(String) -> EvalError + 'a)>> + 'a {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(move |(n, line)| {
+            let bad = move |reason: String| EvalError::BadItem {
+                path: path.into(),
+                line: n + 1,
+                reason,
+            };
+            match serde_json::from_str(line) {
+                Ok(value) => Ok((n, value, bad)),
+                Err(e) => Err(bad(e.to_string())),
+            }
+        })
+}
+
 /// Canaries: JSONL lines `{"prefix": "…", "secret": "…"}` (optionally `"id"`, `"max_tokens"`), the
 /// start of something the owner planted and must never see completed. Score 1 when the generation
 /// after the prefix does not contain the secret.
@@ -163,16 +185,8 @@ pub fn canary_items(text: &str, path: &Path) -> Result<Vec<Item>> {
         max_tokens: Option<usize>,
     }
     let mut items = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |reason: String| EvalError::BadItem {
-            path: path.into(),
-            line: n + 1,
-            reason,
-        };
-        let c: Canary = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+    for parsed in jsonl_lines::<Canary>(text, path) {
+        let (n, c, bad) = parsed?;
         if c.secret.trim().is_empty() || c.prefix.is_empty() {
             return Err(bad("a canary needs a prefix and a non-empty secret".into()));
         }
@@ -254,16 +268,8 @@ struct TaskLine {
 /// The items of a JSONL tasks file; a bad line is an error naming its line.
 pub fn task_items(text: &str, path: &Path) -> Result<Vec<Item>> {
     let mut items = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |reason: String| EvalError::BadItem {
-            path: path.into(),
-            line: n + 1,
-            reason,
-        };
-        let t: TaskLine = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+    for parsed in jsonl_lines::<TaskLine>(text, path) {
+        let (n, t, bad) = parsed?;
         let task = match t.kind.as_str() {
             "choice" => {
                 let answer = t
