@@ -17,10 +17,10 @@ done
 # shellcheck disable=SC1091
 source benches/compare/env.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pai-target}"
-# The dev profile builds every dependency, pai-model and pai-trainers at opt-level 3 (Cargo.toml), so
-# the hot code is the release code; it reuses the test build instead of a second full release build.
-cargo build --profile dev --bench train >&2
-BIN=$(ls -t "$CARGO_TARGET_DIR"/debug/deps/train-* | grep -v '\.d$' | head -1)
+# The release build: the dev profile's debug assertions (the standard library's checks inside every
+# `get_unchecked` of the kernels' inner loops among them) make a step up to twice as slow.
+cargo build --release --bench train >&2
+BIN=$(ls -t "$CARGO_TARGET_DIR"/release/deps/train-* | grep -v '\.d$' | head -1)
 for round in $(seq "$ROUNDS"); do
   echo "# round $round" >&2
   PAI_NUM_THREADS="$THREADS" "$BIN" --steps "$STEPS"

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, S
 
 use crate::batch::RowGroups;
 use crate::error::{ModelError, Result};
-use crate::kernels::amx::{self, Bf16Tiles};
+use crate::kernels::bf16::{self, Bf16Tiles};
 use crate::kernels::{gemm, lora, QuantMatrix};
 use crate::lora::{AdapterStack, LoraWeights};
 
@@ -127,7 +127,8 @@ pub enum BackwardCopyKind {
     /// the vocabulary) int8 cannot carry — through an int8 head the default model's LoRA gradients
     /// turned up to 45–115° from the exact ones.
     Dense,
-    /// W and Wᵀ in bf16 AMX tiles (4 bytes a weight; CPUs with AMX-BF16, shapes in multiples of 32):
+    /// W and Wᵀ in bf16 tiles (4 bytes a weight; CPUs with AMX or AVX-512 BF16, shapes in multiples
+    /// of 32, `kernels::bf16`):
     /// a training step's forward (`forward_rows`) and backward products both run on them, several
     /// times faster than the int8 kernels. bf16 keeps 8 bits of mantissa with an exponent per value,
     /// so it carries the output projection's gradient too.
@@ -145,7 +146,7 @@ enum BackwardCopy {
     /// grad·W = grad·(Wᵀ)ᵀ: an ordinary quantized product with Wᵀ as the matrix.
     Transposed(Arc<QuantMatrix>),
     Dense(Tensor),
-    /// W for x·Wᵀ and Wᵀ for grad·W, as AMX tiles.
+    /// W for x·Wᵀ and Wᵀ for grad·W, as bf16 tiles.
     Tiles {
         forward: Arc<Bf16Tiles>,
         backward: Arc<Bf16Tiles>,
@@ -220,7 +221,7 @@ impl FrozenLinear {
     }
 
     fn tileable(&self) -> bool {
-        amx::available()
+        bf16::engine().is_some()
             && Bf16Tiles::fits(self.out_dim, self.in_dim)
             && Bf16Tiles::fits(self.in_dim, self.out_dim)
     }

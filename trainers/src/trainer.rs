@@ -312,12 +312,18 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         tracing::info!(step = state.step, "resumed from checkpoint");
     }
 
-    // 2. Training copies of the base weights, as the memory budget allows. With AMX, bf16 tiles of W
-    // and Wᵀ for every projection (forward and backward products both run on them); otherwise the
-    // output projection's in f32 first (int8 cannot carry its gradient), then the blocks' as int8 Wᵀ.
+    // 2. Training copies of the base weights, as the memory budget allows. On a CPU with a bf16 engine
+    // (AMX or AVX-512 BF16), bf16 tiles of W and Wᵀ for every projection (forward and backward
+    // products both run on them); otherwise the output projection's in f32 first (int8 cannot carry
+    // its gradient), then the blocks' as int8 Wᵀ.
     let mut budget = cfg.backward_cache_mib * 1024 * 1024;
     let linears: Vec<_> = model.frozen_linears().collect();
-    let tiles = model.device().is_cpu() && pai_model::kernels::amx::available();
+    let engine = pai_model::kernels::bf16::engine().filter(|_| model.device().is_cpu());
+    tracing::debug!(
+        engine = engine.map_or("int8", |e| e.name()),
+        "frozen products"
+    );
+    let tiles = engine.is_some();
     for (i, linear) in linears.iter().rev().enumerate() {
         let kind = if tiles {
             BackwardCopyKind::Bf16Tiles

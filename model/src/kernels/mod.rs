@@ -7,8 +7,9 @@
 //! rows for every token, so each weight block is read from memory once per call and reused across the
 //! tokens of a prefill while it is in cache.
 
-pub mod amx;
+mod amx;
 mod attention;
+pub mod bf16;
 mod blocks;
 mod dot;
 mod elementwise;

@@ -68,7 +68,8 @@ fn quantized_gradient_agrees_with_the_exact_one_on_the_default_model() {
     let mut ge = Vec::new();
     let le = loss_and_grads(&exact.model, &rows, &params, norm, None, &mut ge).expect("exact step");
     // The trainer's two policies: the output projection's copy in f32 and the blocks' as int8 Wᵀ;
-    // or, with AMX, bf16 tiles of W and Wᵀ for every projection (forward products too).
+    // or, on a CPU with a bf16 engine (AMX or AVX-512 BF16), bf16 tiles of W and Wᵀ for every
+    // projection (forward products too).
     let n_lin = quant.model.frozen_linears().count();
     let int8 = |i: usize| {
         if i + 1 == n_lin {
@@ -81,7 +82,7 @@ fn quantized_gradient_agrees_with_the_exact_one_on_the_default_model() {
     // (label, kind per linear, the worst cosine allowed: bf16 carries more than int8)
     type Kind<'a> = &'a dyn Fn(usize) -> BackwardCopyKind;
     let mut policies: Vec<(&str, Kind, f32)> = vec![("int8", &int8, 0.9)];
-    if pai_model::kernels::amx::available() {
+    if pai_model::kernels::bf16::engine().is_some() {
         policies.push(("bf16 tiles", &tiles, 0.99));
     }
     let mut gq = Vec::new();
