@@ -22,6 +22,9 @@ use crate::loss::{cross_entropy_with_grad, weighted_cross_entropy};
 use crate::optim::{accumulate, Grads};
 use crate::params::LoraParams;
 
+/// Positions a chunk of the head takes at once (their logits: 25 MB at a 49,152-token vocabulary).
+const HEAD_CHUNK: usize = 128;
+
 /// Every position's target and loss weight (times `norm`), rows after one another.
 fn targets_and_weights(rows: &[Row], norm: f32) -> (Vec<u32>, Vec<f32>) {
     let targets = rows
@@ -153,7 +156,9 @@ pub fn own_loss_and_grads(
 
     let forward_s = started.elapsed().as_secs_f64();
 
-    // 3. The head: final norm, logits, loss, and the gradient back to the last block's output.
+    // 3. The head: final norm, logits, loss, and the gradient back to the last block's output. Only
+    // for positions that carry loss (a masked prompt's need no logits: their gradient is zero), in
+    // chunks: the logits of 1,024 positions over a 49,152-token vocabulary would be 200 MB.
     let final_norm = model.output_norm();
     let final_w = final_norm
         .weight()
@@ -161,13 +166,25 @@ pub fn own_loss_and_grads(
         .to_vec1::<f32>()?;
     let (xf, rstd) = rms_norm(&x, &final_w, final_norm.eps());
     let output = model.output();
-    let mut logits = output.forward_rows(&xf)?;
-    drop(xf);
     let (targets, weights) = targets_and_weights(rows, norm);
     let vocab = output.out_dim();
-    let value = cross_entropy_with_grad(&mut logits, vocab, &targets, &weights)?;
-    let dxf = output.backward_rows(&logits)?;
-    drop(logits);
+    let hidden = cfg.hidden_size;
+    let live: Vec<usize> = (0..n).filter(|&i| weights[i] != 0.0).collect();
+    let mut dxf = vec![0f32; xf.len()];
+    let mut value = 0.0;
+    for chunk in live.chunks(HEAD_CHUNK) {
+        let row = |i: usize| i * hidden..(i + 1) * hidden;
+        let xs: Vec<f32> = chunk.iter().flat_map(|&i| &xf[row(i)]).copied().collect();
+        let ts: Vec<u32> = chunk.iter().map(|&i| targets[i]).collect();
+        let ws: Vec<f32> = chunk.iter().map(|&i| weights[i]).collect();
+        let mut logits = output.forward_rows(&xs)?;
+        value += cross_entropy_with_grad(&mut logits, vocab, &ts, &ws)?;
+        let grad = output.backward_rows(&logits)?;
+        for (g, &i) in grad.chunks(hidden).zip(chunk) {
+            dxf[row(i)].copy_from_slice(g);
+        }
+    }
+    drop(xf);
     let mut dx = vec![0f32; x.len()];
     rms_norm_backward(&x, &final_w, &rstd, &dxf, &mut dx);
     drop((x, dxf));
