@@ -40,6 +40,23 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Every engine this CPU (and OS) has, fastest first.
+    fn detected() -> Vec<Engine> {
+        let mut found = Vec::new();
+        if amx::available() {
+            found.push(Engine::Amx);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+        {
+            found.push(Engine::Avx512Bf16);
+        }
+        found
+    }
+}
+
 /// The fastest bf16 engine this process may use, decided once; `None` where the CPU has neither (or
 /// `PAI_NO_BF16` is set): a trainer then keeps int8 copies instead. `PAI_NO_AMX` leaves AMX out only.
 pub fn engine() -> Option<Engine> {
@@ -48,16 +65,7 @@ pub fn engine() -> Option<Engine> {
         if std::env::var_os("PAI_NO_BF16").is_some() {
             return None;
         }
-        if amx::available() {
-            return Some(Engine::Amx);
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-        {
-            return Some(Engine::Avx512Bf16);
-        }
-        None
+        Engine::detected().first().copied()
     })
 }
 
@@ -119,6 +127,12 @@ impl Bf16Tiles {
     /// y [m, n] = x [m, k] · Wᵀ for row-major x (f32), with bf16 products and f32 sums, on
     /// [`engine`] (or a portable loop, slowly, where there is none).
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
+        self.matmul_on(engine(), x)
+    }
+
+    /// [`Bf16Tiles::matmul`] on the given engine (`None`: the portable loop). Only engines from
+    /// [`Engine::detected`] may be given.
+    fn matmul_on(&self, engine: Option<Engine>, x: &[f32]) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let m = x.len() / k;
         let m_pad = m.next_multiple_of(BLOCK);
@@ -131,7 +145,6 @@ impl Bf16Tiles {
             }
         });
         // 2. Each task: 32 rows of the output, every column.
-        let engine = engine();
         let mut y = vec![0f32; m_pad * n];
         pool().for_each_piece(&mut y, BLOCK * n, |i, out| {
             let a = &xb[i * BLOCK * k..(i + 1) * BLOCK * k];
@@ -306,41 +319,25 @@ mod tests {
         }
     }
 
-    /// On this CPU's engine, against the rounded product, with a row count that is not a whole
-    /// block and column counts that take every register-block width (n / 16 = 4, 6, 8).
+    /// On each engine this CPU has, and the portable loop, against the rounded product, with a row
+    /// count that is not a whole block and column counts that take every register-block width
+    /// (n / 16 = 4, 6, 8).
     #[test]
-    fn matches_the_rounded_product() {
-        let Some(engine) = engine() else {
-            eprintln!("no bf16 engine on this machine: the portable loop is checked alone");
-            return;
-        };
-        eprintln!("engine: {}", engine.name());
+    fn every_engine_matches_the_rounded_product() {
+        let engines: Vec<Option<Engine>> = Engine::detected()
+            .into_iter()
+            .map(Some)
+            .chain([None])
+            .collect();
         for (m, n, k) in [(37, 64, 96), (32, 96, 64), (70, 128, 160)] {
             let (w, x) = operands(m, n, k);
             let tiles = Bf16Tiles::pack(&w, n, k).expect("fits");
-            check(
-                &tiles.matmul(&x),
-                &rounded_product(&w, &x, m, n, k),
-                engine.name(),
-            );
+            let want = rounded_product(&w, &x, m, n, k);
+            for engine in &engines {
+                let name = engine.map_or("portable", |e| e.name());
+                check(&tiles.matmul_on(*engine, &x), &want, name);
+            }
         }
-    }
-
-    /// The packing and the portable loop (the reference for any CPU).
-    #[test]
-    fn the_portable_loop_matches_the_rounded_product() {
-        let (m, n, k) = (37, 64, 96);
-        let (w, x) = operands(m, n, k);
-        let tiles = Bf16Tiles::pack(&w, n, k).expect("fits");
-        let xb: Vec<u16> = x.iter().map(|v| bf16(*v)).collect();
-        let mut y = vec![0f32; m.next_multiple_of(BLOCK) * n];
-        let mut a = xb.clone();
-        a.resize(m.next_multiple_of(BLOCK) * k, 0);
-        for (i, out) in y.chunks_mut(BLOCK * n).enumerate() {
-            portable_block_rows(&a[i * BLOCK * k..], &tiles.tiles, out, n, k);
-        }
-        y.truncate(m * n);
-        check(&y, &rounded_product(&w, &x, m, n, k), "portable");
-        assert!(Bf16Tiles::pack(&w, 48, 128).is_none());
+        assert!(Bf16Tiles::pack(&operands(1, 48, 128).0, 48, 128).is_none());
     }
 }
