@@ -24,8 +24,8 @@ done
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pai-target}"
-# The release binary: the dev build's steps take twice as long (8.6 s against 4.4 s a step on 2
-# cores, 2026-12-03), its hot crates' opt-level notwithstanding.
+# The release binary, as users run it (a time-budgeted run counts steps, and the dev build's are
+# slower).
 cargo build --release --bin pai-train --manifest-path "$root/Cargo.toml" >&2
 bin="$CARGO_TARGET_DIR/release/pai-train"
 

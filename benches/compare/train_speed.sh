@@ -17,8 +17,8 @@ done
 # shellcheck disable=SC1091
 source benches/compare/env.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pai-target}"
-# The release build: the dev profile's debug assertions (the standard library's checks inside every
-# `get_unchecked` of the kernels' inner loops among them) make a step up to twice as slow.
+# The release build, as users run it (until 2026-12-03 the dev profile's debug assertions in pai-model
+# made a step on the int8 kernels up to twice as slow; Cargo.toml turns them off there now).
 cargo build --release --bench train >&2
 BIN=$(ls -t "$CARGO_TARGET_DIR"/release/deps/train-* | grep -v '\.d$' | head -1)
 for round in $(seq "$ROUNDS"); do

@@ -87,7 +87,7 @@ fn tile_config() -> TileConfig {
 #[cfg(target_arch = "x86_64")]
 pub(super) unsafe fn block_rows(a: &[u16], tiles: &[u16], out: &mut [f32], n: usize, k: usize) {
     use std::arch::asm;
-    debug_assert!(a.len() >= BLOCK * k && out.len() >= BLOCK * n && tiles.len() >= n * k);
+    assert!(a.len() >= BLOCK * k && out.len() >= BLOCK * n && tiles.len() >= n * k);
     let config = tile_config();
     let kb = k / K_STEP;
     let a_stride = k * 2;

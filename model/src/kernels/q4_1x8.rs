@@ -164,7 +164,6 @@ mod simd {
         out: &mut [f32],
         stride: usize,
     ) {
-        debug_assert!(w.len() >= nb && x.len() >= T * nb && out.len() >= (T - 1) * stride + ROWS);
         // SAFETY: indices stay below nb in `w`, T·nb in `x`, (T−1)·stride + 8 in `out` (checked by the
         // caller's slicing); the features are enabled by the entry points.
         unsafe {

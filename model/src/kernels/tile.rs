@@ -136,8 +136,6 @@ unsafe fn tile<W: WeightBlock, I: Isa, const R: usize, const C: usize>(
     out: &mut [f32],
     stride: usize,
 ) {
-    debug_assert!(w.len() >= R * nb && x.len() >= C * nb);
-    debug_assert!(out.len() >= (C - 1) * stride + R);
     // SAFETY: indices stay below R·nb in `w`, C·nb in `x` and (C−1)·stride + R in `out` (asserted by
     // the callers' slicing); the SIMD features are enabled by the entry points.
     unsafe {
