@@ -59,11 +59,13 @@ pub struct TrainConfig {
     /// nothing the gate fails; a huge value (1e9) turns the guard off.
     pub max_retention_rise: Option<f64>,
     pub checkpoint_every: usize,
-    /// Stop at a checkpoint after this many seconds (the run still writes its adapter).
+    /// Stop at a checkpoint after this many seconds (the run still writes its adapter); the
+    /// learning-rate decay reaches its floor by then (`optim::learning_rate`).
     pub time_budget_s: Option<u64>,
-    /// Memory for the training copies of quantized base weights (MiB): on CPUs with AMX, W and Wᵀ in
-    /// bf16 tiles (~540 MB for a 135M model); elsewhere Wᵀ in Q8_0 (~143 MB) and the output projection
-    /// in f32. What does not fit runs on the int8 kernels and is dequantized at every backward.
+    /// Memory for the training copies of quantized base weights (MiB): on CPUs with a bf16 engine
+    /// (AMX, AVX-512 BF16), W and Wᵀ in bf16 tiles (~540 MB for a 135M model); elsewhere Wᵀ in Q8_0
+    /// (~143 MB) and the output projection in f32. What does not fit runs on the int8 kernels and is
+    /// dequantized at every backward.
     pub backward_cache_mib: usize,
 }
 

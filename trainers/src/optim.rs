@@ -11,14 +11,21 @@ pub type Grads = Vec<Option<Tensor>>;
 use crate::config::TrainConfig;
 use crate::error::Result;
 
-/// The learning rate at optimizer step `step` (0-based) of `total`.
-pub fn learning_rate(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
+/// The learning rate at optimizer step `step` (0-based) of `total`, `elapsed_s` seconds into the run.
+/// Past the warm-up, the cosine decay follows whichever horizon is nearer: the steps (`step / total`)
+/// or, with a time budget, the clock (`elapsed_s / budget`). A run the budget cuts short then still
+/// anneals to the floor by its end, instead of stopping at its peak rate.
+pub fn learning_rate(cfg: &TrainConfig, step: usize, total: usize, elapsed_s: f64) -> f64 {
     let peak = cfg.learning_rate;
     if step < cfg.warmup_steps {
         return peak * (step + 1) as f64 / cfg.warmup_steps as f64;
     }
     let span = total.saturating_sub(cfg.warmup_steps).max(1);
-    let progress = ((step - cfg.warmup_steps) as f64 / span as f64).min(1.0);
+    let by_steps = (step - cfg.warmup_steps) as f64 / span as f64;
+    let by_time = cfg
+        .time_budget_s
+        .map_or(0.0, |budget| elapsed_s / budget.max(1) as f64);
+    let progress = by_steps.max(by_time).min(1.0);
     let floor = peak * cfg.min_lr_ratio;
     floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
@@ -126,13 +133,37 @@ mod tests {
             min_lr_ratio: 0.1,
             ..Default::default()
         };
-        let lr = |s| learning_rate(&cfg, s, 14);
+        let lr = |s| learning_rate(&cfg, s, 14, 1e9);
         assert!((lr(0) - 0.25).abs() < 1e-12);
         assert!((lr(3) - 1.0).abs() < 1e-12);
         assert!((lr(4) - 1.0).abs() < 1e-12);
         assert!((lr(9) - 0.55).abs() < 1e-12);
         assert!((lr(14) - 0.1).abs() < 1e-12);
         assert!(lr(5) > lr(6));
+    }
+
+    /// With a time budget the decay follows the clock when the clock is ahead of the steps: halfway
+    /// through the budget is halfway down the cosine, the budget's end is the floor, and a budget
+    /// far from spent leaves the step schedule alone.
+    #[test]
+    fn a_time_budget_anneals_by_the_clock() {
+        let cfg = TrainConfig {
+            learning_rate: 1.0,
+            warmup_steps: 4,
+            min_lr_ratio: 0.1,
+            time_budget_s: Some(100),
+            ..Default::default()
+        };
+        let lr = |step, elapsed| learning_rate(&cfg, step, 1004, elapsed);
+        assert!((lr(2, 90.0) - 0.75).abs() < 1e-12, "warm-up is by steps");
+        assert!((lr(5, 50.0) - 0.55).abs() < 1e-12);
+        assert!((lr(5, 100.0) - 0.1).abs() < 1e-12);
+        assert!((lr(5, 250.0) - 0.1).abs() < 1e-12);
+        assert!(
+            (lr(504, 1.0) - 0.55).abs() < 1e-12,
+            "steps ahead of the clock"
+        );
+        assert!(lr(5, 10.0) > lr(5, 20.0));
     }
 
     /// torch.optim.AdamW(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5) on p = [1, -2] with

@@ -414,7 +414,12 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             })
             .collect();
         let counted: usize = micro.iter().flatten().map(Row::counted).sum();
-        let lr = learning_rate(cfg, state.step, total_steps);
+        let lr = learning_rate(
+            cfg,
+            state.step,
+            total_steps,
+            elapsed_before + started.elapsed().as_secs_f64(),
+        );
         let mut loss_sum = 0f64;
         let mut grad_norm = 0.0;
         if counted > 0 {
