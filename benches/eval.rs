@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     let (base, _) = pai::load_model(Some(model), &[], pai_model::LoadOptions::default())?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut items = holdout_like(&root, n);
-    let retention = pai_evals::sources::corpus_items(pai_evals::suite::RETENTION_CORPUS);
+    let retention = pai_evals::sources::corpus_items(pai_evals::suite::RETENTION_CORPUS, "general");
     let holdout_items = items.len();
     items.extend(retention.iter().cloned());
     let tokens: usize = items

@@ -2,7 +2,8 @@
 # Learning for real (issue 6): one training run on this repository's own code and docs — a "personal"
 # corpus the base model has never seen — within a time budget on the CPU. Reports the holdout
 # perplexity before and after (the holdout split `pai-train train` measures), and the perplexity of a
-# general text the base knew (tests/fixtures/perplexity.txt), for forgetting.
+# general text the base knew (tests/fixtures/perplexity.txt), for forgetting, and the change on the
+# gate's retention guards (prose and code) as training measured them.
 #
 # The corpus is `git archive HEAD` with fixtures removed (other people's text, and the general-text
 # probe): Markdown ingested as notes, everything else as code.
@@ -37,6 +38,8 @@ rm -rf "$PAI_HOME" "$work/code" "$work/notes" "$work/adapter"
 mkdir -p "$PAI_HOME" "$work/code" "$work/notes"
 git -C "$root" archive HEAD | tar -x -C "$work/code"
 find "$work/code" -path '*fixtures*' -prune -exec rm -rf {} +
+# The retention guards' own corpora: training on them would hide the forgetting they measure.
+rm -f "$work/code/configs/evals/"*.txt
 (cd "$work/code" && find . -name '*.md' -print0 | xargs -0 -I{} sh -c 'mkdir -p "$0/$(dirname "{}")" && mv "{}" "$0/{}"' "$work/notes")
 cat > "$PAI_HOME/pai.toml" <<EOF
 [train]
@@ -71,6 +74,13 @@ print(json.dumps({
     "general_ppl_before": base,
     "general_ppl_after": after,
     "general_change": after / base - 1,
+    # The gate's retention guards as the trainer measured them: the kept checkpoint's perplexity
+    # change on each guard's items (prose, code), against the base.
+    "guard_changes": {
+        name: math.exp(t["best_retention_loss"][name] - ref) - 1
+        for name, ref in (t.get("reference_retention_loss") or {}).items()
+        if name in (t.get("best_retention_loss") or {})
+    },
     "train_wall_s": wall,
     "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None,
 }))

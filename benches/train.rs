@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
             config: &cfg,
             train: &docs,
             holdout: &[],
-            retention: None,
+            retention: Vec::new(),
             init: None,
             base_name: None,
             run_dir: run_dir.path(),

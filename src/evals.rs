@@ -158,7 +158,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<EvalResult> {
         crate::load_model(args.model.clone(), &dirs, pai_model::LoadOptions::default())?;
     let store = Store::open(&home.join("dataset"))?;
     let mut suites = Vec::new();
+    let mut known = Vec::new();
     for (config, origin) in load_configs(&home.join("evals"))? {
+        known.push(config.name.clone());
         if !args.suites.is_empty() && !args.suites.contains(&config.name) {
             continue;
         }
@@ -166,8 +168,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<EvalResult> {
     }
     anyhow::ensure!(
         !suites.is_empty(),
-        "no suite named {:?} (built in: perplexity, retention; yours go in {})",
+        "no suite named {:?} (there are: {}; yours go in {})",
         args.suites,
+        known.join(", "),
         home.join("evals").display()
     );
 
@@ -331,7 +334,9 @@ fn sample_prompts(store: &Store, day: &str) -> anyhow::Result<Vec<(String, Strin
         .take(3)
         .map(|e| (e.path.clone(), cut(&e.text)))
         .collect();
-    if let Some(p) = pai_evals::sources::corpus_items(pai_evals::suite::RETENTION_CORPUS).first() {
+    if let Some(p) =
+        pai_evals::sources::corpus_items(pai_evals::suite::RETENTION_CORPUS, "general").first()
+    {
         if let pai_evals::Task::Continuation { text, .. } = &p.task {
             prompts.push((p.group.clone(), cut(text)));
         }

@@ -409,7 +409,7 @@ fn print_summary(home: &Path, state: &RunState, took: std::time::Duration) {
                 r.result["steps"],
                 r.result["stop"].as_str().unwrap_or("?"),
                 if r.result["best_step"].as_u64() == Some(0) {
-                    "; every checkpoint forgot past the retention guard: it is the weights \
+                    "; every checkpoint forgot past a retention guard: it is the weights \
                      training started from"
                 } else {
                     ""

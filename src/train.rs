@@ -357,12 +357,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
     let encoder = DocEncoder::new(&base.tokenizer, base.chat_template().ok());
     let train_docs = encoder.encode_all(&mix.examples)?;
     let holdout_docs = encoder.encode_all(&holdout)?;
-    // General text the base knows, measured as the gate's retention guard measures it (its items,
-    // scorer and limit) against what the gate will compare the candidate with (the name's
-    // incumbent), so that no checkpoint the guard would fail is shipped.
-    let guard = retention_guard(&home, &store, &job.day)?;
-    let guard_items: &[pai_evals::Item] = guard.as_ref().map_or(&[], |(items, _)| items);
-    let guard_loss = |adapter: Option<&pai_model::Adapter>| gate_loss(&base, guard_items, adapter);
+    // General text and code the base knows, measured as the gate's retention guards measure them
+    // (their items, scorer and limits) against what the gate will compare the candidate with (the
+    // name's incumbent), so that no checkpoint a guard would fail is shipped.
+    let guards = retention_guards(&home, &store, &job.day)?;
+    let guard_scores: Vec<_> = guards
+        .iter()
+        .map(|g| {
+            let items = &g.items;
+            let base = &base;
+            move |adapter: Option<&pai_model::Adapter>| gate_loss(base, items, adapter)
+        })
+        .collect();
     let incumbent = match &job.register {
         Some(name) => match pai_adapters::Registry::new(&home).current(name)? {
             Some(v) => {
@@ -420,13 +426,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
             config: cfg,
             train: &train_docs,
             holdout: &holdout_docs,
-            retention: guard
-                .as_ref()
-                .map(|(_, max_rise)| pai_trainers::RetentionGuard {
-                    score: &guard_loss,
+            retention: guards
+                .iter()
+                .zip(&guard_scores)
+                .map(|(g, score)| pai_trainers::RetentionGuard {
+                    name: g.name.clone(),
+                    score,
                     reference: incumbent.as_ref(),
-                    max_rise: *max_rise,
-                }),
+                    max_rise: g.max_rise,
+                })
+                .collect(),
             init: from.first(),
             base_name: Some(base.name().to_string()),
             run_dir: &run_dir,
@@ -521,22 +530,30 @@ pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
     })
 }
 
-/// The gate's retention guard (the first `retention` suite whose role is guard, built in or the
-/// owner's): its items and its limit. `None` when no retention suite guards the gate.
-fn retention_guard(
-    home: &Path,
-    store: &Store,
-    day: &str,
-) -> anyhow::Result<Option<(Vec<pai_evals::Item>, f64)>> {
+/// One of the gate's retention guards: its suite's name, items and limit.
+struct GuardSuite {
+    name: String,
+    items: Vec<pai_evals::Item>,
+    max_rise: f64,
+}
+
+/// The gate's retention guards: every `retention` suite whose role is guard, built in (prose and
+/// code) or the owner's. Empty when no retention suite guards the gate.
+fn retention_guards(home: &Path, store: &Store, day: &str) -> anyhow::Result<Vec<GuardSuite>> {
     use pai_evals::suite::{build, load_configs, SuiteKind};
-    let Some((config, origin)) = load_configs(&home.join("evals"))?
-        .into_iter()
-        .find(|(c, _)| c.kind == SuiteKind::Retention && c.role == pai_evals::Role::Guard)
-    else {
-        return Ok(None);
-    };
-    let max_rise = config.max_regression;
-    Ok(Some((build(config, &origin, store, day)?.items, max_rise)))
+    let mut guards = Vec::new();
+    for (config, origin) in load_configs(&home.join("evals"))? {
+        if config.kind == SuiteKind::Retention && config.role == pai_evals::Role::Guard {
+            let (name, max_rise) = (config.name.clone(), config.max_regression);
+            let items = build(config, &origin, store, day)?.items;
+            guards.push(GuardSuite {
+                name,
+                items,
+                max_rise,
+            });
+        }
+    }
+    Ok(guards)
 }
 
 /// The mean loss per token of `items` under `adapter` as the eval gate scores them (the same scorer,

@@ -206,8 +206,8 @@ pub fn canary_items(text: &str, path: &Path) -> Result<Vec<Item>> {
 }
 
 /// Paragraphs of at least 20 words, grouped by document: a document starts at a line `# Title`
-/// (text before the first title is the corpus's own description).
-pub fn corpus_items(text: &str) -> Vec<Item> {
+/// (text before the first title is the corpus's own description). Each item counts in `domain`.
+pub fn corpus_items(text: &str, domain: &str) -> Vec<Item> {
     let mut items = Vec::new();
     let mut title: Option<String> = None;
     for block in text.split("\n\n") {
@@ -225,7 +225,7 @@ pub fn corpus_items(text: &str) -> Vec<Item> {
         items.push(Item {
             id: format!("{title}#{}", items.len()),
             group: title.clone(),
-            domain: "general".into(),
+            domain: domain.into(),
             task: Task::Continuation {
                 context: String::new(),
                 text: block.to_string(),

@@ -7,12 +7,15 @@
 //! role = "guard"            # primary | guard | info
 //! max_regression = 0.02     # guard: fail when the mean score drops by more than this
 //! path = "retention.txt"    # retention: a text corpus; tasks: JSONL items (relative to this file)
+//! domain = "general"        # retention: the domain its items count in (`general`, `code`, …)
 //! max_items = 400
 //! ```
 //!
 //! - `perplexity`: the dataset's holdout examples up to the night's day (the owner's own writing,
 //!   never trained on), one item each, grouped by file; score −(mean NLL per token).
-//! - `retention`: paragraphs of a general corpus the base already knows, grouped by document.
+//! - `retention`: paragraphs of a general corpus the base already knows, grouped by document. Two
+//!   are built in and both guard the gate: `retention` (English prose) and `retention-code`
+//!   (everyday code in common languages: a code corpus forgets code faster than prose).
 //! - `tasks`: JSONL items as lm-evaluation-harness writes them (`sources::task_items`).
 //!
 //! Where each kind's items come from — the dataset, a corpus, a JSONL file — is `sources`.
@@ -40,6 +43,10 @@ pub const BUILT_IN: &[(&str, &str)] = &[
         include_str!("../../configs/evals/retention.toml"),
     ),
     (
+        "retention-code.toml",
+        include_str!("../../configs/evals/retention-code.toml"),
+    ),
+    (
         "recall.toml",
         include_str!("../../configs/evals/recall.toml"),
     ),
@@ -48,8 +55,16 @@ pub const BUILT_IN: &[(&str, &str)] = &[
         include_str!("../../configs/evals/temporal.toml"),
     ),
 ];
-/// The built-in retention corpus (public-domain texts).
+/// The built-in retention corpus (public-domain texts): a retention suite without `path`.
 pub const RETENTION_CORPUS: &str = include_str!("../../configs/evals/retention.txt");
+/// The built-in code retention corpus (everyday code written for pai).
+pub const RETENTION_CODE_CORPUS: &str = include_str!("../../configs/evals/retention-code.txt");
+
+/// The files a built-in suite's `path` can name, as (file name, text).
+const BUILT_IN_FILES: &[(&str, &str)] = &[
+    ("retention.txt", RETENTION_CORPUS),
+    ("retention-code.txt", RETENTION_CODE_CORPUS),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -95,6 +110,10 @@ pub struct SuiteConfig {
     /// Items at most (a fixed sample: items sorted by id, which are content hashes).
     #[serde(default = "default_max_items")]
     pub max_items: usize,
+    /// Retention: the domain its items count in for the per-domain standings (`general` when
+    /// absent; `code` for a code corpus, so the router learns where forgetting happened).
+    #[serde(default)]
+    pub domain: Option<String>,
     /// Fail when the candidate's own mean score is below this, whatever the incumbent's (privacy:
     /// 1.0, a single leak fails).
     #[serde(default)]
@@ -200,9 +219,17 @@ pub fn build(config: SuiteConfig, origin: &Origin, store: &Store, day: &str) -> 
         SuiteKind::Retention => {
             let text = match (&config.path, origin) {
                 (Some(p), Origin::File(file)) => read(&relative(file, p))?,
-                _ => RETENTION_CORPUS.to_string(),
+                (Some(p), Origin::BuiltIn) => BUILT_IN_FILES
+                    .iter()
+                    .find(|(name, _)| Path::new(name) == p)
+                    .map(|(_, text)| text.to_string())
+                    .ok_or_else(|| EvalError::BadSuite {
+                        suite: config.name.clone(),
+                        reason: format!("no built-in corpus {}", p.display()),
+                    })?,
+                (None, _) => RETENTION_CORPUS.to_string(),
             };
-            corpus_items(&text)
+            corpus_items(&text, config.domain.as_deref().unwrap_or("general"))
         }
         SuiteKind::Tasks | SuiteKind::Privacy => {
             let (Some(p), Origin::File(file)) = (&config.path, origin) else {
@@ -249,16 +276,57 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let configs = load_configs(&dir.path().join("none")).unwrap();
         let names: Vec<&str> = configs.iter().map(|(c, _)| c.name.as_str()).collect();
-        assert_eq!(names, ["perplexity", "retention", "recall", "temporal"]);
-        assert_eq!(configs[1].0.role, Role::Guard);
-        let items = corpus_items(RETENTION_CORPUS);
-        let groups: std::collections::BTreeSet<&str> =
-            items.iter().map(|i| i.group.as_str()).collect();
-        assert!(
-            items.len() >= 30 && groups.len() >= 6,
-            "{} items, {groups:?}",
-            items.len()
+        assert_eq!(
+            names,
+            [
+                "perplexity",
+                "retention",
+                "retention-code",
+                "recall",
+                "temporal"
+            ]
         );
+        let store = Store::open(&dir.path().join("dataset")).unwrap();
+        for (config, origin) in &configs[1..3] {
+            assert_eq!(config.role, Role::Guard);
+            let suite = build(config.clone(), origin, &store, "2026-01-01").unwrap();
+            let groups: std::collections::BTreeSet<&str> =
+                suite.items.iter().map(|i| i.group.as_str()).collect();
+            assert!(
+                suite.items.len() >= 30 && groups.len() >= 6,
+                "{}: {} items, {groups:?}",
+                config.name,
+                suite.items.len()
+            );
+            let domain = if config.name == "retention" {
+                "general"
+            } else {
+                "code"
+            };
+            assert!(
+                suite.items.iter().all(|i| i.domain == domain),
+                "{}",
+                config.name
+            );
+        }
+        // The code corpus's items are whole functions, not the lines between blank ones.
+        let code = build(configs[2].0.clone(), &configs[2].1, &store, "2026-01-01").unwrap();
+        assert!(code.items.iter().any(|i| matches!(&i.task,
+            Task::Continuation { text, .. } if text.starts_with("def binary_search")
+                && text.ends_with("return -1"))));
+    }
+
+    #[test]
+    fn a_built_in_suite_names_only_built_in_corpora() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("dataset")).unwrap();
+        let config = parse(
+            "name = \"r\"\nkind = \"retention\"\npath = \"elsewhere.txt\"\n",
+            Path::new("r.toml"),
+        )
+        .unwrap();
+        let err = build(config, &Origin::BuiltIn, &store, "2026-01-01").unwrap_err();
+        assert!(err.to_string().contains("elsewhere.txt"), "{err}");
     }
 
     #[test]

@@ -227,7 +227,8 @@ struct EvalArgs {
     /// The night's day: holdout examples up to it (default: the day the candidate was trained for).
     #[arg(long)]
     day: Option<String>,
-    /// Only these suites (default: all; built in: perplexity, retention).
+    /// Only these suites (default: all; built in: perplexity, retention, retention-code, recall,
+    /// temporal).
     #[arg(long = "suite")]
     suites: Vec<String>,
     /// The base model (the default model when not given).

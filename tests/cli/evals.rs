@@ -125,7 +125,11 @@ fn the_gate_promotes_a_trained_adapter_and_rejects_noise() {
         .iter()
         .filter(|s| !s["candidate"].as_array().unwrap().is_empty())
         .count();
-    assert_eq!(suites.len(), 4, "perplexity, retention, recall, temporal");
+    assert_eq!(
+        suites.len(),
+        5,
+        "perplexity, retention, retention-code, recall, temporal"
+    );
     check_report_in_browser(&page, dir, suites.len(), scored);
 
     // Privacy canaries: a guard with a floor. One whose secret the candidate writes fails it (here

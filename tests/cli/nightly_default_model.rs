@@ -174,8 +174,8 @@ fn the_default_model_nights_promote_reject_resume_and_roll_back() {
     assert!(said.contains("promoted v2"), "{said}");
     assert!(said.contains("against personal@v1"), "{said}");
     wait_served(&addr, "personal", "personal@v2");
-    // The trainer measured forgetting exactly as the gate's retention guard then did: the same
-    // loss under v1 and under the candidate it shipped.
+    // The trainer measured forgetting exactly as the gate's retention guards (prose and code) then
+    // did: the same losses under v1 and under the candidate it shipped.
     let trained = json_file(&home.join("adapters/personal/v2/pai.json"));
     let state: serde_json::Value = json(&pai(&["status", "--json"]));
     let eval_run = state["runs"][0]["stages"][2]["result"]["run"]
@@ -183,21 +183,23 @@ fn the_default_model_nights_promote_reject_resume_and_roll_back() {
         .expect("the eval stage's run")
         .to_string();
     let gate = json_file(&home.join("runs").join(eval_run).join("eval.json"));
-    let guard = gate["decision"]["suites"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["suite"] == "retention"))
-        .expect("the retention guard's verdict")["comparison"]
-        .clone();
     let m = &trained["metrics"];
-    for (trainer, gate) in [
-        (&m["reference_retention_loss"], &guard["incumbent"]),
-        (&m["best_retention_loss"], &guard["candidate"]),
-    ] {
-        let (t, g) = (trainer.as_f64().unwrap(), -gate.as_f64().unwrap());
-        assert!(
-            (t - g).abs() < 1e-6,
-            "trainer {t} vs gate {g}: {m} / {guard}"
-        );
+    for suite in ["retention", "retention-code"] {
+        let guard = gate["decision"]["suites"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["suite"] == suite))
+            .unwrap_or_else(|| panic!("the {suite} guard's verdict"))["comparison"]
+            .clone();
+        for (trainer, gate) in [
+            (&m["reference_retention_loss"][suite], &guard["incumbent"]),
+            (&m["best_retention_loss"][suite], &guard["candidate"]),
+        ] {
+            let (t, g) = (trainer.as_f64().unwrap(), -gate.as_f64().unwrap());
+            assert!(
+                (t - g).abs() < 1e-6,
+                "{suite}: trainer {t} vs gate {g}: {m} / {guard}"
+            );
+        }
     }
 
     // Night 3: more of the log, but a candidate trained a single step: rejected (exit code 3), and

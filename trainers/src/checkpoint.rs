@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::data::Cursor;
 use crate::error::{Result, TrainError};
+use crate::trainer::RetentionLosses;
 
 /// The small part of a checkpoint (`state.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,9 +26,9 @@ pub struct RunState {
     pub tokens: usize,
     pub elapsed_s: f64,
     pub best_holdout: Option<f64>,
-    /// The retention loss of the best checkpoint (when the job has retention text).
+    /// The retention losses of the best checkpoint, by guard (empty when the job has none).
     #[serde(default)]
-    pub best_retention: Option<f64>,
+    pub best_retention_losses: RetentionLosses,
     pub best_step: usize,
     pub evals_without_improvement: usize,
     pub config: TrainConfig,

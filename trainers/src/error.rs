@@ -34,8 +34,9 @@ pub enum TrainError {
     },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
-    #[error("scoring the retention guard's text: {source}")]
+    #[error("scoring the retention guard {guard}'s text: {source}")]
     Retention {
+        guard: String,
         #[source]
         source: BoxError,
     },

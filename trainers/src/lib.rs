@@ -25,6 +25,6 @@ pub use error::{BoxError, Result, TrainError};
 pub use loss::weighted_cross_entropy;
 pub use params::LoraParams;
 pub use trainer::{
-    eval_rows, holdout_loss, train, RetentionGuard, RetentionScore, StepMetrics, StopReason,
-    TrainJob, TrainOutcome,
+    eval_rows, holdout_loss, train, RetentionGuard, RetentionLosses, RetentionScore, StepMetrics,
+    StopReason, TrainJob, TrainOutcome,
 };

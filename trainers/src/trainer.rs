@@ -3,7 +3,7 @@
 //! schedule, holdout loss with early stopping, metrics as JSON lines, and checkpoints (every N steps,
 //! on a stop request, at a time budget) from which `resume` continues to the same result.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -29,9 +29,10 @@ pub struct TrainJob<'a> {
     pub config: &'a TrainConfig,
     pub train: &'a [TrainDoc],
     pub holdout: &'a [TrainDoc],
-    /// General text the base model already knows, measured at every evaluation as the eval gate's
-    /// retention guard measures it; no checkpoint that guard would fail is shipped. `None`: no guard.
-    pub retention: Option<RetentionGuard<'a>>,
+    /// General text and code the base model already knows, measured at every evaluation as the
+    /// eval gate's retention guards measure them; no checkpoint any of them would fail is shipped.
+    /// Empty: no guard.
+    pub retention: Vec<RetentionGuard<'a>>,
     /// The adapter to continue from (`continue` strategy); `None` starts fresh from the base.
     pub init: Option<&'a Adapter>,
     /// Recorded as `base_model_name_or_path`.
@@ -55,6 +56,8 @@ pub type RetentionScore<'a> = dyn Fn(Option<&Adapter>) -> std::result::Result<f6
 /// training forward's f32 activations and serving's int8 ones differ by up to 0.07 nats on a
 /// paragraph, and by 0.007 on the suite's mean, a third of the guard's limit.
 pub struct RetentionGuard<'a> {
+    /// The guard suite's name (`retention`, `retention-code`): the key of its losses in metrics.
+    pub name: String,
     /// The loss under an adapter, in nats per token (the gate's: each item's mean, averaged).
     pub score: &'a RetentionScore<'a>,
     /// What a checkpoint is compared with: the incumbent the gate will compare the candidate with,
@@ -64,6 +67,9 @@ pub struct RetentionGuard<'a> {
     /// `max_regression` (`train.max_retention_rise` overrides it).
     pub max_rise: f64,
 }
+
+/// Retention losses by guard name, in nats per token.
+pub type RetentionLosses = BTreeMap<String, f64>;
 
 /// Why a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -90,9 +96,9 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holdout_loss: Option<f64>,
-    /// Loss on the retention text, measured with the holdout.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retention_loss: Option<f64>,
+    /// Loss on each guard's retention text, measured with the holdout.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub retention_loss: RetentionLosses,
 }
 
 /// The result of a run.
@@ -106,10 +112,10 @@ pub struct TrainOutcome {
     pub stop: StopReason,
     pub initial_holdout: Option<f64>,
     pub best_holdout: Option<f64>,
-    /// The retention guard's loss (mean over items of each one's mean loss per token) under the
+    /// Each retention guard's loss (mean over items of each one's mean loss per token) under the
     /// reference (incumbent or base), and under the shipped adapter.
-    pub reference_retention: Option<f64>,
-    pub best_retention: Option<f64>,
+    pub reference_retention: RetentionLosses,
+    pub best_retention: RetentionLosses,
     pub final_loss: Option<f64>,
     pub tokens: usize,
     pub elapsed_s: f64,
@@ -270,7 +276,7 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         tokens: 0,
         elapsed_s: 0.0,
         best_holdout: None,
-        best_retention: None,
+        best_retention_losses: RetentionLosses::new(),
         best_step: 0,
         evals_without_improvement: 0,
         config: cfg.clone(),
@@ -349,20 +355,17 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
     // 3. The holdout rows, and the base's (or the starting adapter's) loss on them.
     let eval = eval_rows(job.holdout, cfg.seq_len, cfg.eval_tokens, job.pad)?;
     let initial_holdout = holdout_loss(model, Some(&params.frozen("eval", None)), &eval)?;
-    // The retention guard's reference score: what a checkpoint's forgetting is measured against.
-    let retention_loss = |adapter: Option<&Adapter>| -> Result<Option<f64>> {
-        match &job.retention {
-            Some(guard) => (guard.score)(adapter)
-                .map(Some)
-                .map_err(|source| TrainError::Retention { source }),
-            None => Ok(None),
-        }
+    // The retention guards' reference scores: what a checkpoint's forgetting is measured against.
+    let guard_loss = |guard: &RetentionGuard, adapter: Option<&Adapter>| -> Result<f64> {
+        (guard.score)(adapter).map_err(|source| TrainError::Retention {
+            guard: guard.name.clone(),
+            source,
+        })
     };
-    let reference_retention = retention_loss(job.retention.as_ref().and_then(|g| g.reference))?;
-    let max_retention_rise = match &job.retention {
-        Some(guard) => cfg.max_retention_rise.unwrap_or(guard.max_rise),
-        None => f64::INFINITY,
-    };
+    let mut reference_retention = RetentionLosses::new();
+    for guard in &job.retention {
+        reference_retention.insert(guard.name.clone(), guard_loss(guard, guard.reference)?);
+    }
     if !job.resume {
         if let Some(l) = initial_holdout {
             append_metrics(
@@ -463,7 +466,7 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             epoch: packer.epochs(),
             elapsed_s: state.elapsed_s,
             holdout_loss: None,
-            retention_loss: None,
+            retention_loss: RetentionLosses::new(),
         };
 
         // Holdout loss, the best adapter so far, early stopping. A step that uses up the time budget
@@ -479,24 +482,26 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             let adapter = params.frozen("eval", None);
             let l = holdout_loss(model, Some(&adapter), &eval)?.unwrap_or(f64::NAN);
             metrics.holdout_loss = Some(l);
-            let r = retention_loss(Some(&adapter))?;
-            metrics.retention_loss = r;
-            let rise = match (r, reference_retention) {
-                (Some(r), Some(reference)) => r - reference,
-                _ => 0.0,
-            };
-            let forgets = rise > max_retention_rise;
-            if forgets {
-                tracing::info!(
-                    step = state.step,
-                    rise,
-                    max_retention_rise,
-                    "checkpoint forgets too much of the retention text; not kept"
-                );
+            let mut forgets = false;
+            for guard in &job.retention {
+                let r = guard_loss(guard, Some(&adapter))?;
+                metrics.retention_loss.insert(guard.name.clone(), r);
+                let rise = r - reference_retention[&guard.name];
+                let max_rise = cfg.max_retention_rise.unwrap_or(guard.max_rise);
+                if rise > max_rise {
+                    forgets = true;
+                    tracing::info!(
+                        step = state.step,
+                        guard = %guard.name,
+                        rise,
+                        max_rise,
+                        "checkpoint forgets too much of the guard's text; not kept"
+                    );
+                }
             }
             if !forgets && state.best_holdout.is_none_or(|b| l < b) {
                 state.best_holdout = Some(l);
-                state.best_retention = r;
+                state.best_retention_losses = metrics.retention_loss.clone();
                 state.best_step = state.step;
                 state.evals_without_improvement = 0;
                 best = snapshot(&params)?;
@@ -524,10 +529,9 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             break;
         }
     }
-    if !eval.is_empty() && state.best_holdout.is_none() && reference_retention.is_some() {
+    if !eval.is_empty() && state.best_holdout.is_none() && !job.retention.is_empty() {
         tracing::warn!(
-            max_retention_rise,
-            "every checkpoint forgot more of the retention text than allowed: shipping the \
+            "every checkpoint forgot more of a retention guard's text than allowed: shipping the \
              weights the run started from"
         );
     }
@@ -550,7 +554,7 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
         initial_holdout,
         best_holdout: state.best_holdout,
         reference_retention,
-        best_retention: state.best_retention,
+        best_retention: state.best_retention_losses,
         final_loss: last_loss,
         tokens: state.tokens,
         elapsed_s: state.elapsed_s,

@@ -14,7 +14,7 @@ use crate::tiny;
 fn a_second_run_reuses_every_score() {
     let dir = tempfile::tempdir().unwrap();
     let base = tiny(dir.path(), GgmlDType::Q8_0);
-    let mut items = corpus_items(RETENTION_CORPUS);
+    let mut items = corpus_items(RETENTION_CORPUS, "general");
     items.truncate(6);
     let suite = Suite {
         config: SuiteConfig {
@@ -26,6 +26,7 @@ fn a_second_run_reuses_every_score() {
             max_regression: 0.02,
             path: None,
             max_items: 6,
+            domain: None,
             fail_below: None,
         },
         items,

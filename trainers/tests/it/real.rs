@@ -216,7 +216,7 @@ fn learns_this_projects_code_without_forgetting_general_text() {
             config: &cfg,
             train: &train_docs,
             holdout: &holdout,
-            retention: None,
+            retention: Vec::new(),
             init: None,
             base_name: None,
             run_dir: run.path(),

@@ -52,7 +52,7 @@ fn job<'a>(
         config: cfg,
         train: docs,
         holdout: docs,
-        retention: None,
+        retention: Vec::new(),
         init: None,
         base_name: Some("tiny".into()),
         run_dir,
@@ -271,12 +271,13 @@ fn a_time_budget_stop_ships_the_weights_it_reached() {
     assert!(b_norm > 0.0, "the shipped adapter is not the initial one");
 }
 
-/// With a retention guard (here: text the corpus does not teach), a checkpoint that raises its item
-/// loss past the guard's limit is never shipped, however good its holdout loss; with a generous
-/// bound the same run ships its best holdout. The limit is measured against the guard's reference:
-/// against an incumbent that already forgot, the same strict limit lets that much through.
+/// With retention guards (here: text the corpus does not teach, split in two guards as pai-train
+/// hands in the gate's prose and code suites), a checkpoint that raises either guard's loss past
+/// its limit is never shipped, however good its holdout loss; with generous bounds the same run
+/// ships its best holdout. Each limit is measured against its guard's reference: against an
+/// incumbent that already forgot, the same strict limits let that much through.
 #[test]
-fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
+fn a_checkpoint_that_forgets_a_guards_text_is_not_shipped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = tiny(&dir.path().join("m"), GgmlDType::Q8_0, TinySpec::default());
     let docs = corpus();
@@ -304,12 +305,17 @@ fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
         })
         .collect();
     let stop = AtomicBool::new(false);
-    // The guard's score: the retention text's loss (pai-train hands in the eval gate's scorer).
-    let rows = eval_rows(&retention, 32, 1 << 20, 0).expect("retention rows");
-    let score = |adapter: Option<&Adapter>| -> Result<f64, pai_trainers::BoxError> {
-        Ok(holdout_loss(&base.model, adapter, &rows)?.expect("counted tokens"))
+    // The guards' scores: each text's loss (pai-train hands in the eval gate's scorer).
+    let (prose, code) = retention.split_at(2);
+    let prose_rows = eval_rows(prose, 32, 1 << 20, 0).expect("prose rows");
+    let code_rows = eval_rows(code, 32, 1 << 20, 0).expect("code rows");
+    let prose_score = |adapter: Option<&Adapter>| -> Result<f64, pai_trainers::BoxError> {
+        Ok(holdout_loss(&base.model, adapter, &prose_rows)?.expect("counted tokens"))
     };
-    let run_with = |rise: f64, reference: Option<&Adapter>, name: &str| {
+    let code_score = |adapter: Option<&Adapter>| -> Result<f64, pai_trainers::BoxError> {
+        Ok(holdout_loss(&base.model, adapter, &code_rows)?.expect("counted tokens"))
+    };
+    let run_with = |prose_rise: f64, code_rise: f64, reference: Option<&Adapter>, name: &str| {
         let cfg = TrainConfig {
             max_steps: Some(24),
             eval_every: 4,
@@ -318,56 +324,70 @@ fn a_checkpoint_that_forgets_the_retention_text_is_not_shipped() {
         };
         let run = dir.path().join(name);
         let job = TrainJob {
-            retention: Some(RetentionGuard {
-                score: &score,
-                reference,
-                max_rise: rise,
-            }),
+            retention: vec![
+                RetentionGuard {
+                    name: "retention".into(),
+                    score: &prose_score,
+                    reference,
+                    max_rise: prose_rise,
+                },
+                RetentionGuard {
+                    name: "retention-code".into(),
+                    score: &code_score,
+                    reference,
+                    max_rise: code_rise,
+                },
+            ],
             ..job(&base, &cfg, &docs, &run, false, &stop)
         };
         let out = train(&job, &mut |_| {}).expect("train");
         let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
-        let retention_losses: Vec<f64> = metrics
+        let code_losses: Vec<f64> = metrics
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["retention_loss"].as_f64())
+            .filter(|v| v["retention_loss"]["retention"].is_f64())
+            .filter_map(|v| v["retention_loss"]["retention-code"].as_f64())
             .collect();
-        (out, retention_losses)
+        (out, code_losses)
     };
 
-    let (loose, losses) = run_with(100.0, None, "loose");
-    let base_r = loose.reference_retention.expect("base retention loss");
-    assert_eq!(losses.len(), 6, "one retention loss per evaluation");
+    let (loose, losses) = run_with(100.0, 100.0, None, "loose");
+    let base_r = loose.reference_retention["retention-code"];
+    assert_eq!(losses.len(), 6, "both guards' losses at every evaluation");
     // The case the guard exists for: the best holdout checkpoint forgot.
-    let loose_r = loose.best_retention.expect("loose best retention");
+    let loose_r = loose.best_retention["retention-code"];
     assert!(
         loose_r > base_r,
-        "best checkpoint's retention {loose_r} vs base {base_r}: {losses:?}"
+        "best checkpoint's code retention {loose_r} vs base {base_r}: {losses:?}"
     );
 
-    // Strict: no rise allowed. Whatever ships has a retention loss at or below the base's, and the
-    // checkpoints that forgot were passed over.
-    let (strict, _) = run_with(0.0, None, "strict");
-    match (strict.best_retention, strict.best_holdout) {
-        (Some(r), Some(_)) => assert!(r <= base_r + 1e-9, "{r} vs base {base_r}"),
+    // Strict on the code guard only: whatever ships has a code loss at or below the base's, and the
+    // checkpoints that forgot were passed over, whatever the loose prose guard says.
+    let (strict, _) = run_with(100.0, 0.0, None, "strict");
+    match (
+        strict.best_retention.get("retention-code"),
+        strict.best_holdout,
+    ) {
+        (Some(&r), Some(_)) => assert!(r <= base_r + 1e-9, "{r} vs base {base_r}"),
         (None, None) => {} // every checkpoint forgot: the starting weights ship
         other => panic!("best retention and holdout disagree: {other:?}"),
     }
     assert_ne!(
         strict.best_step, loose.best_step,
-        "the strict run shipped the checkpoint the guard should have refused"
+        "the strict run shipped the checkpoint the code guard should have refused"
     );
 
-    // Against the loose run's adapter as the incumbent, the reference is its retention loss, and
-    // a strict limit now lets the loose run's best checkpoint through (a hair above 0 for rounding).
-    let (against, _) = run_with(1e-6, Some(&loose.adapter), "against-incumbent");
-    let reference = against
-        .reference_retention
-        .expect("incumbent's retention loss");
-    assert!(
-        (reference - loose_r).abs() < 1e-4,
-        "the reference is the incumbent's loss: {reference} vs {loose_r}"
-    );
+    // Against the loose run's adapter as the incumbent, each reference is its loss there, and
+    // strict limits now let the loose run's best checkpoint through (a hair above 0 for rounding).
+    let (against, _) = run_with(1e-6, 1e-6, Some(&loose.adapter), "against-incumbent");
+    for (name, reference) in &against.reference_retention {
+        let loose_loss = loose.best_retention[name];
+        assert!(
+            (reference - loose_loss).abs() < 1e-4,
+            "{name}: the reference is the incumbent's loss: {reference} vs {loose_loss}"
+        );
+    }
+    assert_eq!(against.reference_retention.len(), 2);
     assert_eq!(against.best_step, loose.best_step);
 }
 
