@@ -37,6 +37,19 @@ impl Standing {
         }
     }
 
+    /// One domain's standing from two suites that both measure it: worse when either says worse (a
+    /// guard's forgetting is not outweighed), else better when either says better (a guard that
+    /// merely held, like general code the base knew, does not cancel the owner's own code
+    /// improving), else the same.
+    pub fn alongside(self, other: Standing) -> Standing {
+        use Standing::*;
+        match (self, other) {
+            (Worse, _) | (_, Worse) => Worse,
+            (Better, _) | (_, Better) => Better,
+            (Same, Same) => Same,
+        }
+    }
+
     /// +1, 0 or −1.
     pub fn sign(self) -> f64 {
         match self {
@@ -85,8 +98,9 @@ struct GateDomain {
 
 impl AdapterMeta {
     /// The incumbent this adapter was gated against (`base` or `name@vN`) and its standing against
-    /// it per domain, from the suites that decide (primary and guard; a domain in several keeps
-    /// the worst). None when it was never gated, or gated before domains were recorded.
+    /// it per domain, from the suites that decide (primary and guard; a domain in several is
+    /// combined by `Standing::alongside`). None when it was never gated, or gated before domains
+    /// were recorded.
     pub fn gate_standings(&self) -> Option<(String, Standings)> {
         let record: GateRecord = serde_json::from_value(self.gate.clone()?).ok()?;
         let mut standings = Standings::new();
@@ -96,11 +110,11 @@ impl AdapterMeta {
             .into_iter()
             .filter(|s| s.role == "primary" || s.role == "guard");
         for d in deciding.flat_map(|s| s.domains) {
-            let worst = match standings.get(&d.domain) {
-                Some(&s) if s.sign() < d.standing.sign() => s,
-                _ => d.standing,
+            let combined = match standings.get(&d.domain) {
+                Some(&s) => s.alongside(d.standing),
+                None => d.standing,
             };
-            standings.insert(d.domain, worst);
+            standings.insert(d.domain, combined);
         }
         (!standings.is_empty()).then_some((record.incumbent, standings))
     }

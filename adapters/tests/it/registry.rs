@@ -288,9 +288,15 @@ fn concurrent_writers_get_distinct_versions_and_a_blocked_one_fails_clearly() {
     impatient.promote("personal", Version(1), "").unwrap();
 }
 
-/// A gate record as `pai-train eval` writes it: a primary suite over notes and code, a guard over
-/// general text, an info suite (which does not count).
-fn gate(incumbent: &str, notes: &str, code: &str, general: &str) -> serde_json::Value {
+/// A gate record as `pai-train eval` writes it: a primary suite over notes and code, guards over
+/// general text and general code, an info suite (which does not count).
+fn gate_with(
+    incumbent: &str,
+    notes: &str,
+    code: &str,
+    general: &str,
+    general_code: &str,
+) -> serde_json::Value {
     let domain =
         |d: &str, s: &str| serde_json::json!({"domain": d, "standing": s, "comparison": {}});
     serde_json::json!({
@@ -299,9 +305,44 @@ fn gate(incumbent: &str, notes: &str, code: &str, general: &str) -> serde_json::
         "decision": {"promote": true, "reasons": [], "suites": [
             {"suite": "perplexity", "role": "primary", "domains": [domain("code", code), domain("notes", notes)]},
             {"suite": "retention", "role": "guard", "domains": [domain("general", general)]},
+            {"suite": "retention-code", "role": "guard", "domains": [domain("code", general_code)]},
             {"suite": "recall", "role": "info", "domains": [domain("notes", "worse")]},
         ]},
     })
+}
+
+/// `gate_with`, the general-code guard holding.
+fn gate(incumbent: &str, notes: &str, code: &str, general: &str) -> serde_json::Value {
+    gate_with(incumbent, notes, code, general, "same")
+}
+
+/// Two suites measuring one domain (the owner's code in the holdout, general code in a guard):
+/// forgetting in either makes it worse; the owner's code improving while general code holds makes it
+/// better.
+#[test]
+fn a_domain_two_suites_measure_is_worse_if_either_forgets_else_better_if_either_gains() {
+    use pai_adapters::Standing::{Better, Same, Worse};
+    let home = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let reg = Registry::new(home.path());
+    for (tag, own, general, expected) in [
+        ("a", "better", "same", Better),
+        ("b", "better", "worse", Worse),
+        ("c", "same", "worse", Worse),
+        ("d", "same", "same", Same),
+        ("e", "same", "better", Better),
+    ] {
+        let v = reg
+            .add(tag, &peft_dir(src.path(), tag, tag.as_bytes()), meta(None))
+            .unwrap();
+        reg.record_gate(tag, v, gate_with("base", "same", own, "same", general))
+            .unwrap();
+        assert_eq!(
+            reg.standings(tag, v)["code"],
+            expected,
+            "{own} and {general}"
+        );
+    }
 }
 
 #[test]
