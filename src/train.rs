@@ -369,19 +369,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
             move |adapter: Option<&pai_model::Adapter>| gate_loss(base, items, adapter)
         })
         .collect();
-    let incumbent = match &job.register {
-        Some(name) => match pai_adapters::Registry::new(&home).current(name)? {
-            Some(v) => {
-                let (dir, _) = crate::adapters::locate(&home, &format!("{name}@{v}"))?;
+    // The incumbent: most often (`continue`) the very adapter training starts from, loaded once.
+    let mut incumbent_loaded = None;
+    let mut incumbent = None;
+    if let Some(name) = &job.register {
+        if let Some(v) = pai_adapters::Registry::new(&home).current(name)? {
+            let (dir, _) = crate::adapters::locate(&home, &format!("{name}@{v}"))?;
+            if job.from.as_ref() == Some(&dir) {
+                incumbent = from.first();
+            } else {
                 let adapter = base
                     .load_adapter(&dir)
                     .with_context(|| format!("loading the incumbent {name}@{v}"))?;
-                Some(adapter)
+                incumbent = Some(&*incumbent_loaded.insert(adapter));
             }
-            None => None,
-        },
-        None => None,
-    };
+        }
+    }
     let dataset_hash = {
         let mut ids: Vec<&str> = mix.examples.iter().map(|e| e.id.as_str()).collect();
         ids.sort_unstable();
@@ -432,7 +435,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
                 .map(|(g, score)| pai_trainers::RetentionGuard {
                     name: g.name.clone(),
                     score,
-                    reference: incumbent.as_ref(),
+                    reference: incumbent,
                     max_rise: g.max_rise,
                 })
                 .collect(),
