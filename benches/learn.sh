@@ -12,7 +12,7 @@
 set -euo pipefail
 
 budget=840
-lr=5e-4
+lr=2e-4   # the default `train.learning_rate`: what a user gets
 keep=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
