@@ -433,10 +433,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
                 .iter()
                 .zip(&guard_scores)
                 .map(|(g, score)| pai_trainers::RetentionGuard {
-                    name: g.name.clone(),
+                    name: g.config.name.clone(),
                     score,
                     reference: incumbent,
-                    max_rise: g.max_rise,
+                    max_rise: g.config.max_regression,
                 })
                 .collect(),
             init: from.first(),
@@ -533,27 +533,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<TrainResult> {
     })
 }
 
-/// One of the gate's retention guards: its suite's name, items and limit.
-struct GuardSuite {
-    name: String,
-    items: Vec<pai_evals::Item>,
-    max_rise: f64,
-}
-
 /// The gate's retention guards: every `retention` suite whose role is guard, built in (prose and
 /// code) or the owner's. Empty when no retention suite guards the gate.
-fn retention_guards(home: &Path, store: &Store, day: &str) -> anyhow::Result<Vec<GuardSuite>> {
+fn retention_guards(
+    home: &Path,
+    store: &Store,
+    day: &str,
+) -> anyhow::Result<Vec<pai_evals::suite::Suite>> {
     use pai_evals::suite::{build, load_configs, SuiteKind};
     let mut guards = Vec::new();
     for (config, origin) in load_configs(&home.join("evals"))? {
         if config.kind == SuiteKind::Retention && config.role == pai_evals::Role::Guard {
-            let (name, max_rise) = (config.name.clone(), config.max_regression);
-            let items = build(config, &origin, store, day)?.items;
-            guards.push(GuardSuite {
-                name,
-                items,
-                max_rise,
-            });
+            guards.push(build(config, &origin, store, day)?);
         }
     }
     Ok(guards)
