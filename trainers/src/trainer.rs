@@ -402,11 +402,16 @@ pub fn train(job: &TrainJob, observe: &mut dyn FnMut(&StepMetrics)) -> Result<Tr
             stop = StopReason::Interrupted;
             break;
         }
-        if let Some(budget) = cfg.time_budget_s {
-            if elapsed_before + started.elapsed().as_secs_f64() >= budget as f64 {
-                stop = StopReason::TimeBudget;
-                break;
-            }
+        // The budget is judged on the clock as the last step left it (as `out_of_time` below is), not
+        // the live one: else time spent between steps (metrics, a checkpoint) could stop the run
+        // here, after a step that was never evaluated. Only a resumed run whose budget was already
+        // spent stops at this check.
+        if cfg
+            .time_budget_s
+            .is_some_and(|budget| state.elapsed_s >= budget as f64)
+        {
+            stop = StopReason::TimeBudget;
+            break;
         }
         let step_started = Instant::now();
         let micro: Vec<Vec<Row>> = (0..cfg.grad_accum)

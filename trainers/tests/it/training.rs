@@ -234,7 +234,9 @@ fn capped_evaluation_samples_the_whole_holdout() {
 }
 
 /// A run stopped by its time budget before any scheduled holdout evaluation still ships the weights
-/// it reached (judged on the holdout at the stop), not the all-zero adapter it started from.
+/// it reached (judged on the holdout at the stop), not the all-zero adapter it started from. Time
+/// spent between steps (here 300 ms in the observer after each) must not end the run behind the
+/// last step's back, before it was judged: whenever the budget runs out, the last step is evaluated.
 #[test]
 fn a_time_budget_stop_ships_the_weights_it_reached() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -249,7 +251,11 @@ fn a_time_budget_stop_ships_the_weights_it_reached() {
     };
     let stop = AtomicBool::new(false);
     let run = dir.path().join("run");
-    let out = train(&job(&base, &cfg, &docs, &run, false, &stop), &mut |_| {}).expect("train");
+    let between_steps = std::time::Duration::from_millis(300);
+    let out = train(&job(&base, &cfg, &docs, &run, false, &stop), &mut |_| {
+        std::thread::sleep(between_steps)
+    })
+    .expect("train");
     assert_eq!(out.stop, StopReason::TimeBudget);
     assert!(out.steps > 0);
     assert_eq!(out.best_step, out.steps, "{out:?}");
