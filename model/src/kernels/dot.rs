@@ -51,9 +51,10 @@ pub fn q4_0(w: &[Q4_0], x: &[Q8_0]) -> f32 {
     hsum8(&acc)
 }
 
-pub fn q8_0(w: &[Q8_0], x: &[Q8_0]) -> f32 {
+pub fn q8_0<X: AsRef<Q8_0>>(w: &[Q8_0], x: &[X]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, xb) in w.iter().zip(x) {
+        let xb = xb.as_ref();
         let d = wb.d * xb.d;
         for (lane, a) in acc.iter_mut().enumerate() {
             let s: i32 = (lane * 4..lane * 4 + 4)

@@ -17,6 +17,7 @@ pub mod gemm;
 pub mod lora;
 mod pool;
 mod q4_1x8;
+mod q8_0x8;
 #[cfg(target_arch = "x86_64")]
 mod tile;
 
@@ -26,9 +27,10 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use blocks::{Q4_0, Q8_0, QK};
+use blocks::{Q8_0WithSum, Q4_0, Q4_1, Q8_0, Q8_1, QK};
 use pool::Pool;
 use q4_1x8::Q4_1x8;
+use q8_0x8::Q8_0x8;
 
 pub use attention::{attention, AttentionSpec};
 pub use elementwise::{add, exp_shifted, rms_norm, silu_mul};
@@ -38,7 +40,8 @@ enum Blocks {
     /// Repacked eight rows at a time (`q4_1x8.rs`); rows padded to a multiple of eight.
     Q4_1(Vec<Q4_1x8>),
     Q4_0(Vec<Q4_0>),
-    Q8_0(Vec<Q8_0>),
+    /// Repacked eight rows at a time (`q8_0x8.rs`); rows padded to a multiple of eight.
+    Q8_0(Vec<Q8_0x8>),
 }
 
 /// A quantized weight matrix [rows, cols] that pai multiplies itself.
@@ -110,12 +113,86 @@ const Q4_0_KERNELS: FormatKernels<Q4_0, Q8_0> = FormatKernels {
     #[cfg(target_arch = "x86_64")]
     simd: tile::rows_times_tokens::<Q4_0>,
 };
-const Q8_0_KERNELS: FormatKernels<Q8_0, Q8_0> = FormatKernels {
-    quantize: blocks::quantize_q8_0,
-    portable: dot::q8_0,
+
+/// A weight format repacked eight rows at a time (`q4_1x8.rs`, `q8_0x8.rs`): the activation blocks it
+/// multiplies, its rows in the file's blocks for the portable dot product, and its SIMD kernel.
+trait Interleaved: Sync + Sized {
+    type FileBlock;
+    type Act: Send + Sync;
+    const ROWS: usize;
+    fn quantize(x: &[f32], out: &mut Vec<Self::Act>);
+    fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Self::FileBlock>);
+    fn dot(w: &[Self::FileBlock], x: &[Self::Act]) -> f32;
+    /// `out` [tokens, stride] (its first groups·ROWS columns) = `groups` row groups times `tokens`.
     #[cfg(target_arch = "x86_64")]
-    simd: tile::rows_times_tokens::<Q8_0>,
-};
+    #[allow(clippy::too_many_arguments)]
+    fn groups_times_tokens(
+        simd: tile::Simd,
+        w: &[Self],
+        x: &[Self::Act],
+        nb: usize,
+        groups: usize,
+        tokens: usize,
+        out: &mut [f32],
+        stride: usize,
+    );
+}
+
+impl Interleaved for Q4_1x8 {
+    type FileBlock = Q4_1;
+    type Act = Q8_1;
+    const ROWS: usize = q4_1x8::ROWS;
+    fn quantize(x: &[f32], out: &mut Vec<Q8_1>) {
+        blocks::quantize_q8_1(x, out)
+    }
+    fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Q4_1>) {
+        q4_1x8::row_blocks(packed, nb, row, out)
+    }
+    fn dot(w: &[Q4_1], x: &[Q8_1]) -> f32 {
+        dot::q4_1(w, x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn groups_times_tokens(
+        simd: tile::Simd,
+        w: &[Self],
+        x: &[Q8_1],
+        nb: usize,
+        groups: usize,
+        tokens: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        q4_1x8::groups_times_tokens(simd, w, x, nb, groups, tokens, out, stride)
+    }
+}
+
+impl Interleaved for Q8_0x8 {
+    type FileBlock = Q8_0;
+    type Act = Q8_0WithSum;
+    const ROWS: usize = q8_0x8::ROWS;
+    fn quantize(x: &[f32], out: &mut Vec<Q8_0WithSum>) {
+        blocks::quantize_q8_0_with_sum(x, out)
+    }
+    fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Q8_0>) {
+        q8_0x8::row_blocks(packed, nb, row, out)
+    }
+    fn dot(w: &[Q8_0], x: &[Q8_0WithSum]) -> f32 {
+        dot::q8_0(w, x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn groups_times_tokens(
+        simd: tile::Simd,
+        w: &[Self],
+        x: &[Q8_0WithSum],
+        nb: usize,
+        groups: usize,
+        tokens: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        q8_0x8::groups_times_tokens(simd, w, x, nb, groups, tokens, out, stride)
+    }
+}
 
 /// The name of the kernels in use ("avx512-vnni", "avx2" or "portable").
 pub fn kernel_name() -> &'static str {
@@ -163,7 +240,9 @@ impl QuantMatrix {
                 Blocks::Q4_1(q4_1x8::pack(&blocks::parse_q4_1(&data), rows, cols / QK))
             }
             GgmlDType::Q4_0 => Blocks::Q4_0(blocks::parse_q4_0(&data)),
-            GgmlDType::Q8_0 => Blocks::Q8_0(blocks::parse_q8_0(&data)),
+            GgmlDType::Q8_0 => {
+                Blocks::Q8_0(q8_0x8::pack(&blocks::parse_q8_0(&data), rows, cols / QK))
+            }
             _ => return Ok(None),
         };
         Ok(Some(Self { rows, cols, blocks }))
@@ -223,8 +302,10 @@ impl QuantMatrix {
                     out.extend(b.qs.iter().map(|&q| b.d * (f32::from(q >> 4) - 8.0)));
                 }
             }
-            Blocks::Q8_0(b) => {
-                for b in &b[r * nb..(r + 1) * nb] {
+            Blocks::Q8_0(packed) => {
+                let mut row = Vec::with_capacity(nb);
+                q8_0x8::row_blocks(packed, nb, r, &mut row);
+                for b in &row {
                     out.extend(b.qs.iter().map(|&q| b.d * f32::from(q)));
                 }
             }
@@ -256,33 +337,43 @@ impl QuantMatrix {
     }
 
     fn product_rows(&self, xs: &[f32], kernels: Kernels) -> Vec<f32> {
-        let nb = self.cols / QK;
         match &self.blocks {
-            Blocks::Q4_1(w) => self.product(
-                xs,
-                q4_1x8::ROWS,
-                blocks::quantize_q8_1,
-                |first, rows, xq, tokens, out, stride| match kernels {
-                    Kernels::Portable => {
-                        let mut wr = Vec::with_capacity(nb);
-                        for r in first..first + rows {
-                            q4_1x8::row_blocks(w, nb, r, &mut wr);
-                            for (t, xt) in xq.chunks_exact(nb).take(tokens).enumerate() {
-                                out[t * stride + r - first] = dot::q4_1(&wr, xt);
-                            }
+            Blocks::Q4_1(w) => self.interleaved_product(xs, w, kernels),
+            Blocks::Q4_0(w) => self.row_major_product(xs, w, kernels, &Q4_0_KERNELS),
+            Blocks::Q8_0(w) => self.interleaved_product(xs, w, kernels),
+        }
+    }
+
+    /// `product` for a format repacked eight rows at a time.
+    fn interleaved_product<P: Interleaved>(
+        &self,
+        xs: &[f32],
+        w: &[P],
+        kernels: Kernels,
+    ) -> Vec<f32> {
+        let nb = self.cols / QK;
+        self.product(
+            xs,
+            P::ROWS,
+            P::quantize,
+            |first, rows, xq, tokens, out, stride| match kernels {
+                Kernels::Portable => {
+                    let mut wr = Vec::with_capacity(nb);
+                    for r in first..first + rows {
+                        P::row_blocks(w, nb, r, &mut wr);
+                        for (t, xt) in xq.chunks_exact(nb).take(tokens).enumerate() {
+                            out[t * stride + r - first] = P::dot(&wr, xt);
                         }
                     }
-                    #[cfg(target_arch = "x86_64")]
-                    Kernels::Simd(simd) => {
-                        let groups = rows / q4_1x8::ROWS;
-                        let w = &w[first / q4_1x8::ROWS * nb..];
-                        q4_1x8::groups_times_tokens(simd, w, xq, nb, groups, tokens, out, stride)
-                    }
-                },
-            ),
-            Blocks::Q4_0(w) => self.row_major_product(xs, w, kernels, &Q4_0_KERNELS),
-            Blocks::Q8_0(w) => self.row_major_product(xs, w, kernels, &Q8_0_KERNELS),
-        }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Simd(simd) => {
+                    let groups = rows / P::ROWS;
+                    let w = &w[first / P::ROWS * nb..];
+                    P::groups_times_tokens(simd, w, xq, nb, groups, tokens, out, stride)
+                }
+            },
+        )
     }
 
     /// `product` for a row-major format (one row's blocks consecutive).

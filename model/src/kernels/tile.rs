@@ -1,5 +1,5 @@
-//! The x86-64 SIMD kernels for row-major formats (Q4_0, Q8_0; Q4_1 is repacked, see `q4_1x8.rs`): a
-//! tile of up to 4 weight rows × 4 tokens at a time.
+//! The x86-64 SIMD kernels for row-major formats (Q4_0; Q4_1 and Q8_0 are repacked, see `q4_1x8.rs`
+//! and `q8_0x8.rs`): a tile of up to 4 weight rows × 4 tokens at a time.
 //!
 //! A tile unpacks each weight block once and loads each activation block once, then forms all 16
 //! block products from registers, so a prefill pays the nibble unpacking once per four tokens and the
@@ -83,29 +83,6 @@ impl WeightBlock for Q4_0 {
     unsafe fn unpack(&self) -> __m256i {
         // SAFETY: as `nibbles`.
         unsafe { _mm256_sub_epi8(nibbles(&self.qs), _mm256_set1_epi8(8)) }
-    }
-    #[inline(always)]
-    unsafe fn pair<I: Isa>(w: __m256i, x: __m256i) -> __m256i {
-        // SAFETY: as `pair_signed`.
-        unsafe { pair_signed::<I>(w, x) }
-    }
-}
-
-impl WeightBlock for Q8_0 {
-    type Act = Q8_0;
-    fn d(&self) -> f32 {
-        self.d
-    }
-    fn act_d(x: &Q8_0) -> f32 {
-        x.d
-    }
-    fn act_qs(x: &Q8_0) -> &[i8; QK] {
-        &x.qs
-    }
-    #[inline(always)]
-    unsafe fn unpack(&self) -> __m256i {
-        // SAFETY: reads the block's 32 bytes.
-        unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
     }
     #[inline(always)]
     unsafe fn pair<I: Isa>(w: __m256i, x: __m256i) -> __m256i {
