@@ -335,7 +335,7 @@ impl<T: CacheElem> QueryRow<'_, T> {
             for i in (0..hd).step_by(8) {
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), T::load8(k.add(i)), acc);
             }
-            *s = _mm256_cvtss_f32(_mm256_mul_ps(_mm256_set1_ps(super::tile::hsum(acc)), scale));
+            *s = _mm256_cvtss_f32(_mm256_mul_ps(_mm256_set1_ps(super::isa::hsum(acc)), scale));
         }
         // 2. Probabilities, rounded as the cache's type wants.
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -349,7 +349,7 @@ impl<T: CacheElem> QueryRow<'_, T> {
             _mm256_storeu_ps(p, e);
             j += 8;
         }
-        let mut sum = super::tile::hsum(sumv);
+        let mut sum = super::isa::hsum(sumv);
         for s in &mut scores[j..] {
             *s = (*s - max).exp();
             sum += *s;

@@ -26,7 +26,7 @@ pub struct Q4_0 {
     pub qs: [u8; 16],
 }
 
-/// Q8_0 blocks (weights, and activations for Q4_0/Q8_0 weights): x = d·q.
+/// Q8_0 blocks (weights, and with their sum the activations for Q4_0/Q8_0 weights): x = d·q.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 pub struct Q8_0 {
@@ -162,14 +162,6 @@ unsafe fn quantize_block_avx2(x: &[f32]) -> (f32, [i8; QK]) {
         let mut qs = [0i8; QK];
         _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, p);
         (f16::from_f32(amax / 127.0).to_f32(), qs)
-    }
-}
-
-/// ggml's `quantize_row_q8_0`.
-pub fn quantize_q8_0(x: &[f32], out: &mut Vec<Q8_0>) {
-    for block in x.chunks_exact(QK) {
-        let (d, qs) = quantize_block(block);
-        out.push(Q8_0 { d, qs });
     }
 }
 

@@ -1,7 +1,7 @@
-//! The portable block dot products: the reference the SIMD tiles (`tile.rs`) are tested against, and
-//! the kernels on CPUs without them. They follow the structure of ggml's AVX2 kernels (eight lanes of
-//! four products, one fused multiply-add per lane and block, the same horizontal sum), so they agree
-//! with the tiles and with llama.cpp to the last bit in the common case.
+//! The portable block dot products: the reference the SIMD kernels (`q4x8.rs`, `q8_0x8.rs`) are
+//! tested against, and the kernels on CPUs without them. They follow the structure of ggml's AVX2
+//! kernels (eight lanes of four products, one fused multiply-add per lane and block, the same
+//! horizontal sum), so they agree with llama.cpp to the last bit in the common case.
 
 use super::blocks::{Q4_0, Q4_1, Q8_0, Q8_1, QK};
 
@@ -37,9 +37,10 @@ pub fn q4_1(w: &[Q4_1], x: &[Q8_1]) -> f32 {
     hsum8(&acc) + summs
 }
 
-pub fn q4_0(w: &[Q4_0], x: &[Q8_0]) -> f32 {
+pub fn q4_0<X: AsRef<Q8_0>>(w: &[Q4_0], x: &[X]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, xb) in w.iter().zip(x) {
+        let xb = xb.as_ref();
         let d = wb.d * xb.d;
         for (lane, a) in acc.iter_mut().enumerate() {
             let s: i32 = (lane * 4..lane * 4 + 4)

@@ -191,7 +191,7 @@ unsafe fn exp_shifted_avx2(xs: &mut [f32], shift: f32) -> f32 {
         sumv = _mm256_add_ps(sumv, e);
         _mm256_storeu_ps(c.as_mut_ptr(), e);
     }
-    let mut sum = super::tile::hsum(sumv);
+    let mut sum = super::isa::hsum(sumv);
     for x in chunks.into_remainder() {
         *x = (*x - shift).exp();
         sum += *x;

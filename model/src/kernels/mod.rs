@@ -2,7 +2,9 @@
 //! is slow: candle has no SIMD dot product for Q4_1, the format the default model ships in.
 //!
 //! y = x·Wᵀ: each activation row is quantized to 8-bit blocks once (as llama.cpp does), then every
-//! output row is a sum of block dot products (`dot.rs`, AVX2 or portable). Work is split by output rows
+//! output row is a sum of block dot products: on x86-64 by kernels that read the weights repacked at
+//! load eight rows at a time (`q4x8.rs`, `q8_0x8.rs`; AVX2 or AVX-512 VNNI, `isa.rs`), elsewhere by the
+//! portable ones (`dot.rs`). Work is split by output rows
 //! over pai's own pool (`pool.rs`; `PAI_NUM_THREADS`, default: the cores available); a task computes its
 //! rows for every token, so each weight block is read from memory once per call and reused across the
 //! tokens of a prefill while it is in cache.
@@ -14,12 +16,12 @@ mod blocks;
 mod dot;
 mod elementwise;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod isa;
 pub mod lora;
 mod pool;
-mod q4_1x8;
+mod q4x8;
 mod q8_0x8;
-#[cfg(target_arch = "x86_64")]
-mod tile;
 
 use std::sync::OnceLock;
 
@@ -29,7 +31,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{ModelError, Result};
 use blocks::{Q8_0WithSum, Q4_0, Q4_1, Q8_0, Q8_1, QK};
 use pool::Pool;
-use q4_1x8::Q4_1x8;
+use q4x8::{Q4_0x8, Q4_1x8};
 use q8_0x8::Q8_0x8;
 
 pub use attention::{attention, AttentionSpec};
@@ -37,10 +39,9 @@ pub use elementwise::{add, exp_shifted, rms_norm, silu_mul};
 
 #[derive(Debug)]
 enum Blocks {
-    /// Repacked eight rows at a time (`q4_1x8.rs`); rows padded to a multiple of eight.
+    // Each repacked eight rows at a time (`q4x8.rs`, `q8_0x8.rs`); rows padded to a multiple of eight.
     Q4_1(Vec<Q4_1x8>),
-    Q4_0(Vec<Q4_0>),
-    /// Repacked eight rows at a time (`q8_0x8.rs`); rows padded to a multiple of eight.
+    Q4_0(Vec<Q4_0x8>),
     Q8_0(Vec<Q8_0x8>),
 }
 
@@ -57,7 +58,7 @@ pub struct QuantMatrix {
 enum Kernels {
     Portable,
     #[cfg(target_arch = "x86_64")]
-    Simd(tile::Simd),
+    Simd(isa::Simd),
 }
 
 impl Kernels {
@@ -66,7 +67,7 @@ impl Kernels {
         #[allow(unused_mut)]
         let mut all = vec![Kernels::Portable];
         #[cfg(target_arch = "x86_64")]
-        all.extend(tile::Simd::available().into_iter().map(Kernels::Simd));
+        all.extend(isa::Simd::available().into_iter().map(Kernels::Simd));
         all
     }
 
@@ -92,29 +93,7 @@ impl Kernels {
     }
 }
 
-/// A task's rows times its tokens with SIMD tiles: (instruction set, weight rows, activations, blocks
-/// per row, rows, tokens, out [tokens, stride], stride).
-#[cfg(target_arch = "x86_64")]
-type SimdRows<W, X> = fn(tile::Simd, &[W], &[X], usize, usize, usize, &mut [f32], usize);
-
-/// The two ways to multiply a row-major weight format: the portable dot product per (row, token), or
-/// SIMD tiles.
-struct FormatKernels<W: 'static, X: 'static> {
-    /// Activations into this format's blocks (a whole number of rows).
-    quantize: fn(&[f32], &mut Vec<X>),
-    portable: fn(&[W], &[X]) -> f32,
-    #[cfg(target_arch = "x86_64")]
-    simd: SimdRows<W, X>,
-}
-
-const Q4_0_KERNELS: FormatKernels<Q4_0, Q8_0> = FormatKernels {
-    quantize: blocks::quantize_q8_0,
-    portable: dot::q4_0,
-    #[cfg(target_arch = "x86_64")]
-    simd: tile::rows_times_tokens::<Q4_0>,
-};
-
-/// A weight format repacked eight rows at a time (`q4_1x8.rs`, `q8_0x8.rs`): the activation blocks it
+/// A weight format repacked eight rows at a time (`q4x8.rs`, `q8_0x8.rs`): the activation blocks it
 /// multiplies, its rows in the file's blocks for the portable dot product, and its SIMD kernel.
 trait Interleaved: Sync + Sized {
     type FileBlock;
@@ -127,7 +106,7 @@ trait Interleaved: Sync + Sized {
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     fn groups_times_tokens(
-        simd: tile::Simd,
+        simd: isa::Simd,
         w: &[Self],
         x: &[Self::Act],
         nb: usize,
@@ -141,19 +120,19 @@ trait Interleaved: Sync + Sized {
 impl Interleaved for Q4_1x8 {
     type FileBlock = Q4_1;
     type Act = Q8_1;
-    const ROWS: usize = q4_1x8::ROWS;
+    const ROWS: usize = q4x8::ROWS;
     fn quantize(x: &[f32], out: &mut Vec<Q8_1>) {
         blocks::quantize_q8_1(x, out)
     }
     fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Q4_1>) {
-        q4_1x8::row_blocks(packed, nb, row, out)
+        q4x8::row_blocks(packed, nb, row, out)
     }
     fn dot(w: &[Q4_1], x: &[Q8_1]) -> f32 {
         dot::q4_1(w, x)
     }
     #[cfg(target_arch = "x86_64")]
     fn groups_times_tokens(
-        simd: tile::Simd,
+        simd: isa::Simd,
         w: &[Self],
         x: &[Q8_1],
         nb: usize,
@@ -162,7 +141,35 @@ impl Interleaved for Q4_1x8 {
         out: &mut [f32],
         stride: usize,
     ) {
-        q4_1x8::groups_times_tokens(simd, w, x, nb, groups, tokens, out, stride)
+        q4x8::groups_times_tokens(simd, w, x, nb, groups, tokens, out, stride)
+    }
+}
+
+impl Interleaved for Q4_0x8 {
+    type FileBlock = Q4_0;
+    type Act = Q8_0WithSum;
+    const ROWS: usize = q4x8::ROWS;
+    fn quantize(x: &[f32], out: &mut Vec<Q8_0WithSum>) {
+        blocks::quantize_q8_0_with_sum(x, out)
+    }
+    fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Q4_0>) {
+        q4x8::row_blocks(packed, nb, row, out)
+    }
+    fn dot(w: &[Q4_0], x: &[Q8_0WithSum]) -> f32 {
+        dot::q4_0(w, x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn groups_times_tokens(
+        simd: isa::Simd,
+        w: &[Self],
+        x: &[Q8_0WithSum],
+        nb: usize,
+        groups: usize,
+        tokens: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        q4x8::groups_times_tokens(simd, w, x, nb, groups, tokens, out, stride)
     }
 }
 
@@ -181,7 +188,7 @@ impl Interleaved for Q8_0x8 {
     }
     #[cfg(target_arch = "x86_64")]
     fn groups_times_tokens(
-        simd: tile::Simd,
+        simd: isa::Simd,
         w: &[Self],
         x: &[Q8_0WithSum],
         nb: usize,
@@ -237,9 +244,11 @@ impl QuantMatrix {
         let data = q.data()?;
         let blocks = match q.dtype() {
             GgmlDType::Q4_1 => {
-                Blocks::Q4_1(q4_1x8::pack(&blocks::parse_q4_1(&data), rows, cols / QK))
+                Blocks::Q4_1(q4x8::pack(&blocks::parse_q4_1(&data), rows, cols / QK))
             }
-            GgmlDType::Q4_0 => Blocks::Q4_0(blocks::parse_q4_0(&data)),
+            GgmlDType::Q4_0 => {
+                Blocks::Q4_0(q4x8::pack(&blocks::parse_q4_0(&data), rows, cols / QK))
+            }
             GgmlDType::Q8_0 => {
                 Blocks::Q8_0(q8_0x8::pack(&blocks::parse_q8_0(&data), rows, cols / QK))
             }
@@ -289,15 +298,17 @@ impl QuantMatrix {
         let nb = self.cols / QK;
         match &self.blocks {
             Blocks::Q4_1(packed) => {
-                let mut row = Vec::with_capacity(nb);
-                q4_1x8::row_blocks(packed, nb, r, &mut row);
+                let mut row: Vec<Q4_1> = Vec::with_capacity(nb);
+                q4x8::row_blocks(packed, nb, r, &mut row);
                 for b in &row {
                     out.extend(b.qs.iter().map(|&q| b.d * f32::from(q & 0x0F) + b.m));
                     out.extend(b.qs.iter().map(|&q| b.d * f32::from(q >> 4) + b.m));
                 }
             }
-            Blocks::Q4_0(b) => {
-                for b in &b[r * nb..(r + 1) * nb] {
+            Blocks::Q4_0(packed) => {
+                let mut row: Vec<Q4_0> = Vec::with_capacity(nb);
+                q4x8::row_blocks(packed, nb, r, &mut row);
+                for b in &row {
                     out.extend(b.qs.iter().map(|&q| b.d * (f32::from(q & 0x0F) - 8.0)));
                     out.extend(b.qs.iter().map(|&q| b.d * (f32::from(q >> 4) - 8.0)));
                 }
@@ -339,7 +350,7 @@ impl QuantMatrix {
     fn product_rows(&self, xs: &[f32], kernels: Kernels) -> Vec<f32> {
         match &self.blocks {
             Blocks::Q4_1(w) => self.interleaved_product(xs, w, kernels),
-            Blocks::Q4_0(w) => self.row_major_product(xs, w, kernels, &Q4_0_KERNELS),
+            Blocks::Q4_0(w) => self.interleaved_product(xs, w, kernels),
             Blocks::Q8_0(w) => self.interleaved_product(xs, w, kernels),
         }
     }
@@ -371,38 +382,6 @@ impl QuantMatrix {
                     let groups = rows / P::ROWS;
                     let w = &w[first / P::ROWS * nb..];
                     P::groups_times_tokens(simd, w, xq, nb, groups, tokens, out, stride)
-                }
-            },
-        )
-    }
-
-    /// `product` for a row-major format (one row's blocks consecutive).
-    fn row_major_product<W: Sync, X: Send + Sync>(
-        &self,
-        xs: &[f32],
-        w: &[W],
-        kernels: Kernels,
-        format: &FormatKernels<W, X>,
-    ) -> Vec<f32> {
-        let nb = self.cols / QK;
-        self.product(
-            xs,
-            1,
-            format.quantize,
-            |first, rows, xq, tokens, out, stride| {
-                let w = &w[first * nb..(first + rows) * nb];
-                match kernels {
-                    Kernels::Portable => {
-                        for (r, wr) in w.chunks_exact(nb).enumerate() {
-                            for (t, xt) in xq.chunks_exact(nb).take(tokens).enumerate() {
-                                out[t * stride + r] = (format.portable)(wr, xt);
-                            }
-                        }
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    Kernels::Simd(simd) => {
-                        (format.simd)(simd, w, xq, nb, rows, tokens, out, stride)
-                    }
                 }
             },
         )

@@ -2,12 +2,12 @@
 //! default model's Q8_0 matrix is its tied embedding, which is also the LM head: 49,152 rows, the
 //! largest product of a prompt and of every scored position in an evaluation.
 //!
-//! The layout is `q4_1x8.rs`'s: the blocks of eight consecutive rows stored together so that 32-bit
-//! lane r of a register holds four consecutive values of row r. One `vpdpbusd` against four activation
-//! bytes broadcast to every lane then advances all eight rows, the block's products land summed per
-//! row with no horizontal reduction, and the eight scales multiply as one vector. (The row-major tile
-//! in `tile.rs` spends a sign fix-up, a conversion, a scalar scale product, its broadcast and a fused
-//! add on every 32 products; here those are paid once per eight rows.)
+//! The layout is `q4x8.rs`'s: the blocks of eight consecutive rows stored together so that 32-bit
+//! lane r of a register holds four consecutive values of row r. One `vpdpbusd` against four
+//! activation bytes broadcast to every lane then advances all eight rows, the block's products land
+//! summed per row with no horizontal reduction, and the eight scales multiply as one vector. (A
+//! row-major kernel spends a sign fix-up, a conversion, a scalar scale product, its broadcast and a
+//! fused add on every 32 products; here those are paid once per eight rows.)
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes, so the weights are stored offset by 128 (as
 //! unsigned bytes, q + 128) and each activation block carries its exact integer sum Σq: a block's
@@ -92,7 +92,7 @@ pub use simd::groups_times_tokens;
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::super::tile::Simd;
+    use super::super::isa::Simd;
     use super::*;
 
     /// Activation bytes 4k..4k+4 of a block, broadcast to every lane.
