@@ -2,9 +2,9 @@
 //! is slow: candle has no SIMD dot product for Q4_1, the format the default model ships in.
 //!
 //! y = x·Wᵀ: each activation row is quantized to 8-bit blocks once (as llama.cpp does), then every
-//! output row is a sum of block dot products: on x86-64 by kernels that read the weights repacked at
-//! load eight rows at a time (`q4x8.rs`, `q8_0x8.rs`; AVX2 or AVX-512 VNNI, `isa.rs`), elsewhere by the
-//! portable ones (`dot.rs`). Work is split by output rows
+//! output row is a sum of block dot products: on x86-64 by the kernel that reads the weights repacked
+//! at load eight rows at a time (`interleaved.rs`, the formats in `q4x8.rs` and `q8_0x8.rs`; AVX2 or
+//! AVX-512 VNNI, `isa.rs`), elsewhere by the portable ones (`dot.rs`). Work is split by output rows
 //! over pai's own pool (`pool.rs`; `PAI_NUM_THREADS`, default: the cores available); a task computes its
 //! rows for every token, so each weight block is read from memory once per call and reused across the
 //! tokens of a prefill while it is in cache.
@@ -16,6 +16,7 @@ mod blocks;
 mod dot;
 mod elementwise;
 pub mod gemm;
+mod interleaved;
 #[cfg(target_arch = "x86_64")]
 mod isa;
 pub mod lora;
@@ -29,7 +30,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
-use blocks::{Q8_0WithSum, Q4_0, Q4_1, Q8_0, Q8_1, QK};
+use blocks::{Q4_0, Q4_1, QK};
+use interleaved::Interleaved;
 use pool::Pool;
 use q4x8::{Q4_0x8, Q4_1x8};
 use q8_0x8::Q8_0x8;
@@ -90,114 +92,6 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Kernels::Simd(s) => s.name(),
         }
-    }
-}
-
-/// A weight format repacked eight rows at a time (`q4x8.rs`, `q8_0x8.rs`): the activation blocks it
-/// multiplies, its rows in the file's blocks for the portable dot product, and its SIMD kernel.
-trait Interleaved: Sync + Sized {
-    type FileBlock;
-    type Act: Send + Sync;
-    const ROWS: usize;
-    fn quantize(x: &[f32], out: &mut Vec<Self::Act>);
-    fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Self::FileBlock>);
-    fn dot(w: &[Self::FileBlock], x: &[Self::Act]) -> f32;
-    /// `out` [tokens, stride] (its first groups·ROWS columns) = `groups` row groups times `tokens`.
-    #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    fn groups_times_tokens(
-        simd: isa::Simd,
-        w: &[Self],
-        x: &[Self::Act],
-        nb: usize,
-        groups: usize,
-        tokens: usize,
-        out: &mut [f32],
-        stride: usize,
-    );
-}
-
-impl Interleaved for Q4_1x8 {
-    type FileBlock = Q4_1;
-    type Act = Q8_1;
-    const ROWS: usize = q4x8::ROWS;
-    fn quantize(x: &[f32], out: &mut Vec<Q8_1>) {
-        blocks::quantize_q8_1(x, out)
-    }
-    fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Q4_1>) {
-        q4x8::row_blocks(packed, nb, row, out)
-    }
-    fn dot(w: &[Q4_1], x: &[Q8_1]) -> f32 {
-        dot::q4_1(w, x)
-    }
-    #[cfg(target_arch = "x86_64")]
-    fn groups_times_tokens(
-        simd: isa::Simd,
-        w: &[Self],
-        x: &[Q8_1],
-        nb: usize,
-        groups: usize,
-        tokens: usize,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        q4x8::groups_times_tokens(simd, w, x, nb, groups, tokens, out, stride)
-    }
-}
-
-impl Interleaved for Q4_0x8 {
-    type FileBlock = Q4_0;
-    type Act = Q8_0WithSum;
-    const ROWS: usize = q4x8::ROWS;
-    fn quantize(x: &[f32], out: &mut Vec<Q8_0WithSum>) {
-        blocks::quantize_q8_0_with_sum(x, out)
-    }
-    fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Q4_0>) {
-        q4x8::row_blocks(packed, nb, row, out)
-    }
-    fn dot(w: &[Q4_0], x: &[Q8_0WithSum]) -> f32 {
-        dot::q4_0(w, x)
-    }
-    #[cfg(target_arch = "x86_64")]
-    fn groups_times_tokens(
-        simd: isa::Simd,
-        w: &[Self],
-        x: &[Q8_0WithSum],
-        nb: usize,
-        groups: usize,
-        tokens: usize,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        q4x8::groups_times_tokens(simd, w, x, nb, groups, tokens, out, stride)
-    }
-}
-
-impl Interleaved for Q8_0x8 {
-    type FileBlock = Q8_0;
-    type Act = Q8_0WithSum;
-    const ROWS: usize = q8_0x8::ROWS;
-    fn quantize(x: &[f32], out: &mut Vec<Q8_0WithSum>) {
-        blocks::quantize_q8_0_with_sum(x, out)
-    }
-    fn row_blocks(packed: &[Self], nb: usize, row: usize, out: &mut Vec<Q8_0>) {
-        q8_0x8::row_blocks(packed, nb, row, out)
-    }
-    fn dot(w: &[Q8_0], x: &[Q8_0WithSum]) -> f32 {
-        dot::q8_0(w, x)
-    }
-    #[cfg(target_arch = "x86_64")]
-    fn groups_times_tokens(
-        simd: isa::Simd,
-        w: &[Self],
-        x: &[Q8_0WithSum],
-        nb: usize,
-        groups: usize,
-        tokens: usize,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        q8_0x8::groups_times_tokens(simd, w, x, nb, groups, tokens, out, stride)
     }
 }
 
@@ -299,7 +193,7 @@ impl QuantMatrix {
         match &self.blocks {
             Blocks::Q4_1(packed) => {
                 let mut row: Vec<Q4_1> = Vec::with_capacity(nb);
-                q4x8::row_blocks(packed, nb, r, &mut row);
+                interleaved::row_blocks(packed, nb, r, &mut row);
                 for b in &row {
                     out.extend(b.qs.iter().map(|&q| b.d * f32::from(q & 0x0F) + b.m));
                     out.extend(b.qs.iter().map(|&q| b.d * f32::from(q >> 4) + b.m));
@@ -307,7 +201,7 @@ impl QuantMatrix {
             }
             Blocks::Q4_0(packed) => {
                 let mut row: Vec<Q4_0> = Vec::with_capacity(nb);
-                q4x8::row_blocks(packed, nb, r, &mut row);
+                interleaved::row_blocks(packed, nb, r, &mut row);
                 for b in &row {
                     out.extend(b.qs.iter().map(|&q| b.d * (f32::from(q & 0x0F) - 8.0)));
                     out.extend(b.qs.iter().map(|&q| b.d * (f32::from(q >> 4) - 8.0)));
@@ -315,7 +209,7 @@ impl QuantMatrix {
             }
             Blocks::Q8_0(packed) => {
                 let mut row = Vec::with_capacity(nb);
-                q8_0x8::row_blocks(packed, nb, r, &mut row);
+                interleaved::row_blocks(packed, nb, r, &mut row);
                 for b in &row {
                     out.extend(b.qs.iter().map(|&q| b.d * f32::from(q)));
                 }
@@ -365,23 +259,21 @@ impl QuantMatrix {
         let nb = self.cols / QK;
         self.product(
             xs,
-            P::ROWS,
+            interleaved::ROWS,
             P::quantize,
-            |first, rows, xq, tokens, out, stride| match kernels {
-                Kernels::Portable => {
-                    let mut wr = Vec::with_capacity(nb);
-                    for r in first..first + rows {
-                        P::row_blocks(w, nb, r, &mut wr);
-                        for (t, xt) in xq.chunks_exact(nb).take(tokens).enumerate() {
-                            out[t * stride + r - first] = P::dot(&wr, xt);
-                        }
+            |first, rows, xq, tokens, out, stride| {
+                let w = &w[first / interleaved::ROWS * nb..];
+                match kernels {
+                    Kernels::Portable => {
+                        interleaved::portable(w, xq, nb, rows, tokens, out, stride)
                     }
-                }
-                #[cfg(target_arch = "x86_64")]
-                Kernels::Simd(simd) => {
-                    let groups = rows / P::ROWS;
-                    let w = &w[first / P::ROWS * nb..];
-                    P::groups_times_tokens(simd, w, xq, nb, groups, tokens, out, stride)
+                    #[cfg(target_arch = "x86_64")]
+                    Kernels::Simd(simd) => {
+                        let groups = rows / interleaved::ROWS;
+                        interleaved::groups_times_tokens(
+                            simd, w, xq, nb, groups, tokens, out, stride,
+                        )
+                    }
                 }
             },
         )

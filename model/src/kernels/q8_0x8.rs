@@ -1,27 +1,22 @@
-//! Q8_0 weights repacked at load, eight rows interleaved, and the SIMD kernel that reads them. The
-//! default model's Q8_0 matrix is its tied embedding, which is also the LM head: 49,152 rows, the
-//! largest product of a prompt and of every scored position in an evaluation.
+//! Q8_0 weights in the eight-row layout (`interleaved.rs`). The default model's Q8_0 matrix is its
+//! tied embedding, which is also the LM head: 49,152 rows, the largest product of a prompt and of
+//! every scored position in an evaluation; a trainer's int8 copies of Wᵀ are Q8_0 too.
 //!
-//! The layout is `q4x8.rs`'s: the blocks of eight consecutive rows stored together so that 32-bit
-//! lane r of a register holds four consecutive values of row r. One `vpdpbusd` against four
-//! activation bytes broadcast to every lane then advances all eight rows, the block's products land
-//! summed per row with no horizontal reduction, and the eight scales multiply as one vector. (A
-//! row-major kernel spends a sign fix-up, a conversion, a scalar scale product, its broadcast and a
-//! fused add on every 32 products; here those are paid once per eight rows.)
-//!
-//! `vpdpbusd` multiplies unsigned by signed bytes, so the weights are stored offset by 128 (as
-//! unsigned bytes, q + 128) and each activation block carries its exact integer sum Σq: a block's
-//! products are then Σ(q_w + 128)·q_x − 128·Σq_x, exact in 32-bit integers, before its one scaling by
-//! d_w·d_x. The result equals ggml's up to the order of the f32 additions (each block's exact integer
-//! sum is scaled whole, where ggml scales eight partial sums), ~1e-7 relative. The repacked matrix
-//! keeps the file's 34 bytes per block (f16 scales).
+//! Repacked, `qs[k]` holds values 4k..4k+4 of each row's block (row r at bytes 4r..4r+4), stored
+//! offset by 128 (as unsigned bytes, q + 128) for `vpdpbusd`; each activation block carries its exact
+//! integer sum Σq, so a block's products are Σ(q_w + 128)·q_x − 128·Σq_x, exact in 32-bit integers,
+//! before its one scaling by d_w·d_x. The result equals ggml's up to the order of the f32 additions
+//! (each block's exact integer sum is scaled whole, where ggml scales eight partial sums), ~1e-7
+//! relative.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::blocks::{Q8_0WithSum, Q8_0, QK};
-
-/// Rows per interleaved group.
-pub const ROWS: usize = 8;
+use super::blocks::{self, Q8_0WithSum, Q8_0, QK};
+use super::dot;
+use super::interleaved::{Interleaved, ROWS};
 
 /// Block `b` of eight consecutive rows.
 #[derive(Debug, Clone, Copy)]
@@ -62,9 +57,13 @@ pub fn pack(blocks: &[Q8_0], rows: usize, nb: usize) -> Vec<Q8_0x8> {
     out
 }
 
-impl Q8_0x8 {
-    /// Row `r`'s block as the file stores it (the scale widened to f32, exactly).
-    pub fn block(&self, r: usize) -> Q8_0 {
+impl Interleaved for Q8_0x8 {
+    type FileBlock = Q8_0;
+    type Act = Q8_0WithSum;
+    fn quantize(x: &[f32], out: &mut Vec<Q8_0WithSum>) {
+        blocks::quantize_q8_0_with_sum(x, out)
+    }
+    fn block(&self, r: usize) -> Q8_0 {
         let mut qs = [0i8; QK];
         for (k, q) in self.qs.iter().enumerate() {
             for i in 0..4 {
@@ -76,197 +75,60 @@ impl Q8_0x8 {
             qs,
         }
     }
-}
-
-/// Row `row`'s blocks, in the file's layout.
-pub fn row_blocks(packed: &[Q8_0x8], nb: usize, row: usize, out: &mut Vec<Q8_0>) {
-    out.clear();
-    let group = &packed[(row / ROWS) * nb..(row / ROWS + 1) * nb];
-    out.extend(group.iter().map(|g| g.block(row % ROWS)));
-}
-
-#[cfg(target_arch = "x86_64")]
-pub use simd::groups_times_tokens;
-
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::arch::x86_64::*;
-
-    use super::super::isa::Simd;
-    use super::*;
-
-    /// Activation bytes 4k..4k+4 of a block, broadcast to every lane.
+    fn dot(w: &[Q8_0], x: &[Q8_0WithSum]) -> f32 {
+        dot::q8_0(w, x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn act_qs(x: &Q8_0WithSum) -> &[i8; 32] {
+        &x.block.qs
+    }
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn x4(x: &Q8_0WithSum, k: usize) -> __m256i {
-        // SAFETY: k < 8, so the four bytes lie within the block.
+    unsafe fn unpack(&self) -> [__m256i; 8] {
+        // SAFETY: reads the block's eight 32-byte rows; AVX2 is enabled by the caller.
         unsafe {
-            _mm256_set1_epi32((x.block.qs.as_ptr().add(4 * k) as *const i32).read_unaligned())
+            std::array::from_fn(|k| _mm256_loadu_si256(self.qs[k].as_ptr() as *const __m256i))
         }
     }
-
-    /// Exact per-row integer sums Σ q_w·q_x of one block, for the eight rows.
-    trait BlockSum {
-        /// The block's eight registers as this instruction set multiplies them.
-        unsafe fn prepare(stored: [__m256i; 8]) -> [__m256i; 8];
-        unsafe fn sums(w: &[__m256i; 8], x: &Q8_0WithSum) -> __m256i;
-    }
-
-    struct Avx2;
-    impl BlockSum for Avx2 {
-        #[inline(always)]
-        unsafe fn prepare(stored: [__m256i; 8]) -> [__m256i; 8] {
-            // SAFETY: AVX2 is enabled by the entry point. Flipping the top bit undoes the offset of
-            // 128: the bytes become the signed weights again.
-            unsafe { stored.map(|s| _mm256_xor_si256(s, _mm256_set1_epi8(-128))) }
-        }
-
-        #[inline(always)]
-        unsafe fn sums(w: &[__m256i; 8], x: &Q8_0WithSum) -> __m256i {
-            // SAFETY: AVX2 is enabled by the entry point. `vpmaddubsw` takes unsigned × signed bytes,
-            // so the weights' signs move onto the activations; a pair of products is at most
-            // 2·128·127 = 32512 and cannot saturate, and each pair sum widens to 32 bits at once.
-            unsafe {
-                let one = _mm256_set1_epi16(1);
-                let mut acc = _mm256_setzero_si256();
-                for (k, wk) in w.iter().enumerate() {
-                    let p = _mm256_maddubs_epi16(
-                        _mm256_sign_epi8(*wk, *wk),
-                        _mm256_sign_epi8(x4(x, k), *wk),
-                    );
-                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, one));
-                }
-                acc
-            }
-        }
-    }
-
-    struct Vnni;
-    impl BlockSum for Vnni {
-        #[inline(always)]
-        unsafe fn prepare(stored: [__m256i; 8]) -> [__m256i; 8] {
-            stored
-        }
-
-        #[inline(always)]
-        unsafe fn sums(w: &[__m256i; 8], x: &Q8_0WithSum) -> __m256i {
-            // SAFETY: AVX-512 VNNI and VL are enabled by the entry point. Two chains halve the
-            // latency; |Σ (q_w + 128)·q_x| ≤ 32·255·127, far inside 32 bits.
-            unsafe {
-                let mut a = _mm256_setzero_si256();
-                let mut b = _mm256_setzero_si256();
-                for k in (0..8).step_by(2) {
-                    a = _mm256_dpbusd_epi32(a, w[k], x4(x, k));
-                    b = _mm256_dpbusd_epi32(b, w[k + 1], x4(x, k + 1));
-                }
-                _mm256_sub_epi32(_mm256_add_epi32(a, b), _mm256_set1_epi32(x.sum << 7))
-            }
-        }
-    }
-
-    /// Eight rows × T tokens: out[t·stride + r].
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn tile<S: BlockSum, const T: usize>(
-        w: &[Q8_0x8],
-        x: &[Q8_0WithSum],
-        nb: usize,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        // SAFETY: indices stay below nb in `w`, T·nb in `x`, (T−1)·stride + 8 in `out` (checked by the
-        // caller's slicing); the features are enabled by the entry points.
+    unsafe fn sums_avx2(w: &[__m256i; 8], x: &Q8_0WithSum) -> __m256i {
+        // SAFETY: AVX2 is enabled by the caller. `vpmaddubsw` would saturate on q + 128 (two
+        // products reach 2·255·127), so the weights are made signed again (flipping the top bit undoes
+        // the offset) and their signs moved onto the activations: a pair is then at most
+        // 2·128·127 = 32512, and each pair sum widens to 32 bits at once. Adding 128·Σx back gives
+        // the sums `vpdpbusd` would.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); T];
-            for b in 0..nb {
-                let wb = w.get_unchecked(b);
-                let wq = S::prepare(std::array::from_fn(|k| {
-                    _mm256_loadu_si256(wb.qs[k].as_ptr() as *const __m256i)
-                }));
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(wb.d.as_ptr() as *const __m128i));
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    let xb = x.get_unchecked(t * nb + b);
-                    let sums = _mm256_cvtepi32_ps(S::sums(&wq, xb));
-                    *acc =
-                        _mm256_fmadd_ps(sums, _mm256_mul_ps(d, _mm256_set1_ps(xb.block.d)), *acc);
-                }
+            let one = _mm256_set1_epi16(1);
+            let mut acc = _mm256_set1_epi32(x.sum << 7);
+            for (k, stored) in w.iter().enumerate() {
+                let wk = _mm256_xor_si256(*stored, _mm256_set1_epi8(-128));
+                let xk = super::interleaved::x4(&x.block.qs, k);
+                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(wk, wk), _mm256_sign_epi8(xk, wk));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, one));
             }
-            for (t, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(t * stride), *acc);
-            }
+            acc
         }
     }
-
-    macro_rules! entry_point {
-        ($name:ident, $sum:ty, $features:literal) => {
-            /// # Safety
-            /// The CPU must have the features this function is compiled with.
-            #[target_feature(enable = $features)]
-            unsafe fn $name(
-                w: &[Q8_0x8],
-                x: &[Q8_0WithSum],
-                nb: usize,
-                groups: usize,
-                tokens: usize,
-                out: &mut [f32],
-                stride: usize,
-            ) {
-                assert!(
-                    groups * ROWS <= stride && w.len() >= groups * nb && x.len() >= tokens * nb
-                );
-                assert!(tokens == 0 || out.len() >= (tokens - 1) * stride + groups * ROWS);
-                for g in 0..groups {
-                    let wg = &w[g * nb..];
-                    let mut t = 0;
-                    while t < tokens {
-                        let o = &mut out[t * stride + g * ROWS..];
-                        let xt = &x[t * nb..];
-                        // SAFETY: the slices hold this tile's blocks and outputs (assertion and loop
-                        // bounds); the features are enabled here.
-                        if tokens - t >= 4 {
-                            unsafe { tile::<$sum, 4>(wg, xt, nb, o, stride) };
-                            t += 4;
-                        } else {
-                            unsafe { tile::<$sum, 1>(wg, xt, nb, o, stride) };
-                            t += 1;
-                        }
-                    }
-                }
-            }
-        };
-    }
-
-    entry_point!(groups_avx2, Avx2, "avx2,fma,f16c");
-    entry_point!(
-        groups_vnni,
-        Vnni,
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni"
-    );
-
-    /// `out` [tokens, stride] (its first groups·8 columns) = the `groups` interleaved row groups in
-    /// `w` times the `tokens` activation rows in `x`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn groups_times_tokens(
-        simd: Simd,
-        w: &[Q8_0x8],
-        x: &[Q8_0WithSum],
-        nb: usize,
-        groups: usize,
-        tokens: usize,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        // SAFETY: a `Simd` is only made by `Simd::available`, which checked this CPU (F16C included).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn accumulate(&self, sums: __m256i, x: &Q8_0WithSum, acc: __m256) -> __m256 {
+        // SAFETY: register work and the scale load; AVX2, FMA and F16C are enabled by the caller.
         unsafe {
-            if simd.has_vnni() {
-                groups_vnni(w, x, nb, groups, tokens, out, stride)
-            } else {
-                groups_avx2(w, x, nb, groups, tokens, out, stride)
-            }
+            let sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(x.sum << 7));
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(self.d.as_ptr() as *const __m128i));
+            _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(sums),
+                _mm256_mul_ps(d, _mm256_set1_ps(x.block.d)),
+                acc,
+            )
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::interleaved::row_blocks;
     use super::*;
 
     #[test]
